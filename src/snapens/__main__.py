@@ -1,0 +1,5 @@
+import sys
+
+from snapens.cli import main
+
+sys.exit(main())

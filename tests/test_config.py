@@ -1,0 +1,49 @@
+import dataclasses
+
+import pytest
+
+from snapens.config import PRESETS, TrainConfig, resolve_config
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = TrainConfig()
+    assert TrainConfig(**cfg.to_dict()) == cfg
+
+
+def test_preset_then_overrides():
+    cfg = resolve_config("paper-densenet-40-12-cifar100", lr=0.1, seed=None)
+    assert (cfg.model, cfg.dataset, cfg.epochs, cfg.snapshots, cfg.batch_size) == (
+        "densenet-40-12", "cifar100", 300, 6, 64)
+    assert cfg.lr == 0.1 and cfg.seed == TrainConfig().seed  # None means "not given"
+
+
+def test_paper_presets_follow_the_paper():
+    for name, values in PRESETS.items():
+        cfg = resolve_config(name)
+        assert cfg.momentum == 0.9 and cfg.nesterov and cfg.weight_decay == 1e-4, name
+        if cfg.dataset == "svhn":
+            assert (cfg.epochs, cfg.snapshots, cfg.val_size, cfg.augment) == (40, 5, 6000, False)
+    assert resolve_config("paper-resnet-110-cifar10").epochs == 200
+    assert resolve_config("paper-densenet-100-24-cifar100").snapshots == 6
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(snapshots=0), "snapshots"), (dict(epochs=3, snapshots=4), "exceed"), (dict(lr=-0.1), "lr"),
+    (dict(batch_size=0), "batch"), (dict(schedule="linear"), "linear"), (dict(precision="int8"), "int8"),
+    (dict(lr=0.1, lr_min=0.2), "lr_min"),
+])
+def test_bad_values_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_config(None, **bad)
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ValueError, match="nope"):
+        resolve_config("nope")
+    with pytest.raises(ValueError, match="colour"):
+        resolve_config(None, colour="red")
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().epochs = 3  # type: ignore[misc]
