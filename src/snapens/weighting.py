@@ -1,0 +1,352 @@
+"""Combining snapshot members: weighted averages, fitted ensemble weights and temperature scaling.
+
+The paper averages the softmax outputs of the last ``m`` snapshots with equal weights. This module adds the two
+post-hoc fits that users of the Keras implementation expect, done properly:
+
+* :func:`fit_ensemble_weights` chooses simplex weights for the members on *validation* data
+  (``method="nll"``: exact convex minimisation of the log loss; ``"greedy"``: Caruana et al. 2004 forward
+  selection with replacement; ``"equal"``: ``1/M``).
+* :func:`fit_temperature` fits one temperature ``T`` for the ensemble probabilities (Guo et al. 2017).
+
+Both fits take ``val_probs`` / ``val_labels``: fit them on a held-out validation split, never on the test set
+(the Keras script chose its weights on the test set, which makes its "optimised" numbers optimistic).
+
+Shapes: member probabilities ``[M, N, C]``, probabilities ``[N, C]``, labels ``[N]`` (integers in ``[0, C)``).
+Torch tensors and numpy arrays are accepted. This module imports nothing else from :mod:`snapens`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EPS",
+    "WEIGHT_METHODS",
+    "apply_temperature",
+    "fit_ensemble_weights",
+    "fit_temperature",
+    "validate_weights",
+    "weighted_average",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Probabilities are clipped to at least ``EPS`` before taking logs (a float32 softmax can underflow to 0).
+EPS = 1e-12
+WEIGHT_METHODS = ("nll", "equal", "greedy")
+#: Largest Frank-Wolfe duality gap (an upper bound on ``f(w) - f*``) accepted from the "nll" solver.
+_NLL_GAP_TOL = 1e-6
+_TEMPERATURE_BOUNDS = (1e-2, 1e2)
+
+
+# --------------------------------------------------------------------------------------------- validation
+def _as_tensor(x: Any, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    try:
+        return torch.as_tensor(np.asarray(x))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"Expected {name} to be a tensor or array, but got {type(x).__name__}") from exc
+
+
+def _check_probs(probs: Any, name: str, ndim: int) -> Tensor:
+    """Validate probabilities with ``ndim`` dims whose last dim (classes) sums to 1; returns a float tensor."""
+    p = _as_tensor(probs, name)
+    what = "[M, N, C]" if ndim == 3 else "[N, C]"
+    if p.ndim != ndim:
+        raise ValueError(f"Expected {name} of shape {what}, but got shape {tuple(p.shape)}")
+    if not p.is_floating_point():
+        raise ValueError(f"Expected floating-point {name} (probabilities), but got dtype {p.dtype}")
+    if p.numel() == 0 or p.shape[-2] == 0:
+        raise ValueError(f"Expected non-empty {name}, but got shape {tuple(p.shape)}")
+    if p.shape[-1] < 2:
+        raise ValueError(f"Expected at least 2 classes in {name}, but got shape {tuple(p.shape)}")
+    # Row sums of float32 softmax outputs are off by ~1e-7 * C; half precision by a few eps.
+    sum_tol = max(1e-3, 4 * torch.finfo(p.dtype).eps)
+    if p.dtype in (torch.float16, torch.bfloat16):
+        p = p.float()
+    if not bool(torch.isfinite(p).all()):
+        raise ValueError(f"Expected finite {name}, but found {int((~torch.isfinite(p)).sum())} non-finite values")
+    low = float(p.min())
+    if low < 0:
+        raise ValueError(f"Expected {name} >= 0 (probabilities, not logits), but got a minimum of {low!r}")
+    # Tolerance allows float32 softmax rounding; catches logits and unnormalised scores.
+    err = float((p.sum(dim=-1, dtype=torch.float64) - 1.0).abs().max())
+    if err > sum_tol:
+        raise ValueError(f"Expected each row of {name} to sum to 1, but a row is off by {err:.3g}")
+    return p
+
+
+def _check_labels(labels: Any, n: int, n_classes: int, name: str = "labels") -> Tensor:
+    y = _as_tensor(labels, name)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"Expected {name} of shape [{n}] (one per sample), but got shape {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"Expected integer {name}, but got dtype {y.dtype}")
+    y = y.long()
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= n_classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"Expected {name} in [0, {n_classes - 1}] (C={n_classes} classes), but got {bad}")
+    return y
+
+
+def validate_weights(weights: Any, n_members: int) -> Tensor:
+    """Check ensemble weights and return them as a float64 CPU tensor.
+
+    Args:
+        weights: ``M`` weights (sequence, array or tensor).
+        n_members: ``M``, the number of members they weigh.
+
+    Returns:
+        The weights, float64, shape ``[M]``.
+
+    Raises:
+        ValueError: wrong length, non-finite, negative, or not summing to 1 within ``1e-6``.
+    """
+    w = _as_tensor(weights, "weights").detach().to("cpu", torch.float64)
+    if w.ndim != 1 or w.shape[0] != n_members:
+        raise ValueError(f"Expected {n_members} weights (one per member), but got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"Expected finite weights, but got {w.tolist()}")
+    if bool((w < 0).any()):
+        raise ValueError(f"Expected weights >= 0, but got {w.tolist()}")
+    total = float(w.sum())
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"Expected weights summing to 1 (within 1e-6), but they sum to {total!r}: {w.tolist()}")
+    return w
+
+
+def _true_class_probs(member_probs: Tensor, labels: Tensor) -> np.ndarray:
+    """``P[m, n] = max(p_{m, n, y_n}, EPS)`` as float64 numpy: all the NLL fits need."""
+    idx = labels.to(member_probs.device).view(1, -1, 1).expand(member_probs.shape[0], -1, 1)
+    picked = member_probs.gather(2, idx).squeeze(2)
+    return np.clip(picked.detach().to("cpu", torch.float64).numpy(), EPS, None)
+
+
+# --------------------------------------------------------------------------------------------- combining
+def weighted_average(member_probs: Any, weights: Any) -> Tensor:
+    """Weighted mean of the members' probabilities: ``p_{n,c} = sum_m w_m p_{m,n,c}``.
+
+    Args:
+        member_probs: ``[M, N, C]`` member probabilities.
+        weights: ``M`` weights, finite, ``>= 0``, summing to 1 (within ``1e-6``).
+
+    Returns:
+        ``[N, C]`` probabilities, same dtype and device as ``member_probs`` (half precision is promoted to float32).
+
+    Raises:
+        ValueError: bad shapes, probabilities or weights (the message holds the offending value).
+    """
+    p = _check_probs(member_probs, "member_probs", 3)
+    w = validate_weights(weights, p.shape[0]).to(p.device, p.dtype)
+    return torch.einsum("m,mnc->nc", w, p)
+
+
+# --------------------------------------------------------------------------------------------- weights
+def _nll_and_grad(w: np.ndarray, P: np.ndarray) -> tuple[float, np.ndarray]:
+    s = w @ P
+    return float(-np.mean(np.log(s))), -(P @ (1.0 / s)) / P.shape[1]
+
+
+def _nll_gap(w: np.ndarray, P: np.ndarray) -> float:
+    """Frank-Wolfe duality gap at a simplex point ``w``: ``max_m r_m - 1 >= f(w) - f*``.
+
+    With ``s_n = w . P_n`` and ``r_m = (1/N) sum_n P_{m,n} / s_n`` the gradient is ``-r`` and ``w . r = 1``, so the
+    gap ``grad.w - min_m grad_m`` is ``max_m r_m - 1``; by convexity it bounds the distance to the optimum.
+    """
+    r = (P @ (1.0 / (w @ P))) / P.shape[1]
+    return float(r.max() - 1.0)
+
+
+def _fit_nll(P: np.ndarray) -> np.ndarray:
+    from scipy.optimize import minimize  # imported lazily: keeps `import snapens` light
+
+    m = P.shape[0]
+    w = np.full(m, 1.0 / m)
+    if m == 1:
+        return w
+    constraint = {"type": "eq", "fun": lambda v: v.sum() - 1.0, "jac": lambda v: np.ones_like(v)}
+    gap = math.inf
+    # The problem is convex, so one solve from equal weights is enough; a second one from the first result is
+    # only a safeguard if SLSQP stopped early (it is not a random restart).
+    for _ in range(2):
+        res = minimize(
+            _nll_and_grad, w, args=(P,), jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * m,
+            constraints=[constraint], options={"ftol": 1e-15, "maxiter": 1000},
+        )
+        cand = np.clip(res.x, 0.0, None)
+        cand /= cand.sum()
+        cand_gap = _nll_gap(cand, P)
+        if cand_gap < gap:
+            w, gap = cand, cand_gap
+        if gap <= _NLL_GAP_TOL:
+            break
+    if gap > _NLL_GAP_TOL:
+        logger.warning("NLL weight fit stopped with duality gap %.3g (> %.1g); weights may be slightly off", gap,
+                       _NLL_GAP_TOL)
+    logger.debug("NLL weights %s, objective %.8f, duality gap %.3g", w, _nll_and_grad(w, P)[0], gap)
+    return w
+
+
+def _fit_greedy(P: np.ndarray, n_rounds: int) -> np.ndarray:
+    m, n = P.shape
+    counts = np.zeros(m)
+    running = np.zeros(n)  # sum of the selected members' true-class probabilities
+    best = math.inf
+    for k in range(1, n_rounds + 1):
+        # NLL of the running average after adding each candidate member (repeats allowed).
+        cand = -np.log((running[None, :] + P) / k).mean(axis=1)
+        j = int(np.argmin(cand))  # ties -> lowest member index
+        if cand[j] >= best:
+            break
+        best = cand[j]
+        counts[j] += 1
+        running += P[j]
+    return counts / counts.sum()
+
+
+def fit_ensemble_weights(
+    val_probs: Any,
+    val_labels: Any,
+    method: Literal["nll", "equal", "greedy"] = "nll",
+    *,
+    n_rounds: int | None = None,
+) -> Tensor:
+    """Fit weights ``w`` on the simplex for the members' probabilities, on VALIDATION data.
+
+    Never pass test data: weights chosen on the test set make test numbers optimistic.
+
+    Only the true-class probabilities ``P[m, n] = max(p_{m, n, y_n}, EPS)`` enter the fits.
+
+    * ``"equal"``: ``w_m = 1 / M`` (the paper's snapshot ensemble).
+    * ``"nll"``: minimise the log loss of the weighted mean,
+      ``f(w) = -(1/N) sum_n log(sum_m w_m P[m, n])`` subject to ``w >= 0, sum_m w_m = 1``.
+      ``f`` is convex (minus the log of a linear function), so every local minimum is global: one SLSQP solve
+      with the analytic gradient from equal weights suffices, no random restarts (the Keras script ran 20 and
+      picked among them on the test set). The result is certified by the duality gap
+      ``max_m r_m - 1 >= f(w) - f*`` with ``r_m = (1/N) sum_n P[m, n] / (w . P[:, n])`` (KKT: ``r_m = 1`` where
+      ``w_m > 0``, ``r_m <= 1`` elsewhere); a warning is logged if it exceeds ``1e-6``.
+    * ``"greedy"``: forward selection with replacement (Caruana et al., 2004): start from the empty ensemble and
+      repeatedly add the member (repeats allowed; ties go to the lowest index) whose addition gives the lowest
+      validation NLL of the running average, for ``n_rounds`` rounds or until no addition lowers it;
+      ``w = counts / total``. The first round picks the best single member, so the result is never worse (in
+      validation NLL) than the best single member.
+
+    Args:
+        val_probs: ``[M, N, C]`` validation probabilities of the ``M`` members.
+        val_labels: ``[N]`` validation labels.
+        method: ``"nll"``, ``"equal"`` or ``"greedy"``.
+        n_rounds: greedy only: maximum number of additions (default ``2 * M``).
+
+    Returns:
+        float64 CPU tensor ``[M]``, ``>= 0``, summing to 1.
+
+    Raises:
+        ValueError: unknown method, bad ``n_rounds``, or bad shapes / probabilities / labels.
+    """
+    if method not in WEIGHT_METHODS:
+        raise ValueError(f"Expected method in {WEIGHT_METHODS}, but got {method!r}")
+    p = _check_probs(val_probs, "val_probs", 3)
+    y = _check_labels(val_labels, p.shape[1], p.shape[2], "val_labels")
+    m = p.shape[0]
+    if method == "equal":
+        return torch.full((m,), 1.0 / m, dtype=torch.float64)
+    P = _true_class_probs(p, y)
+    if method == "nll":
+        w = _fit_nll(P)
+    else:
+        rounds = 2 * m if n_rounds is None else n_rounds
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"Expected a positive integer n_rounds, but got {n_rounds!r}")
+        w = _fit_greedy(P, rounds)
+    return torch.from_numpy(w).to(torch.float64)
+
+
+# --------------------------------------------------------------------------------------------- temperature
+def _log_probs(probs: Tensor) -> Tensor:
+    return probs.clamp_min(EPS).log()
+
+
+def apply_temperature(probs: Any, temperature: float) -> Tensor:
+    """Temperature-scale probabilities: ``softmax(log(max(p, EPS)) / T)`` over the last dim.
+
+    ``T > 1`` softens, ``T < 1`` sharpens; ``T = 1`` returns ``p`` (up to the ``EPS`` clip of zero entries).
+
+    Args:
+        probs: ``[N, C]`` probabilities (``[M, N, C]`` member probabilities also work).
+        temperature: ``T``, finite and ``> 0``.
+
+    Returns:
+        Tensor of the same shape, dtype and device (half precision is promoted to float32).
+
+    Raises:
+        ValueError: non-positive or non-finite temperature, or bad probabilities.
+    """
+    t = float(temperature)
+    if not math.isfinite(t) or t <= 0:
+        raise ValueError(f"Expected a finite temperature > 0, but got {temperature!r}")
+    p = _as_tensor(probs, "probs")
+    p = _check_probs(p, "probs", 3 if p.ndim == 3 else 2)
+    return torch.softmax(_log_probs(p) / t, dim=-1)
+
+
+def _temperature_nll(log_t: float, d: np.ndarray, margin_true: float) -> float:
+    beta = math.exp(-log_t)
+    # -log softmax(beta z)_y = logsumexp_c(beta z_c) - beta z_y; with d = z - max_c z (<= 0, so exp cannot overflow)
+    # and margin_true = mean_n (max_c z_{n,c} - z_{n,y_n}) this is mean_n log sum_c exp(beta d) + beta margin_true.
+    return float(np.log(np.exp(beta * d).sum(axis=1)).mean() + beta * margin_true)
+
+
+def fit_temperature(
+    val_probs: Any,
+    val_labels: Any,
+    *,
+    bounds: tuple[float, float] = _TEMPERATURE_BOUNDS,
+) -> float:
+    """Fit one temperature ``T`` on VALIDATION data (never the test set).
+
+    Minimises ``NLL(T) = (1/N) sum_n [logsumexp_c(z_{n,c} / T) - z_{n,y_n} / T]`` with ``z = log(max(p, EPS))``,
+    i.e. the NLL of :func:`apply_temperature`. As a function of ``beta = 1/T`` it is convex (a log-sum-exp of
+    functions linear in ``beta``), so it is unimodal in ``log T`` and a bounded Brent search on ``log T`` finds the
+    minimiser. A warning is logged when it lands on a bound (e.g. every prediction is already correct).
+
+    Args:
+        val_probs: ``[N, C]`` ensemble probabilities on the validation split.
+        val_labels: ``[N]`` validation labels.
+        bounds: search interval ``(T_min, T_max)``, ``0 < T_min < T_max``.
+
+    Returns:
+        The temperature ``T``.
+
+    Raises:
+        ValueError: bad bounds, shapes, probabilities or labels.
+    """
+    lo, hi = (float(b) for b in bounds)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+        raise ValueError(f"Expected temperature bounds 0 < T_min < T_max, but got {bounds!r}")
+    p = _check_probs(val_probs, "val_probs", 2)
+    y = _check_labels(val_labels, p.shape[0], p.shape[1], "val_labels")
+    from scipy.optimize import minimize_scalar  # imported lazily: keeps `import snapens` light
+
+    # numpy, single-threaded: each evaluation is one exp over [N, C]
+    z = _log_probs(p.detach().to("cpu", torch.float64)).numpy()
+    z_max = z.max(axis=1)
+    d = z - z_max[:, None]
+    margin_true = float((z_max - z[np.arange(z.shape[0]), y.cpu().numpy()]).mean())
+    res = minimize_scalar(
+        _temperature_nll, bounds=(math.log(lo), math.log(hi)), args=(d, margin_true), method="bounded",
+        options={"xatol": 1e-7},
+    )
+    t = math.exp(float(res.x))
+    if min(abs(res.x - math.log(lo)), abs(res.x - math.log(hi))) < 1e-4:
+        logger.warning("Fitted temperature %.4g is at the search bound %s", t, bounds)
+    logger.debug("Temperature %.6g: NLL %.6f -> %.6f", t, _temperature_nll(0.0, d, margin_true), res.fun)
+    return t
+
