@@ -1,0 +1,331 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from snapens.checkpoint import SnapshotError, SnapshotStore, save_weights, unwrap_state_dict
+from snapens.ensemble import MaterializedEnsemble, SnapshotEnsemble, validate_weights
+
+C = 5  # classes
+
+
+class TinyNet(nn.Module):
+    def __init__(self, width: int = 4, num_classes: int = C) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def member(seed: int, width: int = 4) -> TinyNet:
+    """A member with its own weights and non-default BN running statistics, in eval mode."""
+    torch.manual_seed(seed)
+    net = TinyNet(width)
+    net.train()
+    net(torch.randn(8, 3, 6, 6) * (1 + seed) + seed)
+    with torch.no_grad():
+        net.fc.weight.mul_(3.0)  # sharper softmaxes so members disagree
+    return net.eval()
+
+
+def builder(name: str, **kwargs) -> nn.Module:
+    assert name == "tiny", name
+    return TinyNet(**kwargs)
+
+
+@pytest.fixture
+def nets() -> list[TinyNet]:
+    return [member(s) for s in range(3)]
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    torch.manual_seed(123)
+    return torch.randn(10, 3, 6, 6)
+
+
+def hand_probs(nets: list[nn.Module], weights: list[float], x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return sum(w * F.softmax(n.eval()(x), dim=-1) for w, n in zip(weights, nets))
+
+
+def make(nets, weights=None) -> SnapshotEnsemble:
+    return SnapshotEnsemble(TinyNet, [unwrap_state_dict(n) for n in nets], weights)
+
+
+def test_probs_are_weighted_mean_of_member_softmaxes(nets, x):
+    weights = [0.5, 0.3, 0.2]
+    ens = make(nets, weights)
+    expected = hand_probs(nets, weights, x)
+    torch.testing.assert_close(ens.predict_proba(x), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ens(x), expected, rtol=0, atol=1e-6)
+    # not the softmax of averaged logits (would differ for disagreeing members)
+    avg_logits = sum(w * n(x) for w, n in zip(weights, nets)).softmax(-1)
+    assert (ens.predict_proba(x) - avg_logits).abs().max() > 1e-3
+    mp = ens.member_probs(x)
+    assert mp.shape == (3, 10, C)
+    for m, net in enumerate(nets):
+        torch.testing.assert_close(mp[m], F.softmax(net(x), dim=-1), rtol=0, atol=1e-7)
+
+
+def test_default_weights_are_equal(nets, x):
+    ens = make(nets)
+    assert torch.equal(ens.weights_, torch.full((3,), 1 / 3))
+    torch.testing.assert_close(ens.predict_proba(x), hand_probs(nets, [1 / 3] * 3, x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ens.predict_proba(x).sum(-1), torch.ones(10))
+
+
+def test_ensemble_of_one_equals_its_member(nets, x):
+    ens = make(nets[:1])
+    assert torch.equal(ens.predict_proba(x), F.softmax(nets[0](x), dim=-1))
+    assert torch.equal(ens.materialize()(x), F.softmax(nets[0](x), dim=-1))
+
+
+def test_predict_is_argmax(nets, x):
+    ens = make(nets, [0.2, 0.2, 0.6])
+    probs = ens.predict_proba(x)
+    pred = ens.predict(x)
+    assert pred.dtype == torch.int64 and pred.shape == (10,)
+    assert torch.equal(pred, probs.argmax(-1))
+    assert torch.equal(pred, hand_probs(nets, [0.2, 0.2, 0.6], x).argmax(-1))
+
+
+def test_batched_inputs_give_the_same_answer(nets, x):
+    ens = make(nets)
+    whole = ens.member_probs(x, batch_size=1000)
+    y = torch.arange(10) % C
+    loader = DataLoader(TensorDataset(x, y), batch_size=3, shuffle=False)
+    for inputs in (
+        loader,  # (x, y) batches
+        [x[:4], x[4:]],  # bare x batches
+        (b for b in x.split(6)),  # a one-shot generator
+        x.numpy(),
+    ):
+        torch.testing.assert_close(ens.member_probs(inputs), whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ens.member_probs(x, batch_size=2), whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ens.predict_proba(loader), ens.predict_proba(x), rtol=0, atol=1e-6)
+    assert torch.equal(ens.predict(loader), ens.predict(x))
+    with pytest.raises(ValueError, match="empty"):
+        ens.predict_proba([])
+    with pytest.raises(ValueError, match="str"):
+        ens.predict_proba(["not a tensor"])
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ([0.5, 0.5], r"length M=3.*\[0\.5, 0\.5\]"),
+        ([1.2, -0.1, -0.1], r">= 0.*-0\.1"),
+        ([float("nan"), 0.5, 0.5], r"finite.*nan"),
+        ([0.25, 0.25, 0.25], r"sum to 1.*0\.75"),
+        ([[0.5, 0.5, 0.0]], r"length M=3.*\(1, 3\)"),
+        (["a", "b", "c"], r"numbers.*'a'"),
+    ],
+)
+def test_weights_are_validated(nets, weights, message):
+    with pytest.raises(ValueError, match=message):
+        make(nets, weights)
+    ens = make(nets)
+    with pytest.raises(ValueError, match=message):
+        ens.set_weights(weights)
+    assert torch.equal(ens.weights_, torch.full((3,), 1 / 3))  # unchanged by the failed update
+
+
+def test_weights_within_tolerance_and_set_weights(nets, x):
+    w = validate_weights([0.5, 0.5 + 5e-7, 0.0], 3)
+    assert w.dtype == torch.float32 and w.shape == (3,)
+    ens = make(nets)
+    ens.set_weights(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(ens.predict_proba(x), F.softmax(nets[1](x), dim=-1), rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="at least one member"):
+        SnapshotEnsemble(TinyNet, [])
+
+
+def test_always_eval_and_no_grad(nets, x):
+    ens = make(nets)
+    ens.train()
+    assert not ens.training and not ens.model.training and not ens.model.bn.training
+    running = ens._members[0]["bn.running_mean"].clone()
+    single = ens.predict_proba(x[:1])
+    torch.testing.assert_close(single, ens.predict_proba(x)[:1], rtol=0, atol=1e-6)  # no batch statistics used
+    assert torch.equal(ens._members[0]["bn.running_mean"], running)
+    xg = x.clone().requires_grad_(True)
+    assert not ens(xg).requires_grad
+    assert not ens.predict_proba(xg).requires_grad
+    mat = ens.materialize()
+    mat.train()
+    assert not any(m.training for m in mat.modules())
+    assert not any(p.requires_grad for p in mat.parameters())
+
+
+def test_streaming_keeps_one_model_and_members_on_cpu(nets):
+    ens = make(nets)
+    one_model = sum(p.numel() for p in TinyNet().parameters())
+    assert sum(p.numel() for p in ens.parameters()) == one_model
+    assert all(t.device.type == "cpu" for sd in ens._members for t in sd.values())
+    mat = ens.materialize()
+    assert sum(p.numel() for p in mat.parameters()) == 3 * one_model
+
+
+def test_dtype_move_after_use_still_loads_every_member(nets, x):
+    ens = make(nets, [0.5, 0.3, 0.2])
+    ens.predict_proba(x)  # caches the working model's tensors
+    ens.double()  # replaces them
+    assert ens.model.fc.weight.dtype == torch.float64
+    expected = hand_probs([n.double() for n in nets], [0.5, 0.3, 0.2], x.double())
+    torch.testing.assert_close(ens.predict_proba(x.double()), expected.float(), rtol=0, atol=1e-6)
+    assert ens._members[0]["fc.weight"].dtype == torch.float32  # members stay as they were
+    torch.testing.assert_close(ens.materialize()(x.double()), expected.float(), rtol=0, atol=1e-6)
+
+
+def test_members_are_snapshots_not_live_references(nets, x):
+    ens = SnapshotEnsemble(TinyNet, [n.state_dict() for n in nets])  # live views of the nets' weights
+    shared = SnapshotEnsemble(TinyNet, [n.state_dict() for n in nets], copy=False)
+    before = ens.predict_proba(x)
+    with torch.no_grad():
+        nets[0].fc.weight.add_(5.0)
+    assert torch.equal(ens.predict_proba(x), before)
+    torch.testing.assert_close(shared.predict_proba(x), hand_probs(nets, [1 / 3] * 3, x), rtol=0, atol=1e-6)
+
+
+def test_streaming_and_materialized_agree(nets, x):
+    ens = make(nets, [0.1, 0.6, 0.3])
+    mat = ens.materialize()
+    assert isinstance(mat, MaterializedEnsemble) and len(mat) == 3
+    assert torch.equal(mat.weights_, ens.weights_)
+    assert torch.equal(mat.member_probs(x), ens.member_probs(x))
+    assert torch.equal(mat.predict_proba(x), ens.predict_proba(x))
+    assert torch.equal(mat(x), ens(x))
+    direct = MaterializedEnsemble(nets, [0.1, 0.6, 0.3])
+    torch.testing.assert_close(direct(x), ens(x), rtol=0, atol=1e-7)
+
+
+def test_torch_export_round_trip(nets, x):
+    ens = make(nets, [0.25, 0.25, 0.5])
+    program = torch.export.export(ens.materialize(), (x,))
+    exported = program.module()
+    torch.testing.assert_close(exported(x), ens(x), rtol=1e-6, atol=1e-7)
+    x2 = torch.randn_like(x)  # other values, same shape: nothing was baked in
+    torch.testing.assert_close(exported(x2), ens(x2), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_torch_jit_trace_round_trip(nets, x):
+    ens = make(nets, [0.25, 0.25, 0.5])
+    traced = torch.jit.trace(ens.materialize(), x)
+    x2 = torch.randn_like(x)
+    torch.testing.assert_close(traced(x), ens(x), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(traced(x2), ens(x2), rtol=1e-6, atol=1e-7)
+
+
+def test_wrapped_state_dicts_and_wrong_architecture(nets, x):
+    prefixed = [{f"module.{k}": v for k, v in n.state_dict().items()} for n in nets]
+    ens = SnapshotEnsemble(TinyNet, prefixed)
+    torch.testing.assert_close(ens(x), make(nets)(x), rtol=0, atol=0)
+    wide = unwrap_state_dict(member(9, width=6))
+    with pytest.raises(SnapshotError, match=r"member 1 does not fit TinyNet.*shape mismatch"):
+        SnapshotEnsemble(TinyNet, [nets[0].state_dict(), wide])
+
+
+def fake_run(tmp_path, n_snapshots: int = 5, width: int = 4) -> tuple[list[TinyNet], TinyNet]:
+    """A run folder as the engine writes it: snapshots/ (SnapshotStore) and best.safetensors."""
+    store = SnapshotStore(tmp_path / "snapshots")
+    snaps = [member(10 + k, width) for k in range(n_snapshots)]
+    for k, net in enumerate(snaps, start=1):
+        store.save(net, index=k, step=10 * k, epoch=k, lr=0.0, model_name="tiny", model_kwargs={"width": width})
+    best = member(99, width)
+    save_weights(tmp_path / "best.safetensors", best, {"model": {"name": "tiny", "kwargs": {"width": width}}})
+    return snaps, best
+
+
+def test_from_run_picks_last_m_and_best(tmp_path, x):
+    snaps, best = fake_run(tmp_path)
+    ens = SnapshotEnsemble.from_run(tmp_path, builder, last=3)
+    assert [n.rsplit("/", 1)[-1] for n in ens.member_names] == [f"snapshot-0{k}.safetensors" for k in (3, 4, 5)]
+    torch.testing.assert_close(ens.predict_proba(x), hand_probs(snaps[2:], [1 / 3] * 3, x), rtol=0, atol=1e-6)
+
+    ens_all = SnapshotEnsemble.from_run(tmp_path, builder)
+    assert len(ens_all) == 5
+    torch.testing.assert_close(ens_all.predict_proba(x), hand_probs(snaps, [0.2] * 5, x), rtol=0, atol=1e-6)
+
+    w = [0.4, 0.1, 0.2, 0.3]
+    ens_best = SnapshotEnsemble.from_run(tmp_path, builder, last=3, include_best=True, weights=w)
+    assert ens_best.member_names[0].endswith("best.safetensors") and len(ens_best) == 4
+    torch.testing.assert_close(ens_best.predict_proba(x), hand_probs([best, *snaps[2:]], w, x), rtol=0, atol=1e-6)
+
+    one = SnapshotEnsemble.from_run(tmp_path, builder, last=1)
+    assert torch.equal(one.predict_proba(x), F.softmax(snaps[-1](x), dim=-1))
+
+
+@pytest.mark.parametrize("last", [0, 6, -1, 2.0, True])
+def test_from_run_rejects_bad_last(tmp_path, last):
+    fake_run(tmp_path)
+    with pytest.raises(ValueError, match=rf"last must be .*\[1, 5\].*{last!r}"):
+        SnapshotEnsemble.from_run(tmp_path, builder, last=last)
+
+
+def test_from_run_errors_name_the_file(tmp_path):
+    with pytest.raises(SnapshotError, match=r"manifest\.json is missing"):
+        SnapshotEnsemble.from_run(tmp_path, builder)
+    fake_run(tmp_path, n_snapshots=2)
+    with pytest.raises(ValueError, match=r"length M=2"):
+        SnapshotEnsemble.from_run(tmp_path, builder, weights=[1.0])
+    snap = tmp_path / "snapshots" / "snapshot-01.safetensors"
+    data = bytearray(snap.read_bytes())
+    data[-3] ^= 0x01
+    snap.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match=r"snapshot-01\.safetensors.*sha256"):
+        SnapshotEnsemble.from_run(tmp_path, builder)
+    # last=1 reads only snapshot-02, so the damaged first file does not matter
+    assert len(SnapshotEnsemble.from_run(tmp_path, builder, last=1)) == 1
+
+
+def test_from_run_wrong_architecture_and_mixed_snapshots(tmp_path):
+    fake_run(tmp_path, n_snapshots=2)
+    store = SnapshotStore(tmp_path / "snapshots")
+    # an architecture that does not fit the files: builder ignores the recorded kwargs
+    with pytest.raises(SnapshotError, match=r"snapshot-01\.safetensors does not fit.*shape mismatch"):
+        SnapshotEnsemble.from_run(tmp_path, lambda name, **kw: TinyNet(width=7))
+    store.save(member(5, width=6), index=3, step=30, epoch=3, lr=0.0, model_name="tiny", model_kwargs={"width": 6})
+    with pytest.raises(SnapshotError, match=r"snapshot-01\.safetensors.*one architecture"):
+        SnapshotEnsemble.from_run(tmp_path, builder)
+    assert len(SnapshotEnsemble.from_run(tmp_path, builder, last=1)) == 1  # the last one alone is fine
+    with pytest.raises(SnapshotError, match=r"best\.safetensors does not fit"):
+        SnapshotEnsemble.from_run(tmp_path, builder, last=1, include_best=True)
+
+
+def test_from_run_without_best_file(tmp_path):
+    fake_run(tmp_path, n_snapshots=2)
+    (tmp_path / "best.safetensors").unlink()
+    with pytest.raises(SnapshotError, match=r"best\.safetensors is missing"):
+        SnapshotEnsemble.from_run(tmp_path, builder, include_best=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_streaming_matches_cpu(tmp_path, x):
+    snaps, _ = fake_run(tmp_path, n_snapshots=3)
+    cpu = SnapshotEnsemble.from_run(tmp_path, builder)
+    gpu = SnapshotEnsemble.from_run(tmp_path, builder, device="cuda")
+    assert gpu.device.type == "cuda" and gpu.model.fc.weight.device.type == "cuda"
+    assert all(t.device.type == "cpu" for sd in gpu._members for t in sd.values())
+    probs = gpu.predict_proba(x)
+    assert probs.device.type == "cpu"
+    assert all(t.is_pinned() for sd in gpu._members for t in sd.values())
+    torch.testing.assert_close(probs, cpu.predict_proba(x), rtol=1e-4, atol=1e-5)
+    mat = gpu.materialize()
+    assert all(p.device.type == "cuda" for p in mat.parameters())
+    torch.testing.assert_close(mat(x.cuda()).cpu(), probs, rtol=1e-5, atol=1e-6)
+    on_gpu = SnapshotEnsemble.from_run(tmp_path, builder, device="cuda", member_device="cuda")
+    torch.testing.assert_close(on_gpu.predict_proba(x), probs, rtol=1e-5, atol=1e-6)
+    moved = cpu.to("cuda")
+    torch.testing.assert_close(moved.predict_proba(x), probs, rtol=1e-5, atol=1e-6)
+    assert math.isclose(float(moved.weights_.sum()), 1.0, rel_tol=1e-6)
