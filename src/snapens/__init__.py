@@ -1,10 +1,27 @@
-"""Snapshot Ensembles (Huang et al., ICLR 2017) for PyTorch: train one network, get M models for free."""
+"""Snapshot Ensembles (Huang et al., ICLR 2017) for PyTorch: train one network, get M models for free.
+
+The pieces a training loop needs::
+
+    sched = SnapshotLR(optimizer, total_steps=T, n_cycles=M)   # set the lr before every optimizer step
+    store = SnapshotStore("run/snapshots")                       # safetensors + manifest, written atomically
+    ...
+    optimizer.step()
+    if sched.is_cycle_end():
+        store.save(model, index=sched.cycle + 1, step=sched.last_epoch, epoch=epoch, lr=lr,
+                   model_name="resnet-20", model_kwargs={"num_classes": 10})
+    sched.step()
+    ...
+    ensemble = SnapshotEnsemble.from_run("run", build_model)     # mean of the members' softmax probabilities
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from snapens.checkpoint import SnapshotError, SnapshotStore
+from snapens.ensemble import SnapshotEnsemble
 from snapens.schedule import SnapshotLR, StepDecayLR, cosine_snapshot_lr, cycle_bounds, seed_epoch_lr
+from snapens.weighting import fit_ensemble_weights, fit_temperature
 
 __all__ = [
     "__version__",
@@ -13,4 +30,9 @@ __all__ = [
     "seed_epoch_lr",
     "SnapshotLR",
     "StepDecayLR",
+    "SnapshotStore",
+    "SnapshotError",
+    "SnapshotEnsemble",
+    "fit_ensemble_weights",
+    "fit_temperature",
 ]

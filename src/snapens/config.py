@@ -28,8 +28,8 @@ class TrainConfig:
     download: bool = False
     model: str = "cnn-small"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 60
-    snapshots: int = 6
+    epochs: int = 30
+    snapshots: int = 5
     schedule: str = "cosine-cycles"
     lr: float = 0.1
     lr_min: float = 0.0
@@ -46,6 +46,8 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    #: torch intra-op CPU threads; None keeps torch's default (one per core).
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -66,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.val_size is not None and self.val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
 
