@@ -1,0 +1,178 @@
+"""``snapens export RUN_DIR OUT``: the whole snapshot ensemble as ONE self-contained module file.
+
+The exported module takes float images in [0, 1], shaped ``[N, C, H, W]`` like the run's dataset (uint8 pixels
+divided by 255), normalises them with the training set's mean and std, runs every snapshot and returns the
+ensemble's probabilities ``[N, num_classes]`` = sum_m w_m softmax(f_m(x)): the same numbers as
+``snapens evaluate``. The weights are equal (the paper), or with ``--weights fitted`` the ones saved in
+RUN_DIR/ensemble_weights.json by ``snapens evaluate --optimize 1``.
+
+Loading:
+  --format torchscript (.pt):   module = torch.jit.load("ens.pt"); probs = module(x)
+  --format export (.pt2):       program = torch.export.load("ens.pt2"); probs = program.module()(x)
+TorchScript is deprecated by PyTorch (it still loads, also from C++ with libtorch); prefer --format export for
+new deployments. Both files accept any batch size N.
+
+Both files carry a JSON description (members, weights, classes, mean, std, input shape) as the extra file
+"snapens.json": torch.jit.load(path, _extra_files=d) or torch.export.load(path, extra_files=d) with
+d = {"snapens.json": ""} fills it in. Needs only torch to load, not snapens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from snapens.cli import CLIError
+
+__all__ = ["FORMATS", "EXTRA_FILE", "NormalizedEnsemble", "export_run", "load_exported", "register", "run"]
+
+FORMATS = {"torchscript": ".pt", "export": ".pt2"}
+EXTRA_FILE = "snapens.json"
+_EXAMPLE_BATCH = 8
+
+
+class NormalizedEnsemble(nn.Module):
+    """``ensemble((x - mean) / std)``: takes images in [0, 1], so the exported file needs no preprocessing."""
+
+    def __init__(self, ensemble: nn.Module, mean: Any, std: Any) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ensemble((x - self.mean) / self.std)
+
+
+def _serialize(module: nn.Module, example: Tensor, fmt: str, extra: str) -> bytes:
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        if fmt == "torchscript":
+            traced = torch.jit.trace(module, (example,), check_trace=False)
+            torch.jit.save(traced, buf, _extra_files={EXTRA_FILE: extra})
+        else:
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, buf, extra_files={EXTRA_FILE: extra})
+    return buf.getvalue()
+
+
+def load_exported(path: Path) -> tuple[Any, dict[str, Any]]:
+    """Load a file written by :func:`export_run`: ``(callable module, its snapens.json description)``."""
+    path = Path(path)
+    extra = {EXTRA_FILE: ""}
+    if path.suffix == ".pt2":
+        module = torch.export.load(str(path), extra_files=extra).module()
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return module, json.loads(extra[EXTRA_FILE] or "{}")
+
+
+def export_run(
+    run_dir: Path,
+    out: Path,
+    *,
+    fmt: str = "torchscript",
+    weights: str = "equal",
+    last: int | None = None,
+    include_best: bool = False,
+) -> dict[str, Any]:
+    """Export a run's snapshot ensemble (on CPU, float32) to ``out`` and check the file against the ensemble.
+
+    Args:
+        run_dir: a folder written by ``snapens train``.
+        out: the file to write (atomically).
+        fmt: ``"torchscript"`` (``torch.jit.trace``) or ``"export"`` (``torch.export``).
+        weights: ``"equal"`` or ``"fitted"`` (from ``run_dir/ensemble_weights.json``).
+        last: only the last ``m`` snapshots.
+        include_best: add ``best.safetensors`` as a member.
+
+    Returns:
+        The description stored in the file, plus ``"max_abs_diff"``: the largest difference between the reloaded
+        file's probabilities and the ensemble's on a batch of test images.
+    """
+    from snapens.checkpoint import atomic_write_bytes
+    from snapens.cli.evaluate import load_run_dataset, load_saved_weights, make_loader, read_run_info
+    from snapens.ensemble import SnapshotEnsemble
+    from snapens.models import build_model
+
+    if fmt not in FORMATS:
+        raise CLIError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if weights not in ("equal", "fitted"):
+        raise CLIError(f"--weights must be 'equal' or 'fitted', got {weights!r}")
+    run_dir, out = Path(run_dir), Path(out)
+    if out.suffix != FORMATS[fmt]:
+        raise CLIError(f"--format {fmt} writes a {FORMATS[fmt]} file, got {out}")
+    if not out.parent.is_dir():
+        raise CLIError(f"cannot write {out}: the folder {out.parent} does not exist")
+    info = read_run_info(run_dir)
+    ensemble = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=include_best)
+    names = [Path(n).stem for n in ensemble.member_names]
+    if weights == "fitted":
+        ensemble.set_weights(load_saved_weights(run_dir, names, flag="--weights fitted"))
+
+    data = load_run_dataset(info)
+    batch = data.test.subset(torch.arange(min(_EXAMPLE_BATCH, len(data.test))))
+    example = batch.images.float() / 255.0
+    ds = info.get("dataset", {})
+    mean = tuple(ds.get("mean", data.mean))
+    std = tuple(ds.get("std", data.std))
+    module = NormalizedEnsemble(ensemble.materialize(), mean, std).eval()
+    description = {
+        "format_version": 1, "format": fmt, "run_dir": str(run_dir), "members": names,
+        "weights": ensemble.weights_.tolist(), "weights_source": weights, "classes": list(data.classes),
+        "mean": list(mean), "std": list(std), "input_shape": ["N", *example.shape[1:]],
+        "input": "float32 images in [0, 1] (uint8 / 255), NCHW; output: ensemble probabilities",
+        "model": info["model"],
+    }
+    atomic_write_bytes(out, _serialize(module, example, fmt, json.dumps(description)))
+
+    # The file must reproduce evaluate's numbers: evaluate's loader normalises, the file normalises itself.
+    reloaded, _ = load_exported(out)
+    with torch.no_grad():
+        got = reloaded(example)
+    expected = ensemble.predict_proba(make_loader(batch, info, "cpu"))
+    diff = float((got - expected).abs().max())
+    if diff > 1e-4:
+        raise CLIError(f"the exported file {out} disagrees with the ensemble by {diff:.2e} on test images")
+    return {**description, "max_abs_diff": diff}
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("export", help="export the ensemble as one TorchScript or torch.export file",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a folder written by `snapens train`")
+    p.add_argument("out", type=Path, metavar="OUT", help="the file to write (.pt for torchscript, .pt2 for export)")
+    p.add_argument("--format", dest="fmt", choices=tuple(FORMATS), default="torchscript",
+                   help="torchscript: torch.jit.trace, load with torch.jit.load; export: torch.export, load with "
+                        "torch.export.load(...).module() (default: torchscript)")
+    p.add_argument("--weights", choices=("equal", "fitted"), default="equal",
+                   help="equal weights (the paper) or the ones fitted by `snapens evaluate --optimize 1`")
+    p.add_argument("--last", type=int, default=None, metavar="M", help="export only the last M snapshots")
+    p.add_argument("--include-best", action="store_true", help="add best.safetensors as a member")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from snapens.cli._common import configure_logging
+
+    configure_logging(args.quiet)
+    result = export_run(args.run_dir, args.out, fmt=args.fmt, weights=args.weights, last=args.last,
+                        include_best=args.include_best)
+    if not args.quiet:
+        print(f"wrote {args.out}: {len(result['members'])} members, {result['weights_source']} weights, input "
+              f"{result['input_shape']}, checked against the ensemble (max |diff| {result['max_abs_diff']:.1e})",
+              file=sys.stderr)
+    return 0

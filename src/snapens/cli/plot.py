@@ -1,0 +1,198 @@
+"""``snapens plot RUN_DIR``: PNG figures of a run into ``RUN_DIR/plots/``.
+
+- ``lr_schedule.png``: the learning rate at every optimizer step (recomputed from config.json), snapshots marked;
+- ``training_curves.png``: train / validation loss and accuracy per epoch (from metrics.csv);
+- ``ensemble_size.png``: test error of the ensemble of the last m snapshots, m = 1..M (from summary.json; the
+  run is evaluated first when it has none);
+- ``snapshot_correlation.png``: correlation of the snapshots' test predictions (from summary.json).
+
+Needs matplotlib: ``pip install snapshot-ensembles[plot]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from snapens.cli import CLIError
+
+__all__ = ["PLOT_FILES", "plot_run", "lr_curve", "read_metrics_csv", "register", "run"]
+
+PLOT_FILES = ("lr_schedule.png", "training_curves.png", "ensemble_size.png", "snapshot_correlation.png")
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise CLIError("plotting needs matplotlib: pip install snapshot-ensembles[plot]") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _steps_per_epoch(info: dict[str, Any]) -> int:
+    cfg, ds = info["config"], info.get("dataset", {})
+    num_train = int(ds.get("num_train", 0))
+    if num_train < 1:
+        raise CLIError("config.json has no dataset.num_train: cannot recompute the learning-rate schedule")
+    return math.ceil(num_train / int(cfg["batch_size"]))
+
+
+def lr_curve(info: dict[str, Any], steps_per_epoch: int | None = None) -> tuple[list[float], list[int]]:
+    """The learning rate of every optimizer step of a run and the 0-based steps where snapshots are taken.
+
+    Cyclic and single-cycle runs follow :func:`snapens.schedule.cosine_snapshot_lr` over the whole budget (a
+    single-cycle run trains M models one cycle each, the same curve); the step baseline follows
+    :func:`snapens.schedule.step_decay_lr`.
+    """
+    from snapens.schedule import cosine_snapshot_lr, cycle_bounds, step_decay_lr
+
+    cfg = info["config"]
+    spe = steps_per_epoch if steps_per_epoch is not None else _steps_per_epoch(info)
+    total, m = int(cfg["epochs"]) * spe, int(cfg["snapshots"])
+    lr, lr_min = float(cfg["lr"]), float(cfg.get("lr_min", 0.0))
+    if cfg.get("schedule") == "step":
+        lrs = [step_decay_lr(s, total, lr) for s in range(total)]
+    else:
+        lrs = [cosine_snapshot_lr(s, total, m, lr, lr_min) for s in range(total)]
+    return lrs, cycle_bounds(total, m)
+
+
+def read_metrics_csv(path: Path) -> list[dict[str, float | None]]:
+    """Rows of ``metrics.csv`` with numbers parsed (empty cells, e.g. no validation split, become ``None``)."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            rows.append({k: (float(v) if v not in ("", None) else None) for k, v in raw.items()})
+    return rows
+
+
+def _save(fig: Any, path: Path) -> None:
+    # Same-folder temp file + os.replace: a reader never sees a half-written PNG.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _plot_lr(plt: Any, info: dict[str, Any], rows: list[dict[str, float | None]], out: Path) -> None:
+    # metrics.csv's cumulative step count is exact whatever the loader did with a short last batch.
+    epochs, last_step = len(rows), rows[-1].get("step") if rows else None
+    spe = int(last_step) // epochs if last_step and epochs == int(info["config"]["epochs"]) else None
+    lrs, bounds = lr_curve(info, spe)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot(range(len(lrs)), lrs, lw=1.2)
+    ax.scatter(bounds, [lrs[b] for b in bounds], color="C3", zorder=3, label="snapshot")
+    ax.set(xlabel="optimizer step", ylabel="learning rate",
+           title=f"{info['config'].get('schedule')} schedule, M={info['config']['snapshots']}")
+    ax.legend()
+    _save(fig, out)
+    plt.close(fig)
+
+
+def _plot_curves(plt: Any, rows: list[dict[str, float | None]], out: Path) -> None:
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key, ax, label in (("train_loss", ax_loss, "train"), ("val_loss", ax_loss, "validation"),
+                           ("train_acc", ax_acc, "train"), ("val_acc", ax_acc, "validation")):
+        points = [(e, r.get(key)) for e, r in zip(epochs, rows) if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker=".", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+    _save(fig, out)
+    plt.close(fig)
+
+
+def _plot_size(plt: Any, summary: dict[str, Any], out: Path) -> None:
+    curve = summary["ensemble_size_curve"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(curve["m"], curve["error"], marker="o", label="ensemble of the last m snapshots")
+    ax.axhline(summary["single_best"]["error"], color="C3", ls="--", label="single best")
+    ax.set(xlabel="ensemble size m", ylabel="test error (%)", xticks=curve["m"], title="error vs ensemble size")
+    ax.legend()
+    _save(fig, out)
+    plt.close(fig)
+
+
+def _plot_correlation(plt: Any, summary: dict[str, Any], out: Path) -> None:
+    corr = summary["diversity"]["correlation"]
+    names = summary["member_names"]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.7 * len(names)), max(3.8, 1.0 + 0.7 * len(names))))
+    im = ax.imshow(corr, vmin=min(min(r) for r in corr), vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(names)), [str(i + 1) for i in range(len(names))])
+    ax.set_yticks(range(len(names)), [str(i + 1) for i in range(len(names))])
+    for i, row in enumerate(corr):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.9 else "k")
+    ax.set(xlabel="snapshot", ylabel="snapshot", title="snapshot correlation (test)")
+    fig.colorbar(im, ax=ax)
+    _save(fig, out)
+    plt.close(fig)
+
+
+def plot_run(run_dir: Path, *, device: str = "cpu", progress: bool = False) -> list[Path]:
+    """Write the four PNGs of a run into ``run_dir/plots/`` and return their paths.
+
+    Evaluates the run first (:func:`snapens.cli.evaluate.evaluate_run`) when it has no ``summary.json``.
+    """
+    from snapens.cli.evaluate import SUMMARY_FILE, evaluate_run, read_run_info
+
+    plt = _pyplot()
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    metrics_path = run_dir / "metrics.csv"
+    if not metrics_path.is_file():
+        raise CLIError(f"{metrics_path} does not exist: is {run_dir} a finished run?")
+    rows = read_metrics_csv(metrics_path)
+    summary_path = run_dir / SUMMARY_FILE
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+    else:
+        summary = evaluate_run(run_dir, device=device, progress=progress)
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    paths = [out_dir / name for name in PLOT_FILES]
+    _plot_lr(plt, info, rows, paths[0])
+    _plot_curves(plt, rows, paths[1])
+    _plot_size(plt, summary, paths[2])
+    _plot_correlation(plt, summary, paths[3])
+    return paths
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("plot", help="plot a run's schedule, curves, ensemble size and diversity",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a folder written by `snapens train`")
+    p.add_argument("--device", default="auto", help="device for evaluating a run without summary.json")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from snapens.cli._common import configure_logging, progress_enabled
+
+    configure_logging(args.quiet)
+    from snapens.cli.evaluate import resolve_device
+
+    if not (Path(args.run_dir) / "summary.json").is_file() and not args.quiet:
+        print(f"{args.run_dir} has no summary.json: evaluating it first", file=sys.stderr)
+    paths = plot_run(args.run_dir, device=resolve_device(args.device),
+                     progress=progress_enabled(args.quiet))
+    if not args.quiet:
+        for path in paths:
+            print(path)
+    return 0

@@ -1,0 +1,330 @@
+"""``snapens train``: train one network with M learning-rate cycles and keep a snapshot at the end of each.
+
+With no arguments it trains the embedded default (scikit-learn's 8x8 digits, ``cnn-small``) in about a minute
+on a laptop CPU, then evaluates the snapshot ensemble on the test split. Every default comes from
+:class:`snapens.config.TrainConfig`; ``--preset`` overlays a named setting (``--list-presets``), explicit flags
+override both.
+
+The Keras implementation's flags still work: ``--M 5 --nb_epoch 200 --alpha_zero 0.1 --model wrn --wrn_N 2
+--wrn_k 4`` is ``--snapshots 5 --epochs 200 --lr 0.1 --model wrn-16-4``.
+
+Exit codes: 0 done, 2 bad input, 130 SIGINT, 143 SIGTERM (both save a resumable state first; continue with
+``snapens train --resume --run-dir RUN_DIR``).
+
+Multi-GPU: ``torchrun --nproc_per_node=N -m snapens train ...`` is not supported yet (one process per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from snapens import engine
+from snapens.checkpoint import atomic_write_json
+from snapens.cli import CLIError
+from snapens.cli._common import (
+    build_loaders,
+    configure_logging,
+    default_run_dir,
+    environment_info,
+    format_table,
+    progress_enabled,
+    set_threads,
+)
+from snapens.config import PRECISIONS, PRESETS, SCHEDULES, TrainConfig, resolve_config
+
+__all__ = ["register", "run", "train_run", "config_from_args", "legacy_model_name"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+#: Flags that may change when a run is resumed: where and how fast it runs, not what it computes.
+RESUME_OVERRIDABLE = ("device", "threads", "data_dir", "download")
+_LEGACY_SIZES = ("wrn_N", "wrn_k", "dn_depth", "dn_growth_rate")
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``train`` subcommand."""
+    p = subparsers.add_parser("train", help="train a snapshot ensemble", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainConfig()
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help=f"digits, cifar10, cifar100, svhn, cifar10-jpeg or folder:PATH "
+                                     f"(default: {d.dataset})")
+    g.add_argument("--data-dir", help="folder holding the dataset files (default: ./data)")
+    g.add_argument("--download", action="store_true", default=None, help="download CIFAR archives if missing")
+    g.add_argument("--val-size", type=_val_size, metavar="N|F",
+                   help="training images held out for validation: a count, a fraction, or 0 (default: the "
+                        "dataset's)")
+    g.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None,
+                   help="turn off the dataset's default augmentation")
+    g = p.add_argument_group("model and schedule")
+    g.add_argument("--model", help=f"wrn-D-K, densenet-D-K, densenet-bc-D-K, resnet-D, cnn-small (default: "
+                                   f"{d.model}); legacy: wrn, dn")
+    g.add_argument("--epochs", type=int, help=f"training budget in epochs (default: {d.epochs})")
+    g.add_argument("--snapshots", type=int, metavar="M", help=f"cycles = snapshots (default: {d.snapshots})")
+    g.add_argument("--schedule", choices=SCHEDULES, help=f"(default: {d.schedule})")
+    g.add_argument("--lr", type=float, help=f"restart learning rate lr0 (default: {d.lr})")
+    g.add_argument("--lr-min", type=float, help=f"learning rate at the end of each cycle (default: {d.lr_min})")
+    g.add_argument("--batch-size", type=int, help=f"(default: {d.batch_size})")
+    g.add_argument("--momentum", type=float, help=f"(default: {d.momentum})")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"Nesterov momentum (default: {d.nesterov})")
+    g.add_argument("--weight-decay", type=float, help=f"(default: {d.weight_decay})")
+    g.add_argument("--seed", type=int, help=f"(default: {d.seed})")
+    g.add_argument("--preset", help="a named setting, e.g. paper-wrn-32-4-cifar100 (see --list-presets)")
+    g.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", help=f"auto, cpu, cuda, cuda:N (default: {d.device})")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help=f"auto = bf16 where the hardware runs it natively, else fp32 (default: {d.precision})")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False, default=None,
+                   help="keep the NCHW memory format")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
+    g = p.add_argument_group("run folder")
+    g.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/<dataset>-<model>-<time>)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --run-dir")
+    g.add_argument("--no-eval", dest="evaluate", action="store_false",
+                   help="skip the test-set evaluation at the end")
+    g.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
+    g = p.add_argument_group("legacy flags (the Keras implementation)")
+    g.add_argument("--M", dest="legacy_M", type=int, metavar="M", help="= --snapshots")
+    g.add_argument("--nb_epoch", dest="legacy_nb_epoch", type=int, metavar="N", help="= --epochs")
+    g.add_argument("--alpha_zero", dest="legacy_alpha_zero", type=float, metavar="LR", help="= --lr")
+    g.add_argument("--wrn_N", type=int, metavar="N", help="with --model wrn: depth 6N+4 (default 2)")
+    g.add_argument("--wrn_k", type=int, metavar="K", help="with --model wrn: widen factor (default 4)")
+    g.add_argument("--dn_depth", type=int, metavar="D", help="with --model dn: depth (default 40)")
+    g.add_argument("--dn_growth_rate", type=int, metavar="K", help="with --model dn: growth rate (default 12)")
+    p.set_defaults(func=run)
+
+
+def _val_size(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
+
+
+def legacy_model_name(model: str, args: argparse.Namespace) -> str:
+    """Map the Keras script's ``--model wrn|dn`` and its size flags to a model name (``wrn-16-4``, ...)."""
+    from snapens.models import densenet_name_from_legacy, wrn_name_from_legacy
+
+    if model == "wrn":
+        if args.dn_depth is not None or args.dn_growth_rate is not None:
+            raise CLIError("--dn_depth/--dn_growth_rate go with --model dn, not --model wrn")
+        return wrn_name_from_legacy(2 if args.wrn_N is None else args.wrn_N, 4 if args.wrn_k is None else args.wrn_k)
+    if args.wrn_N is not None or args.wrn_k is not None:
+        raise CLIError("--wrn_N/--wrn_k go with --model wrn, not --model dn")
+    return densenet_name_from_legacy(40 if args.dn_depth is None else args.dn_depth,
+                                     12 if args.dn_growth_rate is None else args.dn_growth_rate)
+
+
+def _merge(new: Any, old: Any, new_flag: str, old_flag: str) -> Any:
+    if old is None:
+        return new
+    if new is not None and new != old:
+        raise CLIError(f"{new_flag} {new} and {old_flag} {old} disagree; give one of them")
+    return old
+
+
+def explicit_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line (None where not given), legacy flags mapped."""
+    model = args.model
+    if model in ("wrn", "dn"):
+        model = legacy_model_name(model, args)
+    elif any(getattr(args, k) is not None for k in _LEGACY_SIZES):
+        raise CLIError("--wrn_N, --wrn_k, --dn_depth and --dn_growth_rate need --model wrn or --model dn")
+    return {
+        "dataset": args.dataset, "data_dir": args.data_dir, "download": args.download, "model": model,
+        "epochs": _merge(args.epochs, args.legacy_nb_epoch, "--epochs", "--nb_epoch"),
+        "snapshots": _merge(args.snapshots, args.legacy_M, "--snapshots", "--M"),
+        "schedule": args.schedule, "lr": _merge(args.lr, args.legacy_alpha_zero, "--lr", "--alpha_zero"),
+        "lr_min": args.lr_min, "batch_size": args.batch_size, "momentum": args.momentum,
+        "nesterov": args.nesterov, "weight_decay": args.weight_decay, "val_size": args.val_size,
+        "augment": args.augment, "seed": args.seed, "device": args.device, "precision": args.precision,
+        "channels_last": args.channels_last, "compile": args.compile, "threads": args.threads,
+    }
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then ``--preset``, then explicit flags: the resolved :class:`TrainConfig`."""
+    return resolve_config(args.preset, **explicit_overrides(args))
+
+
+def _read_run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / CONFIG_FILE
+    if not run_dir.is_dir():
+        raise CLIError(f"cannot resume: {run_dir} is not a directory")
+    if not path.is_file():
+        raise CLIError(f"cannot resume: {run_dir} is not a snapens run folder ({CONFIG_FILE} is missing)")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return dict(info["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CLIError(f"cannot resume: {path} is unreadable: {exc}") from exc
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_header(cfg: TrainConfig, run_dir: Path, device: torch.device, precision: str, threads: int,
+               resume: bool = False) -> str:
+    """The lines printed before training: what is trained, on what hardware, and where it goes."""
+    return (f"snapens train: {cfg.dataset}, {cfg.model}, {cfg.epochs} epochs, M={cfg.snapshots} snapshots "
+            f"({cfg.schedule}, lr {cfg.lr:g} -> {cfg.lr_min:g}), batch {cfg.batch_size}, seed {cfg.seed}\n"
+            f"device {device}, precision {precision}, threads {threads}\n"
+            f"run dir: {run_dir}{' (resuming)' if resume else ''}")
+
+
+def train_run(
+    cfg: TrainConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    announce: Callable[[str], None] | None = None,
+) -> Path:
+    """Train one run described by ``cfg`` into ``run_dir`` (data, model, SGD, scheduler, :func:`engine.fit`).
+
+    Everything that can be checked is checked before any file is written: an existing run (without
+    ``resume``), a finished or foreign run (with it), the device and precision, the dataset and the model.
+    Writes ``config.json`` (the resolved config and the environment) before training starts.
+
+    Args:
+        cfg: the resolved configuration.
+        run_dir: the run folder.
+        resume: continue the run in ``run_dir`` from its ``state.pt``.
+        progress: tqdm progress bars.
+        announce: receives the run header (:func:`run_header`) once everything is validated; logged at INFO
+            when None.
+
+    Returns:
+        ``run_dir``.
+
+    Raises:
+        ValueError / CLIError / FileNotFoundError: bad input, reported before any file is written.
+        engine.TrainingInterrupted: SIGINT/SIGTERM (the state was saved).
+        engine.NonFiniteLossError: the loss diverged.
+    """
+    from snapens.data import load_dataset
+    from snapens.models import build_model
+
+    run_dir = Path(run_dir)
+    if resume:
+        _read_run_config(run_dir)
+        engine.read_resume_state(run_dir)  # finished or foreign -> ValueError, nothing touched
+    elif engine.run_exists(run_dir) or (run_dir / CONFIG_FILE).exists():
+        raise CLIError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    device = engine.resolve_device(cfg.device)
+    precision = engine.resolve_precision(cfg.precision, device)
+    threads = set_threads(cfg.threads)
+    with torch.random.fork_rng(devices=[]):  # an unknown model name fails here, before the data is read
+        build_model(cfg.model, num_classes=10, in_channels=3, **cfg.model_kwargs)
+    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, val_size=cfg.val_size,
+                          seed=cfg.seed)
+    model_kwargs = {"num_classes": len(splits.classes), "in_channels": splits.in_channels, **cfg.model_kwargs}
+    _seed_everything(cfg.seed)
+    model = build_model(cfg.model, **model_kwargs)
+    train_loader, val_loader = build_loaders(cfg, splits, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    scheduler = engine.make_scheduler(cfg.schedule, optimizer, total_steps=cfg.epochs * len(train_loader),
+                                      n_cycles=cfg.snapshots, lr_min=cfg.lr_min)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    (announce or logger.info)(run_header(cfg, run_dir, device, precision, threads, resume))
+    if not resume:
+        atomic_write_json(run_dir / CONFIG_FILE, {
+            "format_version": 1,
+            "config": cfg.to_dict(),
+            "model": {"name": cfg.model, "kwargs": model_kwargs},
+            "dataset": {"name": splits.name, "classes": list(splits.classes), "num_train": len(splits.train),
+                        "num_val": len(splits.val), "num_test": len(splits.test), "mean": list(splits.mean),
+                        "std": list(splits.std)},
+            "environment": environment_info(device, precision),
+        })
+    reinit = None
+    if cfg.schedule == "single-cycle":
+        def reinit() -> torch.nn.Module:
+            return build_model(cfg.model, **model_kwargs)
+    engine.fit(
+        model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, epochs=cfg.epochs,
+        run_dir=run_dir, model_name=cfg.model, model_kwargs=model_kwargs, val_loader=val_loader, device=device,
+        precision=precision, channels_last=cfg.channels_last, compile=cfg.compile, reinit_factory=reinit,
+        # Members k >= 1 of the single-cycle baseline use seeds 1000 * (seed + 1) + k: distinct across seeds.
+        reinit_seed=1000 * (cfg.seed + 1), resume=resume, progress=progress,
+    )
+    return run_dir
+
+
+def _resume_config(args: argparse.Namespace) -> TrainConfig:
+    if args.run_dir is None:
+        raise CLIError("--resume needs --run-dir RUN_DIR (the folder of the interrupted run)")
+    if args.preset is not None:
+        raise CLIError(f"--resume continues the run as configured in {args.run_dir / CONFIG_FILE}; "
+                       "do not pass --preset")
+    overrides = explicit_overrides(args)
+    saved = _read_run_config(args.run_dir)
+    # Repeating the original command with --resume is fine; changing what the run computes is not.
+    changed = sorted(k for k, v in overrides.items()
+                     if v is not None and k not in RESUME_OVERRIDABLE and saved.get(k) != v)
+    if changed:
+        names = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise CLIError(f"--resume continues the run as configured in {args.run_dir / CONFIG_FILE}; "
+                       f"do not change {names}")
+    saved.update({k: overrides[k] for k in RESUME_OVERRIDABLE if overrides[k] is not None})
+    try:
+        return TrainConfig(**saved)
+    except TypeError as exc:
+        raise CLIError(f"cannot resume: {args.run_dir / CONFIG_FILE} does not match this snapens: {exc}") from exc
+
+
+def _print_presets() -> None:
+    rows = [[name, p["model"], p["dataset"], p["epochs"], p["snapshots"], p["lr"], p["batch_size"]]
+            for name, p in PRESETS.items()]
+    print(format_table(["preset", "model", "dataset", "epochs", "M", "lr0", "batch"], rows))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``snapens train``."""
+    if args.list_presets:
+        _print_presets()
+        return 0
+    configure_logging(args.quiet)
+    cfg = _resume_config(args) if args.resume else config_from_args(args)
+    run_dir = args.run_dir or default_run_dir(cfg.dataset, cfg.model)
+    progress = progress_enabled(args.quiet)
+    try:
+        train_run(cfg, run_dir, resume=args.resume, progress=progress, announce=lambda s: print(s, flush=True))
+    except engine.TrainingInterrupted as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"snapens: {name}: training state saved to {exc.state_path}; continue with: "
+              f"snapens train --resume --run-dir {run_dir}", file=sys.stderr)
+        return 128 + exc.signum
+    except engine.NonFiniteLossError as exc:
+        raise CLIError(str(exc)) from exc
+    if args.evaluate:
+        from snapens.cli.evaluate import evaluate_run
+        from snapens.report import format_summary
+
+        summary = evaluate_run(run_dir, device=str(engine.resolve_device(cfg.device)), progress=progress)
+        print(format_summary(summary))
+    print(f"run dir: {run_dir}")
+    return 0

@@ -1,0 +1,265 @@
+"""The evaluation summary of a snapshot ensemble: tensors in, a JSON-serialisable dict out.
+
+Every number in the summary is measured on the TEST split; every choice (which single model is "best", the
+ensemble weights, the temperature) is made on the VALIDATION split only, so that no test label leaks into a
+reported number (the Keras implementation this project replaces picked its "best" checkpoint and its weights on
+the test set).
+
+Rows of the summary, as in the paper's Table 1 and the old predict script:
+
+- each snapshot;
+- "single best": ``best.safetensors`` (the training run's best epoch by validation accuracy) when given, else the
+  snapshot with the highest validation accuracy;
+- "last snapshot";
+- "ensemble, equal weights" (the paper): ``p(x) = 1/M * sum_m softmax(f_m(x))``;
+- "ensemble, weights fitted on validation": ``w = argmin_{w in simplex} NLL(sum_m w_m p_m, y)`` on validation
+  (:func:`snapens.weighting.fit_ensemble_weights`), or the saved weights with ``optimize=0``;
+- "ensemble + temperature": ``softmax(log p / T)`` with ``T`` fitted on validation.
+
+Plus the error of the ensemble of the last ``m`` snapshots for ``m = 1..M`` and the pairwise diversity of the
+members' test predictions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from snapens import metrics, weighting
+
+__all__ = ["FORMAT_VERSION", "OPTIMIZE_MODES", "summarize", "format_summary"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+#: The old predict script's ``--optimize`` values: -1 equal weights only, 0 use saved weights, 1 fit weights.
+OPTIMIZE_MODES = (-1, 0, 1)
+_METRIC_COLUMNS = (("error", "error %", "{:8.2f}"), ("nll", "NLL", "{:8.4f}"), ("ece", "ECE", "{:8.4f}"),
+                   ("brier", "Brier", "{:8.4f}"))
+
+
+def _as_tensor(x: Any, name: str, ndim: int) -> Tensor:
+    t = x if isinstance(x, Tensor) else torch.as_tensor(x)
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    return t.detach().cpu()
+
+
+def _metrics(probs: Tensor, labels: Tensor) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.evaluate_probs(probs, labels).items()}
+
+
+def _row(name: str, probs: Tensor, labels: Tensor, **extra: Any) -> dict[str, Any]:
+    return {"name": name, **_metrics(probs, labels), **extra}
+
+
+def _off_diagonal_mean(matrix: Tensor) -> float | None:
+    m = matrix.shape[0]
+    if m < 2:
+        return None
+    mask = ~torch.eye(m, dtype=torch.bool)
+    return float(matrix.to(torch.float64)[mask].mean())
+
+
+def summarize(
+    val_member_probs: Tensor | None,
+    val_labels: Tensor | None,
+    test_member_probs: Tensor,
+    test_labels: Tensor,
+    *,
+    member_names: Sequence[str],
+    best_test_probs: Tensor | None = None,
+    best_val_acc: float | None = None,
+    weights: Tensor | None = None,
+    optimize: int = 1,
+) -> dict[str, Any]:
+    """Summarise a snapshot ensemble on the test split, with every choice made on validation.
+
+    Args:
+        val_member_probs: ``[M, Nv, C]`` member softmax outputs on validation, or ``None`` without a val split.
+        val_labels: ``[Nv]`` validation labels, or ``None``.
+        test_member_probs: ``[M, Nt, C]`` member softmax outputs on the test split.
+        test_labels: ``[Nt]`` test labels.
+        member_names: one name per member, e.g. ``"snapshot-01"``.
+        best_test_probs: ``[Nt, C]`` test probabilities of ``best.safetensors`` when the run has one; it is then
+            the "single best" row (it was chosen on validation accuracy during training).
+        best_val_acc: the validation accuracy recorded with ``best.safetensors`` (fraction or percent; reported
+            as given).
+        weights: ``[M]`` pre-fitted ensemble weights, required with ``optimize=0``.
+        optimize: ``-1`` equal weights only, ``1`` fit weights on validation (NLL), ``0`` use ``weights``.
+
+    Returns:
+        A JSON-serialisable dict (``format_version`` 1); see :func:`format_summary` for its table.
+
+    Raises:
+        ValueError: on inconsistent shapes, an unknown ``optimize`` value, or ``optimize=0`` without weights.
+    """
+    if optimize not in OPTIMIZE_MODES:
+        raise ValueError(f"optimize must be one of {OPTIMIZE_MODES}, got {optimize!r}")
+    test_mp = _as_tensor(test_member_probs, "test_member_probs", 3)
+    test_y = _as_tensor(test_labels, "test_labels", 1).long()
+    n_members, n_test, n_classes = test_mp.shape
+    if n_members < 1 or n_test < 1:
+        raise ValueError(f"test_member_probs needs at least one member and one sample, got {tuple(test_mp.shape)}")
+    if test_y.shape[0] != n_test:
+        raise ValueError(f"test_labels has {test_y.shape[0]} entries but test_member_probs has {n_test} samples")
+    names = [str(n) for n in member_names]
+    if len(names) != n_members:
+        raise ValueError(f"member_names has {len(names)} names for {n_members} members")
+
+    has_val = val_member_probs is not None and val_labels is not None
+    val_mp = val_y = None
+    if has_val:
+        val_mp = _as_tensor(val_member_probs, "val_member_probs", 3)
+        val_y = _as_tensor(val_labels, "val_labels", 1).long()
+        if val_mp.shape[0] != n_members or val_mp.shape[2] != n_classes:
+            raise ValueError(f"val_member_probs has shape {tuple(val_mp.shape)}, expected "
+                             f"[{n_members}, N, {n_classes}] to match test_member_probs")
+        if val_y.shape[0] != val_mp.shape[1]:
+            raise ValueError(f"val_labels has {val_y.shape[0]} entries but val_member_probs has "
+                             f"{val_mp.shape[1]} samples")
+        has_val = val_y.shape[0] > 0
+    if best_test_probs is not None:
+        best_test_probs = _as_tensor(best_test_probs, "best_test_probs", 2)
+        if tuple(best_test_probs.shape) != (n_test, n_classes):
+            raise ValueError(f"best_test_probs has shape {tuple(best_test_probs.shape)}, expected "
+                             f"{(n_test, n_classes)}")
+
+    notes: list[str] = []
+    val_acc = [float(metrics.accuracy(val_mp[m], val_y)) for m in range(n_members)] if has_val else None
+
+    snapshots = []
+    for m in range(n_members):
+        row = _row(names[m], test_mp[m], test_y)
+        if val_acc is not None:
+            row["val_accuracy"] = val_acc[m]
+        snapshots.append(row)
+
+    # Single best: chosen on validation only. Ties go to the later snapshot (trained longer).
+    if best_test_probs is not None:
+        single_best = _row("best.safetensors", best_test_probs, test_y, chosen_by="best.safetensors",
+                           val_accuracy=None if best_val_acc is None else float(best_val_acc))
+    elif val_acc is not None:
+        top = max(range(n_members), key=lambda m: (val_acc[m], m))
+        single_best = {**snapshots[top], "chosen_by": "validation accuracy"}
+    else:
+        single_best = {**snapshots[-1], "chosen_by": "last snapshot (no validation split)"}
+        notes.append("no validation split: 'single best' is the last snapshot")
+
+    equal = torch.full((n_members,), 1.0 / n_members, dtype=torch.float64)
+    equal_probs = weighting.weighted_average(test_mp, equal)
+    ensemble_equal = _row("ensemble, equal weights", equal_probs, test_y, weights=equal.tolist())
+
+    ensemble_weighted = None
+    chosen = equal
+    if optimize == 1:
+        if has_val:
+            fitted = torch.as_tensor(weighting.fit_ensemble_weights(val_mp, val_y, method="nll"),
+                                     dtype=torch.float64)
+            chosen = fitted
+            ensemble_weighted = _row("ensemble, weights fitted on validation",
+                                     weighting.weighted_average(test_mp, fitted), test_y,
+                                     weights=fitted.tolist(), source="fitted")
+        else:
+            notes.append("no validation split: ensemble weights not fitted")
+    elif optimize == 0:
+        if weights is None:
+            raise ValueError("optimize=0 uses saved ensemble weights, but none were given")
+        saved = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        if saved.shape[0] != n_members or bool((saved < 0).any()) or not math.isclose(
+                float(saved.sum()), 1.0, abs_tol=1e-6):
+            raise ValueError(f"saved weights must be {n_members} non-negative numbers summing to 1, got "
+                             f"{saved.tolist()}")
+        chosen = saved
+        ensemble_weighted = _row("ensemble, saved weights", weighting.weighted_average(test_mp, saved), test_y,
+                                 weights=saved.tolist(), source="saved")
+    else:
+        notes.append("optimize=-1: equal weights only")
+
+    ensemble_temperature = None
+    if has_val:
+        base = "equal" if ensemble_weighted is None else ensemble_weighted["source"]
+        temperature = float(weighting.fit_temperature(weighting.weighted_average(val_mp, chosen), val_y))
+        scaled = weighting.apply_temperature(weighting.weighted_average(test_mp, chosen), temperature)
+        ensemble_temperature = _row("ensemble + temperature", scaled, test_y, temperature=temperature,
+                                    base_weights=base)
+    else:
+        notes.append("no validation split: temperature not fitted")
+
+    curve = [float(e) for e in metrics.ensemble_size_curve(test_mp, test_y)]
+    disagreement = metrics.pairwise_disagreement(test_mp).to(torch.float64)
+    correlation = metrics.pairwise_correlation(test_mp).to(torch.float64)
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "split": "test",
+        "num_members": n_members,
+        "num_classes": n_classes,
+        "num_test": n_test,
+        "num_val": int(val_y.shape[0]) if has_val else 0,
+        "member_names": names,
+        "optimize": optimize,
+        "snapshots": snapshots,
+        "single_best": single_best,
+        "last_snapshot": snapshots[-1],
+        "ensemble_equal": ensemble_equal,
+        "ensemble_weighted": ensemble_weighted,
+        "ensemble_temperature": ensemble_temperature,
+        "ensemble_size_curve": {"m": list(range(1, n_members + 1)), "error": curve},
+        "diversity": {
+            "disagreement": disagreement.tolist(),
+            "correlation": correlation.tolist(),
+            "mean_disagreement": _off_diagonal_mean(disagreement),
+            "mean_correlation": _off_diagonal_mean(correlation),
+        },
+        "notes": notes,
+    }
+
+
+def _table_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    rows = [(f"snapshot {i + 1} ({r['name']})", r) for i, r in enumerate(summary["snapshots"])]
+    best = summary["single_best"]
+    how = {"validation accuracy": ", by val accuracy", "best.safetensors": ""}.get(best["chosen_by"], ", no val split")
+    rows.append((f"single best ({best['name']}{how})", best))
+    rows.append((f"last snapshot ({summary['last_snapshot']['name']})", summary["last_snapshot"]))
+    rows.append((f"ensemble, equal weights (M={summary['num_members']})", summary["ensemble_equal"]))
+    if summary.get("ensemble_weighted"):
+        rows.append((summary["ensemble_weighted"]["name"], summary["ensemble_weighted"]))
+    if summary.get("ensemble_temperature"):
+        t = summary["ensemble_temperature"]
+        rows.append((f"ensemble + temperature (T={t['temperature']:.3f}, {t['base_weights']} weights)", t))
+    return rows
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Render a :func:`summarize` dict as a fixed-width table, the ensemble-size curve and the diversity means."""
+    rows = _table_rows(summary)
+    width = max(len(label) for label, _ in rows)
+    header = f"{'':<{width}}" + "".join(f"{title:>9}" for _, title, _ in _METRIC_COLUMNS)
+    chosen = (f"choices made on {summary['num_val']} validation images" if summary["num_val"]
+              else "no validation split")
+    lines = [f"Test split: {summary['num_test']} images, {summary['num_classes']} classes, "
+             f"{summary['num_members']} members ({chosen})",
+             header, "-" * len(header)]
+    for label, row in rows:
+        cells = "".join(" " + fmt.format(row[key]) for key, _, fmt in _METRIC_COLUMNS)
+        lines.append(f"{label:<{width}}{cells}")
+    curve = summary["ensemble_size_curve"]
+    lines.append("")
+    lines.append("Error % of the ensemble of the last m snapshots (equal weights):")
+    lines.append("  " + "  ".join(f"m={m}: {e:.2f}" for m, e in zip(curve["m"], curve["error"])))
+    div = summary["diversity"]
+    if div["mean_disagreement"] is not None:
+        lines.append(f"Diversity (test, mean over member pairs): disagreement {div['mean_disagreement']:.4f}, "
+                     f"correlation {div['mean_correlation']:.4f}")
+    weighted = summary.get("ensemble_weighted")
+    if weighted:
+        lines.append(f"Weights ({weighted['source']}): " + ", ".join(f"{w:.3f}" for w in weighted["weights"]))
+    for note in summary.get("notes", []):
+        lines.append(f"Note: {note}")
+    return "\n".join(lines)

@@ -1,0 +1,204 @@
+"""`snapens evaluate` on a real (tiny) training run: schema, numbers against an independent computation, flags."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from snapens import report
+from snapens.checkpoint import SnapshotStore, load_weights
+from snapens.cli import main
+from snapens.cli.evaluate import evaluate_run
+from snapens.config import resolve_config
+from snapens.data import load_dataset
+from snapens.models import build_model
+
+ROW_KEYS = {"name", "error", "nll", "ece", "brier"}
+NAMES = ["snapshot-01", "snapshot-02"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a loaded 2-core machine this is several times faster for these tiny models."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def shared_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real digits run (2 epochs, 2 snapshots) per test session, shared by the CLI test files: copy it."""
+    from snapens.cli.train import train_run
+
+    final = tmp_path_factory.getbasetemp() / "tiny-digits-run"
+    if not final.is_dir():
+        cfg = resolve_config(epochs=2, snapshots=2, batch_size=128, device="cpu", precision="fp32",
+                             channels_last=False, threads=1)
+        tmp = train_run(cfg, tmp_path_factory.mktemp("training") / "run", resume=False, progress=False)
+        os.replace(tmp, final)  # complete runs only: a failed training leaves nothing to reuse
+    return final
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(shutil.copytree(shared_tiny_run(tmp_path_factory), tmp_path_factory.mktemp("evaluate") / "run"))
+
+
+@pytest.fixture()
+def run_copy(run_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the run, for tests that change files."""
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def hand(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Softmax outputs computed without the ensemble or the batch loader: members [M, N, C] and best [N, C]."""
+    info = json.loads((run_dir / "config.json").read_text())
+    cfg = info["config"]
+    data = load_dataset(cfg["dataset"], val_size=cfg["val_size"], seed=cfg["seed"])
+    mean = torch.tensor(info["dataset"]["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(info["dataset"]["std"]).view(1, -1, 1, 1)
+    x = {split: (getattr(data, split).images.float() / 255 - mean) / std for split in ("val", "test")}
+    store = SnapshotStore(run_dir / "snapshots")
+
+    def probs(state: dict) -> dict[str, torch.Tensor]:
+        model = build_model(info["model"]["name"], **info["model"]["kwargs"])
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            return {split: torch.softmax(model(x[split]), dim=-1) for split in x}
+
+    members = [probs(store.load_state_dict(e.index)) for e in store.list()]
+    best = probs(load_weights(run_dir / "best.safetensors")[0])
+    return {"val": torch.stack([m["val"] for m in members]), "test": torch.stack([m["test"] for m in members]),
+            "best_val": best["val"], "best_test": best["test"], "val_y": data.val.labels, "test_y": data.test.labels}
+
+
+@pytest.fixture(scope="module")
+def cli_json(run_dir: Path) -> dict:
+    """`snapens evaluate RUN --json` (default --optimize 1), as printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["evaluate", str(run_dir), "--json", "--quiet", "--device", "cpu"]) == 0
+    return json.loads(out.getvalue())
+
+
+def _close_rows(a: dict, b: dict) -> None:
+    for key in ("error", "nll", "ece", "brier"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_summary_schema_and_files(run_dir: Path, cli_json: dict) -> None:
+    summary = cli_json
+    assert summary["format_version"] == 1
+    assert summary["num_members"] == 2 and summary["member_names"] == NAMES
+    assert summary["num_classes"] == 10 and summary["num_test"] > 0 and summary["num_val"] > 0
+    for row in [*summary["snapshots"], summary["single_best"], summary["last_snapshot"],
+                summary["ensemble_equal"], summary["ensemble_weighted"], summary["ensemble_temperature"]]:
+        assert ROW_KEYS <= set(row)
+        assert all(isinstance(row[k], float) and math.isfinite(row[k]) for k in ROW_KEYS - {"name"})
+        assert 0.0 <= row["error"] <= 100.0
+    assert summary["single_best"]["name"] == "best.safetensors"
+    assert summary["ensemble_size_curve"]["m"] == [1, 2] and len(summary["ensemble_size_curve"]["error"]) == 2
+    assert len(summary["diversity"]["correlation"]) == 2 and len(summary["diversity"]["disagreement"][0]) == 2
+    assert isinstance(summary["diversity"]["mean_disagreement"], float)
+    assert isinstance(summary["notes"], list) and summary["run"]["last"] is None
+    # --json prints exactly what summary.json holds.
+    assert summary == json.loads((run_dir / "summary.json").read_text())
+    saved = json.loads((run_dir / "ensemble_weights.json").read_text())
+    assert saved["members"] == NAMES
+    assert sum(saved["weights"]) == pytest.approx(1.0)
+    assert saved["weights"] == pytest.approx(summary["ensemble_weighted"]["weights"])
+
+
+def test_numbers_match_an_independent_computation(cli_json: dict, hand: dict) -> None:
+    expected = report.summarize(hand["val"], hand["val_y"], hand["test"], hand["test_y"], member_names=NAMES,
+                                best_test_probs=hand["best_test"], optimize=1)
+    got = cli_json
+    for a, b in zip(got["snapshots"], expected["snapshots"]):
+        _close_rows(a, b)
+    for key in ("single_best", "ensemble_equal", "ensemble_weighted"):
+        _close_rows(got[key], expected[key])
+    # The paper's ensemble: the error of the hand-averaged probabilities.
+    hand_error = 100.0 * float((hand["test"].mean(0).argmax(-1) != hand["test_y"]).double().mean())
+    assert got["ensemble_equal"]["error"] == pytest.approx(hand_error)
+    assert got["ensemble_size_curve"]["error"] == pytest.approx(expected["ensemble_size_curve"]["error"])
+
+
+def test_last_m_and_include_best_choose_the_members(run_dir: Path, hand: dict) -> None:
+    got = evaluate_run(run_dir, last=1, include_best=True, optimize=-1)
+    assert got["member_names"] == ["best", "snapshot-02"] and got["run"]["last"] == 1
+    members = torch.stack([hand["best_test"], hand["test"][1]])
+    val_members = torch.stack([hand["best_val"], hand["val"][1]])
+    expected = report.summarize(val_members, hand["val_y"], members, hand["test_y"], member_names=["best", "s2"],
+                                optimize=-1)
+    _close_rows(got["snapshots"][0], got["single_best"])  # the best model is member 1
+    _close_rows(got["snapshots"][1], expected["snapshots"][1])  # the last snapshot
+    _close_rows(got["ensemble_equal"], expected["ensemble_equal"])
+
+
+def test_optimize_0_uses_saved_weights_and_minus_1_fits_none(run_copy: Path, hand: dict) -> None:
+    (run_copy / "ensemble_weights.json").write_text(json.dumps(
+        {"format_version": 1, "members": NAMES, "weights": [0.25, 0.75]}))
+    got = evaluate_run(run_copy, optimize=0)
+    row = got["ensemble_weighted"]
+    assert row["source"] == "saved" and row["weights"] == pytest.approx([0.25, 0.75])
+    mixed = 0.25 * hand["test"][0] + 0.75 * hand["test"][1]
+    y = hand["test_y"]
+    assert row["nll"] == pytest.approx(float(-mixed[torch.arange(len(y)), y].log().mean()), rel=1e-4)
+    # -1: equal weights only, and neither 0 nor -1 overwrites the saved weights.
+    got = evaluate_run(run_copy, optimize=-1)
+    assert got["ensemble_weighted"] is None and got["optimize"] == -1
+    assert got["ensemble_temperature"]["base_weights"] == "equal"
+    assert json.loads((run_copy / "ensemble_weights.json").read_text())["weights"] == [0.25, 0.75]
+
+
+def test_cli_table_and_num_tests_note(run_dir: Path, capsys: pytest.CaptureFixture[str],
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="snapens"):
+        assert main(["evaluate", str(run_dir), "--num_tests", "20", "--optimize", "-1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "ensemble, equal weights (M=2)" in out
+    line = next(line for line in out.splitlines() if line.startswith("ensemble, equal weights"))
+    assert f"{summary['ensemble_equal']['error']:.2f}" in line and f"{summary['ensemble_equal']['nll']:.4f}" in line
+    assert "--num_tests 20 is ignored" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "mutate, args, message",
+    [
+        (lambda d: shutil.rmtree(d), [], "not a directory"),
+        (lambda d: (d / "config.json").unlink(), [], "not a snapens run folder"),
+        (lambda d: None, ["--last", "0"], "--last must be between 1 and"),
+        (lambda d: None, ["--last", "3"], "--last must be between 1 and"),
+        (lambda d: (d / "ensemble_weights.json").unlink(missing_ok=True), ["--optimize", "0"], "needs saved"),
+        (lambda d: (d / "snapshots" / "snapshot-01.safetensors").write_bytes(b"garbage"), [], "snapshot-01"),
+        (lambda d: (d / "snapshots" / "snapshot-02.safetensors").unlink(), [], "snapshot-02"),
+        (lambda d: shutil.rmtree(d / "snapshots"), [], "has no snapshots"),
+    ],
+)
+def test_errors_exit_2_with_a_clear_message(run_copy: Path, capsys: pytest.CaptureFixture[str], mutate, args,
+                                            message: str) -> None:
+    mutate(run_copy)
+    assert main(["evaluate", str(run_copy), "--device", "cpu", *args]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("snapens: error: ") and message in last_line
+
+
+def test_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "snapens", "evaluate", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("snapens: error: ") and "Traceback" not in proc.stderr

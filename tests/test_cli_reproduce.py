@@ -1,0 +1,73 @@
+"""`snapens reproduce` with a tiny budget, and its table of the paper's numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from snapens.cli import main
+from snapens.cli.reproduce import PAPER_TABLE1, _mean_std, format_reproduce, paper_errors
+
+
+@pytest.fixture()
+def restore_threads():
+    before = torch.get_num_threads()  # --threads 1 sets torch's global thread count
+    yield
+    torch.set_num_threads(before)
+
+
+def test_reproduce_tiny_budget_writes_all_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               restore_threads: None) -> None:
+    out = tmp_path / "repro"
+    argv = ["reproduce", "--epochs", "2", "--snapshots", "2", "--batch-size", "128", "--device", "cpu",
+            "--threads", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "reproduce.json").read_text())
+    assert result["format_version"] == 1 and result["seeds"] == [0]
+    assert result["config"]["model"] == "cnn-small" and result["config"]["dataset"] == "digits"
+    rows = {r["key"]: r for r in result["rows"]}
+    assert set(rows) == {"single", "nocycle", "se_equal", "se_fitted"}
+    assert all(r["paper"] is None for r in rows.values())  # the paper has no digits numbers
+    # Every row is the named entry of the named run's summary.
+    summaries = {s: json.loads((out / f"{s}-seed0" / "summary.json").read_text()) for s in ("step", "cosine-cycles")}
+    assert rows["single"]["errors"] == pytest.approx([summaries["step"]["last_snapshot"]["error"]])
+    assert rows["nocycle"]["errors"] == pytest.approx([summaries["step"]["ensemble_equal"]["error"]])
+    assert rows["se_equal"]["errors"] == pytest.approx([summaries["cosine-cycles"]["ensemble_equal"]["error"]])
+    assert rows["se_fitted"]["errors"] == pytest.approx([summaries["cosine-cycles"]["ensemble_weighted"]["error"]])
+    assert summaries["step"]["run"]["schedule"] == "step"
+    assert summaries["cosine-cycles"]["run"]["schedule"] == "cosine-cycles"
+    for r in rows.values():
+        assert r["std"] == 0.0 and r["mean"] == pytest.approx(r["errors"][0])
+        assert f"{r['mean']:.2f}" in printed
+    assert "NoCycle snapshot ensemble" in printed and "no Table 1 numbers" in printed
+    # A second reproduction into the same folder is refused instead of mixing runs.
+    assert main(argv) == 2
+    assert "already holds a reproduction" in capsys.readouterr().err
+
+
+def test_paper_table_is_the_quoted_table() -> None:
+    assert len(PAPER_TABLE1) == 14  # 3 models x 4 datasets + DenseNet-100 on 2
+    assert paper_errors("wrn-32-4", "cifar100", 0.2) == {
+        "single": 23.55, "nocycle": 22.81, "se_equal": 21.56, "se_fitted": None, "single_cycle": None}
+    assert paper_errors("resnet-110", "svhn", 0.1)["se_equal"] == 1.63
+    assert paper_errors("densenet-40-12", "cifar10-jpeg", 0.2)["single"] == 5.24  # CIFAR-10 as JPEGs
+    assert paper_errors("densenet-100-24", "svhn", 0.2)["single"] is None  # not in the paper
+    assert paper_errors("densenet-100-24", "cifar10", 0.05)["se_equal"] is None  # lr0 the paper did not run
+
+
+def test_mean_std_over_seeds_and_table() -> None:
+    mean, std = _mean_std([1.0, 3.0])
+    assert mean == 2.0 and std == pytest.approx(math.sqrt(2.0))  # sample std
+    result = {
+        "config": {"model": "wrn-32-4", "dataset": "cifar10", "epochs": 200, "snapshots": 5, "lr": 0.1},
+        "seeds": [0, 1], "paper_has_setting": True, "paper_source": "Table 1",
+        "rows": [{"name": "snapshot ensemble (equal weights)", "mean": mean, "std": std, "nll_mean": 0.2,
+                  "paper": 4.41}],
+    }
+    text = format_reproduce(result)
+    assert "2.00 +- 1.41" in text and "4.41" in text and "2 seeds" in text

@@ -1,0 +1,258 @@
+"""Tests for ``snapens train``: end to end, legacy flags, errors (one line, exit 2, nothing touched), signals."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from snapens import checkpoint, engine
+from snapens.cli import build_parser, main
+from snapens.cli.train import config_from_args
+from snapens.config import PRESETS, TrainConfig
+
+# Small and fast: 4 epochs of digits, M = 2, one thread (bit-identical across processes), no progress bars.
+SMALL = ["--epochs", "4", "--snapshots", "2", "--threads", "1", "--device", "cpu", "--precision", "fp32"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_and_logging():
+    threads = torch.get_num_threads()
+    log = logging.getLogger("snapens")
+    handlers, level = list(log.handlers), log.level
+    yield
+    torch.set_num_threads(threads)
+    log.handlers[:] = handlers
+    log.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One small finished run, trained in this process; returns (run_dir, stdout)."""
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    threads = torch.get_num_threads()
+    out = io.StringIO()  # capsys is function-scoped: capture stdout by hand
+    log = logging.getLogger("snapens")
+    handlers, level = list(log.handlers), log.level
+    try:
+        with contextlib.redirect_stdout(out):
+            rc = main(["train", *SMALL, "--run-dir", str(run_dir), "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+        log.handlers[:] = handlers
+        log.setLevel(level)
+    assert rc == 0
+    return run_dir, out.getvalue()
+
+
+def folder_hash(folder: Path) -> dict[str, str]:
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def snapshots(run_dir: Path) -> list[dict[str, torch.Tensor]]:
+    store = checkpoint.SnapshotStore(run_dir / "snapshots")
+    return [store.load_state_dict(i.index) for i in store.list()]
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+def test_small_run_writes_the_run_folder(finished_run: tuple[Path, str]) -> None:
+    run_dir, out = finished_run
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["format_version"] == 1
+    expected = TrainConfig(epochs=4, snapshots=2, threads=1, device="cpu", precision="fp32")
+    assert cfg["config"] == json.loads(json.dumps(expected.to_dict()))
+    assert cfg["model"] == {"name": "cnn-small", "kwargs": {"num_classes": 10, "in_channels": 1}}
+    ds = cfg["dataset"]
+    assert ds["name"] == "digits" and ds["classes"] == [str(d) for d in range(10)]
+    assert ds["num_train"] + ds["num_val"] + ds["num_test"] == 1797 and ds["num_val"] > 0
+    assert set(cfg["environment"]) >= {"snapens", "torch", "python", "device", "precision", "threads", "platform"}
+    assert cfg["environment"]["precision"] == "fp32" and cfg["environment"]["threads"] == 1
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps_per_epoch = -(-ds["num_train"] // 64)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["step"]) for r in rows] == [steps_per_epoch * e for e in (1, 2, 3, 4)]
+    infos = checkpoint.SnapshotStore(run_dir / "snapshots").list()
+    assert [i.step for i in infos] == [2 * steps_per_epoch, 4 * steps_per_epoch]
+    assert all(i.model_name == "cnn-small" and i.model_kwargs == cfg["model"]["kwargs"] for i in infos)
+    _, meta = checkpoint.load_weights(run_dir / "best.safetensors")
+    assert meta["val_acc"] == pytest.approx(max(float(r["val_acc"]) for r in rows), abs=1e-6)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ensemble_equal"]["error"] < 10.0  # 4 epochs of digits: well past chance (90 %)
+
+    assert "device cpu, precision fp32, threads 1" in out
+    assert f"run dir: {run_dir}" in out
+    assert "ensemble" in out and "error %" in out  # the evaluation table was printed
+
+
+@pytest.mark.slow
+def test_true_default_run(tmp_path: Path) -> None:
+    """`snapens train` with no arguments at all: the embedded default, evaluated, in runs/<...>."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "snapens", "train"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("digits-cnn-small-")
+    assert f"run dir: runs/{runs[0].name}" in proc.stdout
+    d = TrainConfig()
+    assert len(snapshots(runs[0])) == d.snapshots
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["ensemble_equal"]["error"] < 3.5, summary["ensemble_equal"]  # ~97-99 % accuracy
+    print(f"default snapens train took {seconds:.1f} s")
+
+
+def test_list_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--list-presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in PRESETS)
+
+
+# ------------------------------------------------------------------------------------------- legacy flags
+
+
+def _cfg(argv: list[str]) -> TrainConfig:
+    return config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+@pytest.mark.parametrize("old,new", [
+    (["--M", "5", "--nb_epoch", "200", "--alpha_zero", "0.2", "--model", "wrn", "--wrn_N", "2", "--wrn_k", "4"],
+     ["--snapshots", "5", "--epochs", "200", "--lr", "0.2", "--model", "wrn-16-4"]),
+    (["--model", "wrn", "--wrn_N", "4", "--wrn_k", "10"], ["--model", "wrn-28-10"]),
+    (["--model", "wrn"], ["--model", "wrn-16-4"]),
+    (["--model", "dn", "--dn_depth", "100", "--dn_growth_rate", "24", "--M", "6"],
+     ["--model", "densenet-100-24", "--snapshots", "6"]),
+    (["--model", "dn"], ["--model", "densenet-40-12"]),
+])
+def test_legacy_flags_equal_new_flags(old: list[str], new: list[str]) -> None:
+    assert _cfg(old) == _cfg(new)
+    assert _cfg(old) != _cfg([])
+
+
+def test_flags_override_preset_and_defaults_come_from_trainconfig() -> None:
+    assert _cfg([]) == TrainConfig()
+    cfg = _cfg(["--preset", "paper-wrn-32-4-cifar10", "--lr", "0.1", "--no-nesterov", "--no-augment"])
+    assert (cfg.model, cfg.epochs, cfg.snapshots, cfg.lr, cfg.nesterov, cfg.augment) == (
+        "wrn-32-4", 200, 5, 0.1, False, False)
+    assert _cfg(["--val-size", "0.2"]).val_size == 0.2 and _cfg(["--val-size", "100"]).val_size == 100
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def _error_case(argv: list[str], folder: Path, capsys: pytest.CaptureFixture[str], match: str) -> None:
+    before = folder_hash(folder)
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("snapens: error: "), err
+    assert match in lines[0]
+    assert "Traceback" not in err
+    assert folder_hash(folder) == before
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--model", "nope-3"], "nope-3"),
+    (["--dataset", "nope"], "nope"),
+    (["--preset", "nope"], "nope"),
+    (["--snapshots", "5", "--epochs", "3"], "must not exceed epochs"),
+    (["--lr", "-0.1"], "lr must be > 0"),
+    (["--batch-size", "0"], "batch size"),
+    (["--dataset", "cifar10", "--data-dir", "NODATA"], "cifar"),
+    (["--M", "5", "--snapshots", "4"], "disagree"),
+    (["--wrn_N", "2"], "--model wrn"),
+    (["--threads", "0"], "threads"),
+    (["--precision", "fp16", "--device", "cpu"], "fp16"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        extra: list[str], match: str) -> None:
+    extra = [str(tmp_path / "nodata") if a == "NODATA" else a for a in extra]
+    _error_case(["train", "--run-dir", str(tmp_path / "run"), *extra], tmp_path, capsys, match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_errors_leave_runs_untouched(finished_run: tuple[Path, str], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, _ = finished_run
+    _error_case(["train", "--resume", "--run-dir", str(run_dir)], run_dir, capsys, "already finished")
+    _error_case(["train", "--run-dir", str(run_dir), *SMALL], run_dir, capsys, "already holds a run")
+    _error_case(["train", "--resume", "--run-dir", str(run_dir), "--lr", "0.3"], run_dir, capsys,
+                "do not change --lr")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    _error_case(["train", "--resume", "--run-dir", str(foreign)], foreign, capsys, "not a snapens run folder")
+    _error_case(["train", "--resume"], tmp_path, capsys, "--resume needs --run-dir")
+
+
+# --------------------------------------------------------------------------------------- kill and resume
+
+DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    from snapens.schedule import SnapshotLR
+    from snapens.cli import main
+
+    kill = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}[os.environ["SIGNAL"]]
+    at = int(os.environ["AT_STEP"])
+    real_step = SnapshotLR.step
+
+    def step(self, *a, **k):
+        real_step(self, *a, **k)
+        if self.last_epoch == at:
+            os.kill(os.getpid(), kill)
+
+    SnapshotLR.step = step
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigkill_then_sigterm_then_resume_matches_uninterrupted(finished_run: tuple[Path, str], tmp_path: Path) -> None:
+    reference, _ = finished_run
+    run_dir = tmp_path / "run"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    argv = [sys.executable, str(driver), "train", *SMALL, "--run-dir", str(run_dir), "--no-eval"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps_per_epoch = json.loads((reference / "config.json").read_text())["dataset"]["num_train"]
+    steps_per_epoch = -(-steps_per_epoch // 64)
+
+    # SIGKILL in the middle of epoch 2: the state of epoch 1 survives.
+    proc = subprocess.run(argv, env={**env, "SIGNAL": "KILL", "AT_STEP": str(steps_per_epoch + 5)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert engine.read_resume_state(run_dir)["epoch"] == 1
+    # Resume, then SIGTERM in the middle of epoch 3 (after snapshot 1): exit 143, a message, a mid-epoch state.
+    proc = subprocess.run([*argv, "--resume"], env={**env, "SIGNAL": "TERM", "AT_STEP": str(2 * steps_per_epoch + 3)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr
+    assert "SIGTERM" in proc.stderr and "--resume" in proc.stderr
+    state = engine.read_resume_state(run_dir)
+    assert (state["epoch"], state["batch"]) == (2, 3)
+    # Finish in this process.
+    assert main(["train", "--resume", "--run-dir", str(run_dir), "--no-eval", "--quiet", "--threads", "1"]) == 0
+    ref, got = snapshots(reference), snapshots(run_dir)
+    assert len(ref) == len(got) == 2
+    for a, b in zip(ref, got):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 5

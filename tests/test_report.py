@@ -1,0 +1,205 @@
+"""snapens.report: the summary's numbers against hand computations on tiny constructed probabilities."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from snapens import metrics
+from snapens.report import format_summary, summarize
+
+# Three members, four test images, two classes. Labels are all class 0.
+# Test: member 0 gets 2/4 right, member 1 gets 4/4 right, member 2 gets 3/4 right.
+TEST_PROBS = torch.tensor(
+    [
+        [[0.9, 0.1], [0.4, 0.6], [0.6, 0.4], [0.3, 0.7]],
+        [[0.8, 0.2], [0.7, 0.3], [0.6, 0.4], [0.55, 0.45]],
+        [[0.2, 0.8], [0.9, 0.1], [0.7, 0.3], [0.6, 0.4]],
+    ],
+    dtype=torch.float64,
+)
+TEST_Y = torch.tensor([0, 0, 0, 0])
+# Validation: member 0 is the best (3/3), member 1 the worst (1/3), member 2 gets 2/3.
+VAL_PROBS = torch.tensor(
+    [
+        [[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]],
+        [[0.6, 0.4], [0.6, 0.4], [0.3, 0.7]],
+        [[0.8, 0.2], [0.4, 0.6], [0.4, 0.6]],
+    ],
+    dtype=torch.float64,
+)
+VAL_Y = torch.tensor([0, 1, 0])
+NAMES = ["snapshot-01", "snapshot-02", "snapshot-03"]
+
+
+def _hand_error(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * sum(int(p.argmax()) != int(y) for p, y in zip(probs, labels)) / len(labels)
+
+
+def _hand_nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return -sum(math.log(float(p[y])) for p, y in zip(probs, labels)) / len(labels)
+
+
+def _summary(**kw):
+    args = dict(member_names=NAMES, optimize=1)
+    args.update(kw)
+    return summarize(VAL_PROBS, VAL_Y, TEST_PROBS, TEST_Y, **args)
+
+
+def test_snapshot_rows_match_hand_computation():
+    s = _summary()
+    assert [r["name"] for r in s["snapshots"]] == NAMES
+    for m, row in enumerate(s["snapshots"]):
+        assert row["error"] == pytest.approx(_hand_error(TEST_PROBS[m], TEST_Y))
+        assert row["nll"] == pytest.approx(_hand_nll(TEST_PROBS[m], TEST_Y), rel=1e-5)
+    assert [r["error"] for r in s["snapshots"]] == pytest.approx([50.0, 0.0, 25.0])
+    assert [r["val_accuracy"] for r in s["snapshots"]] == pytest.approx([1.0, 1 / 3, 2 / 3])
+    assert s["last_snapshot"]["name"] == "snapshot-03"
+    assert s["last_snapshot"]["error"] == pytest.approx(25.0)
+
+
+def test_equal_ensemble_is_the_hand_average_of_member_probs():
+    s = _summary()
+    avg = TEST_PROBS.mean(0)
+    # Hand average: image 1 -> [0.6667, 0.3333] right; image 0 [0.633, 0.367] right; all four right here.
+    assert s["ensemble_equal"]["error"] == pytest.approx(_hand_error(avg, TEST_Y))
+    assert s["ensemble_equal"]["nll"] == pytest.approx(_hand_nll(avg, TEST_Y), rel=1e-5)
+    assert s["ensemble_equal"]["brier"] == pytest.approx(float(metrics.brier(avg, TEST_Y)), rel=1e-5)
+    assert s["ensemble_equal"]["ece"] == pytest.approx(float(metrics.ece(avg, TEST_Y)), rel=1e-5, abs=1e-9)
+    assert s["ensemble_equal"]["weights"] == pytest.approx([1 / 3] * 3)
+
+
+def test_single_best_is_chosen_on_validation_not_test():
+    s = _summary()
+    # On test member 1 is best (0 %), but on validation member 0 is: the summary must not peek at test labels.
+    assert s["single_best"]["name"] == "snapshot-01"
+    assert s["single_best"]["chosen_by"] == "validation accuracy"
+    assert s["single_best"]["error"] == pytest.approx(50.0)
+
+
+def test_single_best_uses_best_checkpoint_when_given():
+    best = torch.tensor([[0.3, 0.7], [0.8, 0.2], [0.9, 0.1], [0.6, 0.4]], dtype=torch.float64)
+    s = _summary(best_test_probs=best, best_val_acc=0.9)
+    assert s["single_best"]["name"] == "best.safetensors"
+    assert s["single_best"]["error"] == pytest.approx(25.0)
+    assert s["single_best"]["nll"] == pytest.approx(_hand_nll(best, TEST_Y), rel=1e-5)
+    assert s["single_best"]["val_accuracy"] == pytest.approx(0.9)
+
+
+def test_ensemble_size_curve_uses_last_m_members():
+    s = _summary()
+    curve = s["ensemble_size_curve"]
+    assert curve["m"] == [1, 2, 3]
+    expected = [_hand_error(TEST_PROBS[3 - m:].mean(0), TEST_Y) for m in (1, 2, 3)]
+    assert curve["error"] == pytest.approx(expected)
+    assert curve["error"][0] == pytest.approx(25.0)  # the last snapshot alone
+
+
+def test_diversity_matrices_and_means():
+    s = _summary()
+    dis = torch.tensor(s["diversity"]["disagreement"])
+    assert dis.shape == (3, 3)
+    preds = TEST_PROBS.argmax(-1)
+    for i in range(3):
+        for j in range(3):
+            assert float(dis[i, j]) == pytest.approx(float((preds[i] != preds[j]).double().mean()))
+    off = [float(dis[i, j]) for i in range(3) for j in range(3) if i != j]
+    assert s["diversity"]["mean_disagreement"] == pytest.approx(sum(off) / len(off))
+    corr = torch.tensor(s["diversity"]["correlation"])
+    assert torch.allclose(corr, corr.T)
+    assert s["diversity"]["mean_correlation"] is not None
+
+
+def test_optimize_1_fits_weights_on_validation():
+    # Member 0 is confidently right on every validation image, the others confidently wrong: the NLL fit must
+    # put (nearly) all the weight on member 0.
+    val = torch.tensor(
+        [
+            [[0.95, 0.05], [0.05, 0.95], [0.95, 0.05]],
+            [[0.1, 0.9], [0.9, 0.1], [0.1, 0.9]],
+            [[0.2, 0.8], [0.8, 0.2], [0.2, 0.8]],
+        ],
+        dtype=torch.float64,
+    )
+    s = summarize(val, VAL_Y, TEST_PROBS, TEST_Y, member_names=NAMES, optimize=1)
+    row = s["ensemble_weighted"]
+    assert row["source"] == "fitted"
+    w = torch.tensor(row["weights"])
+    assert float(w.sum()) == pytest.approx(1.0)
+    assert float(w[0]) > 0.95
+    hand = (w.view(3, 1, 1).double() * TEST_PROBS).sum(0)
+    assert row["error"] == pytest.approx(_hand_error(hand, TEST_Y))
+    assert row["nll"] == pytest.approx(_hand_nll(hand, TEST_Y), rel=1e-4)
+    assert s["ensemble_temperature"]["base_weights"] == "fitted"
+
+
+def test_optimize_0_uses_saved_weights_and_requires_them():
+    weights = torch.tensor([0.0, 0.25, 0.75])
+    s = _summary(optimize=0, weights=weights)
+    row = s["ensemble_weighted"]
+    assert row["source"] == "saved"
+    assert row["weights"] == pytest.approx([0.0, 0.25, 0.75])
+    hand = 0.25 * TEST_PROBS[1] + 0.75 * TEST_PROBS[2]
+    assert row["nll"] == pytest.approx(_hand_nll(hand, TEST_Y), rel=1e-5)
+    with pytest.raises(ValueError, match="saved ensemble weights"):
+        _summary(optimize=0)
+    with pytest.raises(ValueError, match="summing to 1"):
+        _summary(optimize=0, weights=torch.tensor([0.5, 0.5, 0.5]))
+
+
+def test_optimize_minus_1_is_equal_weights_only():
+    s = _summary(optimize=-1)
+    assert s["ensemble_weighted"] is None
+    assert s["ensemble_temperature"]["base_weights"] == "equal"
+    # Temperature scaling keeps the argmax: the error equals the equal-weight ensemble's.
+    assert s["ensemble_temperature"]["error"] == pytest.approx(s["ensemble_equal"]["error"])
+    t = s["ensemble_temperature"]["temperature"]
+    scaled = torch.softmax(torch.log(TEST_PROBS.mean(0)) / t, dim=-1)
+    assert s["ensemble_temperature"]["nll"] == pytest.approx(_hand_nll(scaled, TEST_Y), rel=1e-4)
+
+
+def test_without_validation_split():
+    s = summarize(None, None, TEST_PROBS, TEST_Y, member_names=NAMES, optimize=1)
+    assert s["num_val"] == 0
+    assert s["ensemble_weighted"] is None and s["ensemble_temperature"] is None
+    assert s["single_best"]["name"] == "snapshot-03"
+    assert any("no validation split" in n for n in s["notes"])
+    assert "single best (snapshot-03, no val split)" in format_summary(s)
+
+
+def test_single_member():
+    s = summarize(VAL_PROBS[:1], VAL_Y, TEST_PROBS[:1], TEST_Y, member_names=NAMES[:1], optimize=1)
+    assert s["ensemble_equal"]["error"] == pytest.approx(s["snapshots"][0]["error"]) == pytest.approx(50.0)
+    assert s["ensemble_weighted"]["weights"] == pytest.approx([1.0])
+    assert s["ensemble_size_curve"]["error"] == pytest.approx([50.0])
+    assert s["diversity"]["mean_disagreement"] is None and s["diversity"]["mean_correlation"] is None
+    assert "Diversity" not in format_summary(s)
+
+
+def test_summary_is_json_serialisable_and_formatted():
+    s = _summary()
+    again = json.loads(json.dumps(s))
+    assert again["format_version"] == 1
+    assert again["ensemble_equal"]["error"] == pytest.approx(s["ensemble_equal"]["error"])
+    text = format_summary(s)
+    for label in ("snapshot 1 (snapshot-01)", "single best (snapshot-01, by val accuracy)",
+                  "last snapshot (snapshot-03)", "ensemble, equal weights (M=3)",
+                  "ensemble, weights fitted on validation", "ensemble + temperature", "m=3:", "disagreement"):
+        assert label in text
+    ens_line = next(line for line in text.splitlines() if line.startswith("ensemble, equal weights"))
+    assert f"{s['ensemble_equal']['error']:.2f}" in ens_line
+    assert f"{s['ensemble_equal']['nll']:.4f}" in ens_line
+
+
+def test_bad_input_raises_value_error():
+    with pytest.raises(ValueError, match="optimize"):
+        _summary(optimize=2)
+    with pytest.raises(ValueError, match="member_names"):
+        summarize(VAL_PROBS, VAL_Y, TEST_PROBS, TEST_Y, member_names=NAMES[:2])
+    with pytest.raises(ValueError, match="test_labels"):
+        summarize(VAL_PROBS, VAL_Y, TEST_PROBS, TEST_Y[:3], member_names=NAMES)
+    with pytest.raises(ValueError, match="val_member_probs"):
+        summarize(VAL_PROBS[:2], VAL_Y, TEST_PROBS, TEST_Y, member_names=NAMES)
