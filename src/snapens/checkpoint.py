@@ -524,7 +524,7 @@ class SnapshotStore:
         entries.append(entry)
         entries.sort(key=lambda e: e["index"])
         atomic_write_json(self.manifest_path, {"format_version": FORMAT_VERSION, "snapshots": entries})
-        logger.info("saved snapshot %d (step %d) to %s", index, step, self.folder / entry["file"])
+        logger.debug("saved snapshot %d (step %d) to %s", index, step, self.folder / entry["file"])
         return self._info(entry)
 
     def load_state_dict(self, index: int) -> dict[str, torch.Tensor]:

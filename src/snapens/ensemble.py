@@ -393,7 +393,7 @@ class SnapshotEnsemble(_Ensemble):
         for info in infos:
             states.append(store.load_state_dict(info.index))
             names.append(str(info.path))
-        logger.info("ensemble of %d members from %s: %s", len(states), run_dir, [Path(n).name for n in names])
+        logger.debug("ensemble of %d members from %s: %s", len(states), run_dir, [Path(n).name for n in names])
         name, kwargs = arch
         ensemble = cls(
             lambda: model_builder(name, **kwargs), states, weights, member_device=member_device, copy=False, names=names
