@@ -389,3 +389,19 @@ def test_restore_rng_state_requires_all_parts():
     del state["numpy"]
     with pytest.raises(ValueError, match="numpy"):
         restore_rng_state(state)
+
+
+def test_atomic_path_keeps_suffix_and_cleans_up(tmp_path):
+    from snapens.checkpoint import atomic_path
+
+    target = tmp_path / "Model-1.weights.h5"
+    target.write_bytes(b"old")
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(".weights.h5") and tmp != target
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]

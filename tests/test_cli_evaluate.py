@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -28,31 +27,13 @@ ROW_KEYS = {"name", "error", "nll", "ece", "brier"}
 NAMES = ["snapshot-01", "snapshot-02"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine this is several times faster for these tiny models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def shared_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real digits run (2 epochs, 2 snapshots) per test session, shared by the CLI test files: copy it."""
-    from snapens.cli.train import train_run
-
-    final = tmp_path_factory.getbasetemp() / "tiny-digits-run"
-    if not final.is_dir():
-        cfg = resolve_config(epochs=2, snapshots=2, batch_size=128, device="cpu", precision="fp32",
-                             channels_last=False, threads=1)
-        tmp = train_run(cfg, tmp_path_factory.mktemp("training") / "run", resume=False, progress=False)
-        os.replace(tmp, final)  # complete runs only: a failed training leaves nothing to reuse
-    return final
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(shutil.copytree(shared_tiny_run(tmp_path_factory), tmp_path_factory.mktemp("evaluate") / "run"))
+def run_dir(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's copy of the session's tiny run (evaluate writes summary.json into it)."""
+    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("evaluate") / "run"))
 
 
 @pytest.fixture()

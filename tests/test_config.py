@@ -30,7 +30,8 @@ def test_paper_presets_follow_the_paper():
 @pytest.mark.parametrize("bad,match", [
     (dict(snapshots=0), "snapshots"), (dict(epochs=3, snapshots=4), "exceed"), (dict(lr=-0.1), "lr"),
     (dict(batch_size=0), "batch"), (dict(schedule="linear"), "linear"), (dict(precision="int8"), "int8"),
-    (dict(lr=0.1, lr_min=0.2), "lr_min"),
+    (dict(lr=0.1, lr_min=0.2), "lr_min"), (dict(momentum=float("nan")), "nan"), (dict(weight_decay=-1.0), "-1.0"),
+    (dict(lr=float("inf")), "inf"), (dict(val_size=-5), "-5"),
 ])
 def test_bad_values_raise(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -447,3 +447,30 @@ def test_sigkill_and_sigterm_then_resume_is_bit_identical(tmp_path: Path) -> Non
     assert len(strip(run / "metrics.csv")) == 5  # header + 4 epochs, none duplicated
     assert not list(run.rglob(".*.tmp"))  # stale temp files were cleaned on resume
     assert checkpoint.load_training_state(run / "state.pt")["finished"]
+
+
+# ------------------------------------------------------------------------------------------ many processes
+
+
+def test_a_state_from_several_processes_is_not_resumed_by_one(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_toy(run, epochs=2, n_cycles=2)
+    state = checkpoint.load_training_state(run / "state.pt")
+    assert state["world_size"] == 1 and state["rng_ranks"] is None  # a single process stores its own RNG only
+    state.update(finished=False, world_size=2)  # as torchrun --nproc_per_node=2 would have left it
+    checkpoint.save_training_state(run / "state.pt", state)
+    before = folder_hash(run)
+    with pytest.raises(ValueError, match="world_size is 2 but this call has 1"):
+        run_toy(run, epochs=2, n_cycles=2, resume=True)
+    assert folder_hash(run) == before
+
+
+def test_patient_signal_guard_only_flags_a_second_signal(tmp_path: Path) -> None:
+    # Under torchrun a Ctrl-C reaches each worker twice (terminal and launcher): both must end in one stop.
+    with engine._SignalGuard(True, tmp_path / "state.pt", second_raises=False) as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.signum == signal.SIGINT
+    with pytest.raises(engine.TrainingInterrupted), engine._SignalGuard(True, tmp_path / "state.pt") as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -329,3 +329,16 @@ def test_cuda_streaming_matches_cpu(tmp_path, x):
     moved = cpu.to("cuda")
     torch.testing.assert_close(moved.predict_proba(x), probs, rtol=1e-5, atol=1e-6)
     assert math.isclose(float(moved.weights_.sum()), 1.0, rel_tol=1e-6)
+
+
+def test_tensor_input_loads_each_member_once_and_matches_batches(monkeypatch):
+    ens = SnapshotEnsemble(TinyNet, [member(s).state_dict() for s in range(3)])
+    x = torch.randn(10, 3, 8, 8)
+    loads = []
+    original = ens._load_member
+    monkeypatch.setattr(ens, "_load_member", lambda m: (loads.append(m), original(m)))
+    member_major = ens.member_probs(x, batch_size=4)
+    assert loads == [0, 1, 2]  # three slices, yet each member copied in once
+    batch_major = ens.member_probs([x[:4], x[4:8], x[8:]])
+    assert torch.allclose(member_major, batch_major, atol=1e-6)
+    assert torch.allclose(ens.predict_proba(x, batch_size=4), ens.predict_proba([x[:4], x[4:8], x[8:]]), atol=1e-6)

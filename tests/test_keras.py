@@ -12,6 +12,9 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
+if keras.backend.backend() != "torch":
+    pytest.skip(f"these tests run on the torch backend; KERAS_BACKEND is {keras.backend.backend()!r}",
+                allow_module_level=True)
 
 from snapens import weighting  # noqa: E402
 from snapens.integrations.keras import (  # noqa: E402

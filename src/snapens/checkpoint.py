@@ -43,6 +43,7 @@ __all__ = [
     "SnapshotError",
     "SnapshotInfo",
     "SnapshotStore",
+    "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -89,6 +90,35 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix) for a writer that insists on a file name.
+
+    When the ``with`` block finishes, the file is fsync'ed and moved over ``path`` with :func:`os.replace`, then
+    the folder is fsync'ed; on an exception the temporary file is removed and ``path`` is untouched. For writers
+    that take a file object, :func:`atomic_write_bytes` and friends are simpler.
+
+    Example:
+        >>> with atomic_path(run_dir / "plots" / "lr.png") as tmp:   # doctest: +SKIP
+        ...     figure.savefig(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keep the whole suffix (".weights.h5", ".png"): some writers pick the format from it
+    suffix = "".join(path.suffixes)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 @contextlib.contextmanager

@@ -56,13 +56,13 @@ class TrainConfig:
             raise ValueError(f"snapshots (M) must be >= 1, got {self.snapshots}")
         if self.snapshots > self.epochs:
             raise ValueError(f"snapshots (M={self.snapshots}) must not exceed epochs ({self.epochs})")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.lr_min < self.lr:
             raise ValueError(f"lr_min must be in [0, lr={self.lr}), got {self.lr_min}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.momentum < 0 or self.weight_decay < 0:
+        if not (self.momentum >= 0 and self.weight_decay >= 0):  # also rejects NaN
             raise ValueError(f"momentum and weight decay must be >= 0, got {self.momentum} and {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
@@ -70,10 +70,11 @@ class TrainConfig:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.val_size is not None and self.val_size < 0:
+        if self.val_size is not None and not self.val_size >= 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-serialisable dict (what ``config.json`` stores)."""
         return dataclasses.asdict(self)
 
 

@@ -18,6 +18,28 @@ resumed run replays exactly what an uninterrupted one would have seen.
 
 Momentum is not reset at the restarts (as in the official code), except with ``reinit_factory`` (independent
 models, one per cycle), where each new model starts with a fresh optimizer state.
+
+Many processes (``torchrun``): when a ``torch.distributed`` process group with more than one rank is
+initialised, :func:`fit` trains data-parallel. Each rank passes the same model, optimizer, scheduler and run
+folder, and a training loader that yields *its* share of every global batch (``BatchLoader(rank=,
+world_size=)``); all loaders must have the same length, so every rank takes the same steps. Then:
+
+* the model is wrapped in ``DistributedDataParallel`` after it is moved to the device (and, with
+  ``sync_batchnorm``, converted to ``SyncBatchNorm``; CUDA only) and before ``torch.compile``; snapshots and
+  states always come from the unwrapped module. DDP averages the gradients of the ranks' mean losses, which
+  for equal shards is the gradient of the mean loss over the global batch; the learning rate is not rescaled.
+* rank 0 alone writes files and validates, on the full validation split, while the others wait; the
+  validation numbers are broadcast, so the "best" decision and the metrics rows are the same on every rank.
+  Training loss and accuracy are summed over the ranks.
+* control messages (metrics, flags, RNG states) go through a CPU (gloo) group, a few per epoch, so they never
+  wait on a GPU stream. A SIGINT/SIGTERM on any rank is seen by all within ``stop_check_every`` steps (the
+  stop flag is all-reduced then, and at every epoch end); all ranks stop after the same step, rank 0 writes
+  the state, and no rank returns before it is on disk. A non-finite loss on any rank stops all of them at the
+  next snapshot or epoch end (the summed loss is non-finite everywhere).
+* the resume state holds every rank's RNG state (dropout draws differ per rank); on resume every rank reads
+  ``state.pt`` from the run folder, which must therefore be on a filesystem shared by the ranks, and the
+  number of processes must be the one the run started with.
+* errors found before training (a bad argument, a refused resume) make every rank raise, not hang.
 """
 
 from __future__ import annotations
@@ -32,14 +54,16 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from snapens import checkpoint
 from snapens.schedule import SnapshotLR, StepDecayLR
@@ -51,9 +75,12 @@ __all__ = [
     "NonFiniteLossError",
     "SnapshotEvent",
     "TrainingInterrupted",
+    "all_ranks_agree",
+    "broadcast_object",
     "cpu_supports_bf16",
     "fit",
     "make_scheduler",
+    "raise_if_any_rank_failed",
     "read_resume_state",
     "resolve_device",
     "resolve_precision",
@@ -69,6 +96,8 @@ SNAPSHOT_DIR = "snapshots"
 STATE_FORMAT = "snapens-train-state"
 STATE_VERSION = 1
 METRICS_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+
+_T = TypeVar("_T")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -349,16 +378,28 @@ class _BackgroundWriter:
 
 
 class _SignalGuard:
-    """Turn the first SIGINT/SIGTERM into a flag that the loop checks between steps; a second one raises."""
+    """Turn the first SIGINT/SIGTERM into a flag that the loop checks between steps; a second one raises.
 
-    def __init__(self, enabled: bool, state_path: Path) -> None:
+    With ``second_raises=False`` (many processes) a second signal is only logged: torchrun forwards the signal
+    it receives to every worker, so after a Ctrl-C each worker gets SIGINT twice (terminal and launcher), and
+    a rank leaving early would strand the others in a collective. torchrun's SIGKILL after its grace period
+    (30 s) remains the hard stop.
+    """
+
+    def __init__(self, enabled: bool, state_path: Path, *, second_raises: bool = True) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.signum: int | None = None
         self._state_path = state_path
+        self._second_raises = second_raises
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # impatient second signal: stop now; atomic writes keep files whole
+        if self.signum is not None:
+            if not self._second_raises:
+                logger.warning("%s received again: still stopping at the next agreed step",
+                               signal.Signals(signum).name)
+                return
+            # Impatient second signal: stop now; atomic writes keep files whole.
             raise TrainingInterrupted(signum, self._state_path)
         self.signum = signum
         logger.warning("%s received: finishing the current step and saving the state", signal.Signals(signum).name)
@@ -373,6 +414,123 @@ class _SignalGuard:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+# -------------------------------------------------------------------------------------------- many processes
+
+_CONTROL: tuple[Any, Any] | None = None  # (the default group, its gloo control group)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _control_group() -> Any:
+    """A gloo group over all ranks for control messages: CPU tensors, so they never wait on a GPU stream.
+
+    The default group itself when it is gloo; otherwise (NCCL) a second group, made once per default group,
+    by every rank at the same point (its first control message).
+    """
+    global _CONTROL
+    world = dist.group.WORLD
+    if _CONTROL is None or _CONTROL[0] is not world:
+        group = world if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        _CONTROL = (world, group)
+    return _CONTROL[1]
+
+
+class _Ranks:
+    """Where this process stands in the process group, and the control messages :func:`fit` sends.
+
+    Outside ``torch.distributed`` (or with one rank) ``enabled`` is False, ``rank`` 0 and no method may be
+    called. Every method is a collective: every rank calls it at the same point of the loop.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = _distributed()
+        self.rank = dist.get_rank() if self.enabled else 0
+        self.world_size = dist.get_world_size() if self.enabled else 1
+        self.group = _control_group() if self.enabled else None
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        t = torch.tensor(list(values), dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return t.tolist()
+
+    def max_int(self, value: int) -> int:
+        t = torch.tensor([int(value)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t[0])
+
+    def from_rank0(self, values: Sequence[float]) -> list[float]:
+        t = torch.tensor(list(values), dtype=torch.float64)
+        dist.broadcast(t, src=0, group=self.group)
+        return t.tolist()
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+
+def raise_if_any_rank_failed(error: BaseException | None) -> None:
+    """Collective error check: if any rank passes an error, every rank raises; else every rank returns.
+
+    Call it on every rank at the same point, with the exception this rank caught (or None). A failing rank
+    re-raises its own error, the others raise a ValueError naming the failed ranks, so none is left waiting
+    in a later collective. Outside ``torch.distributed`` it just re-raises ``error``.
+
+    Raises:
+        BaseException: ``error`` itself on a rank that failed.
+        ValueError: on the other ranks, when some rank failed.
+    """
+    if not _distributed():
+        if error is not None:
+            raise error
+        return
+    ranks = _Ranks()
+    flags = torch.zeros(ranks.world_size, dtype=torch.int64)
+    flags[ranks.rank] = int(error is not None)
+    dist.all_reduce(flags, group=ranks.group)
+    if error is not None:
+        raise error
+    failed = [r for r, bad in enumerate(flags.tolist()) if bad]
+    if failed:
+        raise ValueError(f"rank(s) {', '.join(map(str, failed))} failed before training (see their error); "
+                         "stopped on every rank")
+
+
+@contextlib.contextmanager
+def all_ranks_agree() -> Iterator[None]:
+    """Run a block of checks that either passes on every rank or raises on every rank.
+
+    The block must not use collectives itself. A single process just runs it.
+
+    Example:
+        >>> with all_ranks_agree():
+        ...     validate_arguments()  # raises ValueError on one rank -> every rank raises
+    """
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as exc:
+        error = exc
+    raise_if_any_rank_failed(error)
+
+
+def broadcast_object(obj: _T) -> _T:
+    """Rank 0's ``obj`` on every rank (a picklable value, e.g. a run folder named after rank 0's clock).
+
+    Returns ``obj`` itself outside ``torch.distributed``.
+    """
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_control_group())
+    return box[0]
 
 
 # ---------------------------------------------------------------------------------------------------- fit
@@ -444,7 +602,9 @@ def fit(
     progress: bool = False,
     progress_every: int = 25,
     handle_signals: bool = True,
-    rank: int = 0,
+    rank: int | None = None,
+    sync_batchnorm: bool = False,
+    stop_check_every: int = 10,
     extra_state: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``epochs`` epochs and save a snapshot at the end of every scheduler cycle.
@@ -452,6 +612,10 @@ def fit(
     The budget is ``T = epochs * len(train_loader)`` optimizer steps; ``scheduler`` must be built for exactly
     that ``T`` (see :func:`make_scheduler`) and its ``snapshot_steps`` (0-based, ``M`` of them) say where
     snapshot ``k + 1`` is taken: after step ``snapshot_steps[k]``.
+
+    Under an initialised ``torch.distributed`` process group of more than one rank it trains data-parallel
+    (see the module docstring): call it on every rank with the same arguments and a loader that yields this
+    rank's share of each global batch.
 
     Args:
         model: the network (moved to ``device``; parameters keep their identity, so an optimizer built on them
@@ -464,7 +628,7 @@ def fit(
         model_name, model_kwargs: how to rebuild the model; stored in every snapshot.
         val_loader: validation batches; gives per-epoch ``val_loss``/``val_acc`` and ``best.safetensors``.
         loss_fn: ``(logits, y) -> mean loss``; cross-entropy by default.
-        device: where to train.
+        device: where to train (under torchrun: this rank's device, e.g. ``cuda:LOCAL_RANK``).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast (``auto`` is resolved by :func:`resolve_precision`);
             ``fp16`` uses a gradient scaler.
         channels_last: put 4-D inputs and conv weights in channels-last memory format.
@@ -474,63 +638,84 @@ def fit(
             optimizer state is reset: ``M`` independent models (the ``single-cycle`` baseline).
         reinit_seed: base seed for ``reinit_factory``.
         resume: continue from ``run_dir/state.pt``.
-        on_cycle_end: called with a :class:`SnapshotEvent` after each snapshot.
-        on_epoch_end: called with each epoch's metrics row.
-        progress: show a tqdm bar per epoch.
+        on_cycle_end: called with a :class:`SnapshotEvent` after each snapshot (on every rank).
+        on_epoch_end: called with each epoch's metrics row (on every rank; the rows are identical).
+        progress: show a tqdm bar per epoch (rank 0 only).
         progress_every: steps between progress-bar updates (each costs one host sync).
         handle_signals: catch SIGINT/SIGTERM, save the state and raise :class:`TrainingInterrupted`.
-        rank: the process rank under ``torch.distributed``; only rank 0 writes files.
+        rank: only rank 0 writes files. None: the process group's rank (0 without one); if given under a
+            process group it must equal the group's rank.
+        sync_batchnorm: with many processes, convert BatchNorm layers to ``SyncBatchNorm`` (batch statistics
+            over the global batch; CUDA only; the module is changed in place). Ignored in a single process.
+        stop_check_every: with many processes, steps between the all-reduces of the stop flag: the most
+            steps a rank trains on after a signal reached another rank.
         extra_state: JSON-like values stored in the state file (e.g. the config), returned unchanged.
 
     Returns:
-        A :class:`FitResult`.
+        A :class:`FitResult` (``snapshots`` is empty on ranks other than 0).
 
     Raises:
         ValueError: inconsistent arguments, a run folder that already holds a run (without ``resume``), or a
-            state that cannot be resumed.
+            state that cannot be resumed; on every rank.
         NonFiniteLossError: the loss became NaN/inf; earlier snapshots are kept.
         TrainingInterrupted: SIGINT/SIGTERM arrived; the state was saved first.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch < 1:
-        raise ValueError("the training loader yields no batches")
-    total_steps = epochs * steps_per_epoch
-    if getattr(scheduler, "total_steps", None) != total_steps:
-        raise ValueError(
-            f"scheduler was built for {getattr(scheduler, 'total_steps', None)!r} steps, but epochs * "
-            f"len(train_loader) = {epochs} * {steps_per_epoch} = {total_steps}"
-        )
-    snapshot_steps = list(scheduler.snapshot_steps)
-    n_cycles = len(snapshot_steps)
-    snap_index = {s: k for k, s in enumerate(snapshot_steps)}  # step -> 0-based cycle, O(1) per step
-    cycle_starts = {s + 1: k + 1 for k, s in enumerate(snapshot_steps[:-1])}  # step -> cycle that begins there
-    model_kwargs = dict(model_kwargs or {})
-    dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
-    run_dir = Path(run_dir)
-    state_path = run_dir / STATE_FILE
-    writer = rank == 0
+    ranks = _Ranks()
+    with all_ranks_agree():
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        steps_per_epoch = len(train_loader)
+        if steps_per_epoch < 1:
+            raise ValueError("the training loader yields no batches")
+        total_steps = epochs * steps_per_epoch
+        if getattr(scheduler, "total_steps", None) != total_steps:
+            raise ValueError(
+                f"scheduler was built for {getattr(scheduler, 'total_steps', None)!r} steps, but epochs * "
+                f"len(train_loader) = {epochs} * {steps_per_epoch} = {total_steps}"
+            )
+        if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
+            raise ValueError(f"stop_check_every must be a positive integer, got {stop_check_every!r}")
+        if ranks.enabled and rank is not None and rank != ranks.rank:
+            raise ValueError(f"rank={rank} was passed, but this process is rank {ranks.rank} of the process group")
+        snapshot_steps = list(scheduler.snapshot_steps)
+        n_cycles = len(snapshot_steps)
+        snap_index = {s: k for k, s in enumerate(snapshot_steps)}  # step -> 0-based cycle, O(1) per step
+        cycle_starts = {s + 1: k + 1 for k, s in enumerate(snapshot_steps[:-1])}  # step -> cycle beginning there
+        model_kwargs = dict(model_kwargs or {})
+        dev = resolve_device(device)
+        precision = resolve_precision(precision, dev)
+        if sync_batchnorm and ranks.enabled and dev.type != "cuda":
+            raise ValueError(f"sync_batchnorm needs CUDA devices (torch's SyncBatchNorm), got {dev}")
+        run_dir = Path(run_dir)
+        state_path = run_dir / STATE_FILE
+
+        state: dict[str, Any] | None = None
+        if resume:
+            state = read_resume_state(run_dir)
+            for key, now in (("total_steps", total_steps), ("n_cycles", n_cycles), ("epochs", epochs),
+                             ("snapshot_steps", snapshot_steps), ("model_name", model_name),
+                             ("world_size", ranks.world_size)):
+                was = state.get(key, 1) if key == "world_size" else state.get(key)  # older states: 1 process
+                if was != now:
+                    raise ValueError(f"cannot resume {run_dir}: its {key} is {was!r} but this call has {now!r}")
+        elif run_exists(run_dir):
+            raise ValueError(f"{run_dir} already holds a training run; resume it or choose another folder")
+    if ranks.enabled:
+        lengths = ranks.all_gather(steps_per_epoch)
+        if len(set(lengths)) > 1:
+            raise ValueError(f"the ranks' training loaders have different lengths {lengths}; every rank must take "
+                             "the same steps (shard with BatchLoader(rank=..., world_size=...))")
+    writer = (ranks.rank if ranks.enabled else rank or 0) == 0
     loss_fn = loss_fn or F.cross_entropy
 
-    state: dict[str, Any] | None = None
-    if resume:
-        state = read_resume_state(run_dir)
-        for key, now in (("total_steps", total_steps), ("n_cycles", n_cycles), ("epochs", epochs),
-                         ("snapshot_steps", snapshot_steps), ("model_name", model_name)):
-            if state.get(key) != now:
-                raise ValueError(
-                    f"cannot resume {run_dir}: its {key} is {state.get(key)!r} but this call has {now!r}"
-                )
-    elif run_exists(run_dir):
-        raise ValueError(f"{run_dir} already holds a training run; resume it or choose another folder")
-
+    if sync_batchnorm:
+        if ranks.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # reuses the parameters: optimizer stays valid
+        else:
+            logger.info("sync_batchnorm ignored: a single process")
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    # Snapshots and states always come from `model` itself, never from the compiled wrapper.
-    forward: Callable[[torch.Tensor], torch.Tensor] = torch.compile(model) if compile else model  # type: ignore
     scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
     autocast = _autocast(dev, precision)
     store = checkpoint.SnapshotStore(run_dir / SNAPSHOT_DIR)
@@ -545,20 +730,33 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        checkpoint.restore_rng_state(state["rng"])
+        checkpoint.restore_rng_state(state["rng_ranks"][ranks.rank] if ranks.enabled else state["rng"])
         start_epoch, skip_batches, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
         best_val_acc, best_epoch = float(state["best_val_acc"]), int(state["best_epoch"])
         rows = [dict(r) for r in state["rows"]]
         partial = state.get("partial")
-        _remove_stale_temp_files(run_dir)
         logger.info("resuming %s at epoch %d, batch %d (step %d of %d)", run_dir, start_epoch + 1,
                     skip_batches, step, total_steps)
         if writer:
+            _remove_stale_temp_files(run_dir)
             _write_metrics(run_dir / METRICS_FILE, rows)  # drop rows written after the state
     elif writer:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    def make_state(epoch: int, batch: int, finished: bool, partial_now: dict[str, Any] | None) -> dict[str, Any]:
+    # Snapshots and states always come from `model` itself, never from the DDP or compiled wrappers.
+    train_module: nn.Module = model
+    if ranks.enabled:
+        # Built after the resume load (every rank loaded the same state); DDP broadcasts rank 0's weights anyway.
+        ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
+        train_module = DistributedDataParallel(model, device_ids=ids)
+    forward: Callable[[torch.Tensor], torch.Tensor] = (
+        torch.compile(train_module) if compile else train_module  # type: ignore[assignment]
+    )
+    # Rank 0 validates alone, so validation must not go through DDP's forward (which may talk to the others).
+    eval_forward = (torch.compile(model) if compile else model) if ranks.enabled else forward  # type: ignore
+
+    def make_state(epoch: int, batch: int, finished: bool, partial_now: dict[str, Any] | None,
+                   rng_ranks: list[dict[str, Any]] | None) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT, "format_version": STATE_VERSION, "finished": finished,
             "epoch": epoch, "batch": batch, "step": step, "epochs": epochs, "total_steps": total_steps,
@@ -566,19 +764,42 @@ def fit(
             "model": checkpoint.unwrap_state_dict(model), "optimizer": _cpu_copy(optimizer.state_dict()),
             "scheduler": _cpu_copy(scheduler.state_dict()),
             "scaler": _cpu_copy(scaler.state_dict()) if scaler is not None else None,
-            "rng": checkpoint.capture_rng_state(), "best_val_acc": best_val_acc, "best_epoch": best_epoch,
+            "rng": rng_ranks[0] if rng_ranks else checkpoint.capture_rng_state(), "rng_ranks": rng_ranks,
+            "world_size": ranks.world_size, "best_val_acc": best_val_acc, "best_epoch": best_epoch,
             "rows": [dict(r) for r in rows], "partial": partial_now, "extra": _cpu_copy(dict(extra_state or {})),
         }
+
+    def gather_rng() -> list[dict[str, Any]] | None:
+        # Every rank's generators: dropout draws differ per rank and must continue per rank after a resume.
+        return ranks.all_gather(checkpoint.capture_rng_state()) if ranks.enabled else None
+
+    def totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[Any, Any, int]:
+        # The epoch's sums so far over all ranks (a non-finite loss on any rank makes them non-finite everywhere).
+        if not ranks.enabled:
+            return loss_sum, correct, seen
+        loss_all, correct_all, seen_all = ranks.sum([float(loss_sum), float(correct), float(seen)])
+        return loss_all, correct_all, int(seen_all)
 
     def validate() -> tuple[float, float]:
         if val_loader is None:
             return math.nan, math.nan
-        return _validate(forward, model, val_loader, dev, autocast, channels_last)
+        if not ranks.enabled:
+            return _validate(forward, model, val_loader, dev, autocast, channels_last)
+        # Rank 0 validates the whole split while the others wait in the broadcast.
+        local = _validate(eval_forward, model, val_loader, dev, autocast, channels_last) if writer else (
+            math.nan, math.nan)
+        val_loss, val_acc = ranks.from_rank0(local)
+        return val_loss, val_acc
 
-    model.train()
+    def agreed_stop() -> int | None:
+        # The signal any rank received (the largest number if several), or None; a collective.
+        return ranks.max_int(guard.signum or 0) or None
+
+    train_module.train()
     train_seconds, images_done = 0.0, 0
     writes = _BackgroundWriter()
-    with _SignalGuard(handle_signals, state_path) as guard, _finally(writes.wait):
+    with (_SignalGuard(handle_signals, state_path, second_raises=not ranks.enabled) as guard,
+          _finally(writes.wait)):
         for epoch in range(start_epoch, epochs):
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
@@ -587,9 +808,11 @@ def fit(
             correct = torch.zeros((), dtype=torch.int64, device=dev)
             seen, seconds = 0, 0.0
             if partial is not None and skip_batches:
-                loss_sum += partial["loss_sum"].to(dev)
-                correct += partial["correct"].to(dev)
-                seen, seconds = int(partial["seen"]), float(partial["seconds"])
+                seconds = float(partial["seconds"])
+                if ranks.rank == 0:  # with many ranks the saved sums are over all of them: count them once
+                    loss_sum += partial["loss_sum"].to(dev)
+                    correct += partial["correct"].to(dev)
+                    seen = int(partial["seen"])
             partial = None
             epoch_val: tuple[float, float] | None = None
             bar = _progress_bar(progress and writer, steps_per_epoch, skip_batches, epoch, epochs)
@@ -619,14 +842,14 @@ def fit(
                 step += 1
                 if cycle is not None:
                     seconds += time.perf_counter() - t0
-                    train_loss, train_acc = _check_finite(loss_sum, correct, seen, epoch, step)
+                    train_loss, train_acc = _check_finite(*totals(loss_sum, correct, seen), epoch, step)
                     val_loss, val_acc = validate()
                     if i + 1 == steps_per_epoch:
                         epoch_val = (val_loss, val_acc)  # the epoch ends here too: reuse this validation
                     metrics = {"train_loss": train_loss, "train_acc": train_acc}
                     if val_loader is not None:
                         metrics |= {"val_loss": val_loss, "val_acc": val_acc}
-                    _take_snapshot(store, model, writer, index=cycle + 1, step=step,
+                    _take_snapshot(store, model, writer, ranks, index=cycle + 1, step=step,
                                    epoch=epoch + (i + 1) / steps_per_epoch, lr=lr, model_name=model_name,
                                    model_kwargs=model_kwargs, metrics=metrics, n_cycles=n_cycles,
                                    on_cycle_end=on_cycle_end)
@@ -638,25 +861,37 @@ def fit(
                     bar.update(1)
                     if (i + 1) % progress_every == 0:
                         bar.set_postfix_str(_postfix(loss_sum, correct, seen, lr, seconds + time.perf_counter() - t0))
-                if guard.signum is not None and i + 1 < steps_per_epoch:
+                stop: int | None = None
+                if i + 1 < steps_per_epoch:  # a stop at an epoch end is handled below, with the epoch's state
+                    if not ranks.enabled:
+                        stop = guard.signum
+                    elif (i + 1) % stop_check_every == 0:
+                        stop = agreed_stop()
+                if stop is not None:
                     seconds += time.perf_counter() - t0
-                    _check_finite(loss_sum, correct, seen, epoch, step)
+                    loss_now, correct_now, seen_now = totals(loss_sum, correct, seen)
+                    _check_finite(loss_now, correct_now, seen_now, epoch, step)
+                    rng_ranks = gather_rng()
                     if writer:
-                        part = {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen,
+                        part = {"loss_sum": torch.as_tensor(loss_now, dtype=torch.float32).cpu(),
+                                "correct": torch.as_tensor(correct_now).to(torch.int64).cpu(), "seen": seen_now,
                                 "seconds": seconds}
                         writes.wait()
-                        checkpoint.save_training_state(state_path, make_state(epoch, i + 1, False, part))
+                        checkpoint.save_training_state(state_path, make_state(epoch, i + 1, False, part, rng_ranks))
                     if bar is not None:
                         bar.close()
-                    raise TrainingInterrupted(guard.signum, state_path)
+                    if ranks.enabled:
+                        ranks.barrier()  # nobody exits (and makes torchrun stop the rest) before the state is saved
+                    raise TrainingInterrupted(stop, state_path)
             seconds += time.perf_counter() - t0
             if bar is not None:
                 bar.close()
             train_seconds += seconds
-            images_done += seen
             skip_batches = 0
 
-            train_loss, train_acc = _check_finite(loss_sum, correct, seen, epoch, step)
+            loss_now, correct_now, seen_now = totals(loss_sum, correct, seen)
+            images_done += seen_now
+            train_loss, train_acc = _check_finite(loss_now, correct_now, seen_now, epoch, step)
             val_loss, val_acc = epoch_val if epoch_val is not None else validate()
             row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds}
@@ -664,11 +899,12 @@ def fit(
             improved = val_loader is not None and val_acc > best_val_acc
             if improved:
                 best_val_acc, best_epoch = val_acc, epoch + 1
+            rng_ranks = gather_rng()
             if writer:
                 best = checkpoint.unwrap_state_dict(model) if improved else None
                 best_meta = {"model": {"name": model_name, "kwargs": model_kwargs}, "epoch": epoch + 1, "step": step,
                              "val_acc": val_acc, "val_loss": val_loss}
-                epoch_state = make_state(epoch + 1, 0, epoch + 1 == epochs, None)
+                epoch_state = make_state(epoch + 1, 0, epoch + 1 == epochs, None, rng_ranks)
                 rows_now = [dict(r) for r in rows]
 
                 def epoch_end_writes(best=best, best_meta=best_meta, epoch_state=epoch_state, rows_now=rows_now):
@@ -683,12 +919,18 @@ def fit(
                 "epoch %d/%d  step %d  lr %.4g  loss %.4f  acc %.2f%%%s  %.1fs  %.0f img/s%s",
                 epoch + 1, epochs, step, lr, train_loss, 100 * train_acc,
                 f"  val loss {val_loss:.4f}  val acc {100 * val_acc:.2f}%" if val_loader is not None else "",
-                seconds, seen / max(seconds, 1e-9), "  (best)" if improved else "",
+                seconds, seen_now / max(seconds, 1e-9), "  (best)" if improved else "",
             )
             if on_epoch_end is not None:
                 on_epoch_end(dict(row))
-            if guard.signum is not None and epoch + 1 < epochs:
-                raise TrainingInterrupted(guard.signum, state_path)
+            stop = agreed_stop() if ranks.enabled else guard.signum
+            if stop is not None and epoch + 1 < epochs:
+                if ranks.enabled:
+                    writes.wait()
+                    ranks.barrier()  # the epoch's state is on disk before any rank leaves
+                raise TrainingInterrupted(stop, state_path)
+    if ranks.enabled:
+        ranks.barrier()  # when fit returns on any rank, rank 0's files are complete
 
     snapshots = store.list() if writer else []
     return FitResult(
@@ -728,6 +970,7 @@ def _take_snapshot(
     store: checkpoint.SnapshotStore,
     model: nn.Module,
     writer: bool,
+    ranks: _Ranks,
     *,
     index: int,
     step: int,
@@ -739,14 +982,18 @@ def _take_snapshot(
     n_cycles: int,
     on_cycle_end: Callable[[SnapshotEvent], None] | None,
 ) -> None:
-    weights = checkpoint.unwrap_state_dict(model)
-    if not _all_finite(weights):  # a step can blow up the weights while its own loss was still finite
+    # With many ranks only rank 0 copies the weights (the ones saved), and its verdict holds for all.
+    weights = checkpoint.unwrap_state_dict(model) if writer or not ranks.enabled else None
+    finite = _all_finite(weights) if weights is not None else True
+    if ranks.enabled:
+        finite = bool(ranks.from_rank0([float(finite)])[0])
+    if not finite:  # a step can blow up the weights while its own loss was still finite
         raise NonFiniteLossError(
             f"the weights became NaN/inf at step {step} (epoch {epoch:.2f}); snapshot {index} not saved, "
             "earlier snapshots are kept. Try a lower learning rate or fp32 precision."
         )
     path = store.folder / checkpoint.snapshot_filename(index)
-    if writer:
+    if writer and weights is not None:
         info = store.save(weights, index=index, step=step, epoch=round(epoch, 6), lr=float(lr),
                           model_name=model_name, model_kwargs=model_kwargs, metrics=metrics)
         path = info.path

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from snapens import weighting
 from snapens.checkpoint import (
     SnapshotError,
     SnapshotStore,
@@ -64,26 +65,14 @@ def validate_weights(weights: Sequence[float] | Tensor | np.ndarray | None, n_me
     """Check ensemble weights and return them as float32 ``[M]``; ``None`` gives equal weights ``1/M``.
 
     Raises:
-        ValueError: wrong length, not finite, negative, or the sum differs from 1 by more than 1e-6.
+        ValueError: no members, wrong length, not finite, negative, or not summing to 1 within 1e-6
+            (see :func:`snapens.weighting.validate_weights`).
     """
     if n_members < 1:
         raise ValueError(f"an ensemble needs at least one member, got {n_members}")
     if weights is None:
         return torch.full((n_members,), 1.0 / n_members, dtype=torch.float32)
-    try:
-        w = torch.as_tensor(weights.detach().cpu() if isinstance(weights, Tensor) else weights, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"weights must be numbers, got {weights!r}") from e
-    if w.ndim != 1 or w.numel() != n_members:
-        raise ValueError(f"weights must have length M={n_members}, got shape {tuple(w.shape)}: {w.tolist()}")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"weights must be finite, got {w.tolist()}")
-    if bool((w < 0).any()):
-        raise ValueError(f"weights must be >= 0, got {w.tolist()}")
-    total = float(w.sum())
-    if abs(total - 1.0) > _WEIGHT_TOL:
-        raise ValueError(f"weights must sum to 1 (within {_WEIGHT_TOL}), got sum {total!r} for {w.tolist()}")
-    return w.to(torch.float32)
+    return weighting.validate_weights(weights, n_members).to(torch.float32)
 
 
 def _iter_inputs(x_or_batches: Inputs, batch_size: int) -> Iterator[Tensor]:
@@ -308,6 +297,33 @@ class SnapshotEnsemble(_Ensemble):
                     # host-to-device copies may overlap; a copy into host memory must not
                     target.copy_(source, non_blocking=target.is_cuda)
             self._loaded = m
+
+    @torch.no_grad()
+    def member_probs(self, x_or_batches: Inputs, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
+        """Every member's softmax probabilities, on CPU: [M, N, C] (see :meth:`_Ensemble.member_probs`).
+
+        A tensor input is traversed once per member, so each member is copied into the working model once
+        rather than once per slice; an iterable of batches is traversed once, loading every member per batch.
+        """
+        if not isinstance(x_or_batches, (Tensor, np.ndarray)):
+            return super().member_probs(x_or_batches, batch_size=batch_size)
+        slices = list(_iter_inputs(x_or_batches, batch_size))
+        if not slices:
+            raise ValueError("no input batches: the input is empty")
+        per_member = []
+        for m in range(self.n_members):
+            self._load_member(m)
+            per_member.append(torch.cat([F.softmax(self.model(x.to(self.device)).float(), dim=-1).cpu()
+                                         for x in slices]))
+        return torch.stack(per_member)
+
+    @torch.no_grad()
+    def predict_proba(self, x_or_batches: Inputs, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
+        """Ensemble probabilities, on CPU: [N, C]; member-major for a tensor input (see :meth:`member_probs`)."""
+        if not isinstance(x_or_batches, (Tensor, np.ndarray)):
+            return super().predict_proba(x_or_batches, batch_size=batch_size)
+        probs = self.member_probs(x_or_batches, batch_size=batch_size)
+        return (self.weights_.cpu().to(probs.dtype).view(-1, 1, 1) * probs).sum(dim=0)
 
     def member_probs_batch(self, x: Tensor) -> Tensor:
         """Softmax probabilities of every member for one batch on :attr:`device`: [M, B, C], float32, no grad."""

@@ -16,12 +16,17 @@ Rows of the summary, as in the paper's Table 1 and the old predict script:
   (:func:`snapens.weighting.fit_ensemble_weights`), or the saved weights with ``optimize=0``;
 - "ensemble + temperature": ``softmax(log p / T)`` with ``T`` fitted on validation.
 
-Plus the error of the ensemble of the last ``m`` snapshots for ``m = 1..M`` and the pairwise diversity of the
-members' test predictions.
+Plus the error of the ensemble of the last ``m`` snapshots for ``m = 1..M`` (over the snapshots only, not an
+extra member such as the best model) and the pairwise diversity of the members' test predictions, labelled by
+member name.
+
+Numbers that are not finite (a diverged snapshot's NaN loss) become ``null`` in JSON: write and print summaries
+with :func:`to_json`, never with a bare ``json.dumps`` (which writes ``NaN``, invalid JSON).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -32,15 +37,39 @@ from torch import Tensor
 
 from snapens import metrics, weighting
 
-__all__ = ["FORMAT_VERSION", "OPTIMIZE_MODES", "summarize", "format_summary"]
+__all__ = ["FORMAT_VERSION", "OPTIMIZE_MODES", "summarize", "format_summary", "json_safe", "to_json"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 #: The old predict script's ``--optimize`` values: -1 equal weights only, 0 use saved weights, 1 fit weights.
 OPTIMIZE_MODES = (-1, 0, 1)
-_METRIC_COLUMNS = (("error", "error %", "{:8.2f}"), ("nll", "NLL", "{:8.4f}"), ("ece", "ECE", "{:8.4f}"),
-                   ("brier", "Brier", "{:8.4f}"))
+_METRIC_COLUMNS = (("error", "error %", "8.2f"), ("nll", "NLL", "8.4f"), ("ece", "ECE", "8.4f"),
+                   ("brier", "Brier", "8.4f"))
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by ``None``, recursively through dicts,
+    lists and tuples (tuples become lists); other values are returned as they are."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any, *, indent: int | None = 2) -> str:
+    """Strict JSON text of ``obj``: non-finite floats written as ``null`` (see :func:`json_safe`).
+
+    Raises:
+        ValueError: ``obj`` holds something JSON cannot represent.
+    """
+    try:
+        return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+    except TypeError as exc:
+        raise ValueError(f"cannot write the summary as JSON: {exc}") from exc
 
 
 def _as_tensor(x: Any, name: str, ndim: int) -> Tensor:
@@ -77,6 +106,7 @@ def summarize(
     best_val_acc: float | None = None,
     weights: Tensor | None = None,
     optimize: int = 1,
+    is_snapshot: Sequence[bool] | None = None,
 ) -> dict[str, Any]:
     """Summarise a snapshot ensemble on the test split, with every choice made on validation.
 
@@ -85,19 +115,24 @@ def summarize(
         val_labels: ``[Nv]`` validation labels, or ``None``.
         test_member_probs: ``[M, Nt, C]`` member softmax outputs on the test split.
         test_labels: ``[Nt]`` test labels.
-        member_names: one name per member, e.g. ``"snapshot-01"``.
+        member_names: one name per member, e.g. ``"snapshot-01"``; they label the rows and the diversity
+            matrices.
         best_test_probs: ``[Nt, C]`` test probabilities of ``best.safetensors`` when the run has one; it is then
             the "single best" row (it was chosen on validation accuracy during training).
         best_val_acc: the validation accuracy recorded with ``best.safetensors`` (fraction or percent; reported
             as given).
         weights: ``[M]`` pre-fitted ensemble weights, required with ``optimize=0``.
         optimize: ``-1`` equal weights only, ``1`` fit weights on validation (NLL), ``0`` use ``weights``.
+        is_snapshot: per member, whether it is a snapshot (in training order) rather than an extra member
+            such as ``best.safetensors``; ``None`` = all are. The "last snapshot" row and the ensemble-size
+            curve use the snapshots only.
 
     Returns:
         A JSON-serialisable dict (``format_version`` 1); see :func:`format_summary` for its table.
 
     Raises:
-        ValueError: on inconsistent shapes, an unknown ``optimize`` value, or ``optimize=0`` without weights.
+        ValueError: on inconsistent shapes, an unknown ``optimize`` value, ``optimize=0`` without weights, or
+            ``is_snapshot`` of the wrong length or without a snapshot.
     """
     if optimize not in OPTIMIZE_MODES:
         raise ValueError(f"optimize must be one of {OPTIMIZE_MODES}, got {optimize!r}")
@@ -111,6 +146,10 @@ def summarize(
     names = [str(n) for n in member_names]
     if len(names) != n_members:
         raise ValueError(f"member_names has {len(names)} names for {n_members} members")
+    snap = [True] * n_members if is_snapshot is None else [bool(b) for b in is_snapshot]
+    if len(snap) != n_members or not any(snap):
+        raise ValueError(f"is_snapshot must have {n_members} entries, at least one True, got {is_snapshot!r}")
+    snap_idx = [m for m in range(n_members) if snap[m]]
 
     has_val = val_member_probs is not None and val_labels is not None
     val_mp = val_y = None
@@ -135,7 +174,7 @@ def summarize(
 
     snapshots = []
     for m in range(n_members):
-        row = _row(names[m], test_mp[m], test_y)
+        row = _row(names[m], test_mp[m], test_y, snapshot=snap[m])
         if val_acc is not None:
             row["val_accuracy"] = val_acc[m]
         snapshots.append(row)
@@ -148,7 +187,7 @@ def summarize(
         top = max(range(n_members), key=lambda m: (val_acc[m], m))
         single_best = {**snapshots[top], "chosen_by": "validation accuracy"}
     else:
-        single_best = {**snapshots[-1], "chosen_by": "last snapshot (no validation split)"}
+        single_best = {**snapshots[snap_idx[-1]], "chosen_by": "last snapshot (no validation split)"}
         notes.append("no validation split: 'single best' is the last snapshot")
 
     equal = torch.full((n_members,), 1.0 / n_members, dtype=torch.float64)
@@ -191,7 +230,8 @@ def summarize(
     else:
         notes.append("no validation split: temperature not fitted")
 
-    curve = [float(e) for e in metrics.ensemble_size_curve(test_mp, test_y)]
+    # "last m snapshots": an extra member (the best model) is no snapshot and would shift every m by one.
+    curve = [float(e) for e in metrics.ensemble_size_curve(test_mp[snap_idx], test_y)]
     disagreement = metrics.pairwise_disagreement(test_mp).to(torch.float64)
     correlation = metrics.pairwise_correlation(test_mp).to(torch.float64)
 
@@ -206,12 +246,14 @@ def summarize(
         "optimize": optimize,
         "snapshots": snapshots,
         "single_best": single_best,
-        "last_snapshot": snapshots[-1],
+        "last_snapshot": snapshots[snap_idx[-1]],
         "ensemble_equal": ensemble_equal,
         "ensemble_weighted": ensemble_weighted,
         "ensemble_temperature": ensemble_temperature,
-        "ensemble_size_curve": {"m": list(range(1, n_members + 1)), "error": curve},
+        "ensemble_size_curve": {"m": list(range(1, len(snap_idx) + 1)), "error": curve,
+                                "members": [names[m] for m in snap_idx]},
         "diversity": {
+            "members": names,
             "disagreement": disagreement.tolist(),
             "correlation": correlation.tolist(),
             "mean_disagreement": _off_diagonal_mean(disagreement),
@@ -221,8 +263,15 @@ def summarize(
     }
 
 
+def _num(value: float | None, spec: str) -> str:
+    # None is how JSON stores a non-finite number (see json_safe).
+    return format(float("nan") if value is None else value, spec)
+
+
 def _table_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    rows = [(f"snapshot {i + 1} ({r['name']})", r) for i, r in enumerate(summary["snapshots"])]
+    # Members are labelled by name: with --last or --include-best, "snapshot k" would not be snapshot k.
+    rows = [(r["name"] if r.get("snapshot", True) else f"{r['name']} (ensemble member)", r)
+            for r in summary["snapshots"]]
     best = summary["single_best"]
     how = {"validation accuracy": ", by val accuracy", "best.safetensors": ""}.get(best["chosen_by"], ", no val split")
     rows.append((f"single best ({best['name']}{how})", best))
@@ -232,12 +281,15 @@ def _table_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         rows.append((summary["ensemble_weighted"]["name"], summary["ensemble_weighted"]))
     if summary.get("ensemble_temperature"):
         t = summary["ensemble_temperature"]
-        rows.append((f"ensemble + temperature (T={t['temperature']:.3f}, {t['base_weights']} weights)", t))
+        rows.append((f"ensemble + temperature (T={_num(t['temperature'], '.3f')}, {t['base_weights']} weights)", t))
     return rows
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """Render a :func:`summarize` dict as a fixed-width table, the ensemble-size curve and the diversity means."""
+    """Render a :func:`summarize` dict as a fixed-width table, the ensemble-size curve and the diversity means.
+
+    Accepts the dict as returned or as read back from JSON (non-finite numbers as ``None``, shown as ``nan``).
+    """
     rows = _table_rows(summary)
     width = max(len(label) for label, _ in rows)
     header = f"{'':<{width}}" + "".join(f"{title:>9}" for _, title, _ in _METRIC_COLUMNS)
@@ -247,19 +299,19 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"{summary['num_members']} members ({chosen})",
              header, "-" * len(header)]
     for label, row in rows:
-        cells = "".join(" " + fmt.format(row[key]) for key, _, fmt in _METRIC_COLUMNS)
+        cells = "".join(" " + _num(row[key], spec) for key, _, spec in _METRIC_COLUMNS)
         lines.append(f"{label:<{width}}{cells}")
     curve = summary["ensemble_size_curve"]
     lines.append("")
     lines.append("Error % of the ensemble of the last m snapshots (equal weights):")
-    lines.append("  " + "  ".join(f"m={m}: {e:.2f}" for m, e in zip(curve["m"], curve["error"])))
+    lines.append("  " + "  ".join(f"m={m}: {_num(e, '.2f')}" for m, e in zip(curve["m"], curve["error"])))
     div = summary["diversity"]
     if div["mean_disagreement"] is not None:
-        lines.append(f"Diversity (test, mean over member pairs): disagreement {div['mean_disagreement']:.4f}, "
-                     f"correlation {div['mean_correlation']:.4f}")
+        lines.append(f"Diversity (test, mean over member pairs): disagreement {_num(div['mean_disagreement'], '.4f')}"
+                     f", correlation {_num(div['mean_correlation'], '.4f')}")
     weighted = summary.get("ensemble_weighted")
     if weighted:
-        lines.append(f"Weights ({weighted['source']}): " + ", ".join(f"{w:.3f}" for w in weighted["weights"]))
+        lines.append(f"Weights ({weighted['source']}): " + ", ".join(_num(w, ".3f") for w in weighted["weights"]))
     for note in summary.get("notes", []):
         lines.append(f"Note: {note}")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ at exactly 0 and the first slightly below ``lr0``. We follow Eq. 2; the differen
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 import torch
@@ -34,10 +35,11 @@ __all__ = [
     "cosine_snapshot_lr",
     "step_decay_lr",
     "seed_epoch_lr",
-    "steps_from_epochs",
     "SnapshotLR",
     "StepDecayLR",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def _check_budget(total_steps: int, n_cycles: int) -> None:
@@ -55,13 +57,6 @@ def _check_lrs(lr_max: float, lr_min: float) -> None:
         raise ValueError(f"Expected a finite lr_min >= 0, but got {lr_min!r}")
     if not math.isfinite(lr_max) or lr_max <= lr_min:
         raise ValueError(f"Expected a finite lr_max > lr_min ({lr_min!r}), but got {lr_max!r}")
-
-
-def steps_from_epochs(epochs: int, steps_per_epoch: int) -> int:
-    """Convert an epoch budget into optimizer steps, once: ``T = epochs * steps_per_epoch``."""
-    if epochs < 1 or steps_per_epoch < 1:
-        raise ValueError(f"Expected positive epochs and steps_per_epoch, but got {epochs!r} and {steps_per_epoch!r}")
-    return epochs * steps_per_epoch
 
 
 def cycle_lengths(total_steps: int, n_cycles: int) -> list[int]:
@@ -240,6 +235,10 @@ class SnapshotLR(_StepwiseLR):
         self.n_cycles = n_cycles
         self.lr_min = lr_min
         self._bounds = cycle_bounds(total_steps, n_cycles)
+        if total_steps // n_cycles < 2:
+            # A one-step cycle runs its only step at the peak: its snapshot is never annealed.
+            logger.warning("%d steps for %d cycles leaves cycles of one step, whose snapshots are taken at the "
+                           "peak learning rate; use a larger budget or fewer cycles", total_steps, n_cycles)
         super().__init__(optimizer, total_steps, last_step)
 
     def _lr_at(self, step: int, peak: float) -> float:
@@ -303,4 +302,5 @@ class StepDecayLR(_StepwiseLR):
 
     @property
     def snapshot_steps(self) -> list[int]:
+        """0-based steps after which the cyclic schedule would take its ``M`` snapshots (:func:`cycle_bounds`)."""
         return list(self._bounds)

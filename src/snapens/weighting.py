@@ -110,16 +110,20 @@ def validate_weights(weights: Any, n_members: int) -> Tensor:
     Raises:
         ValueError: wrong length, non-finite, negative, or not summing to 1 within ``1e-6``.
     """
-    w = _as_tensor(weights, "weights").detach().to("cpu", torch.float64)
+    try:
+        w = _as_tensor(weights, "weights").detach().to("cpu", torch.float64)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"Expected weights as numbers, but got {weights!r}") from exc
     if w.ndim != 1 or w.shape[0] != n_members:
-        raise ValueError(f"Expected {n_members} weights (one per member), but got shape {tuple(w.shape)}")
+        raise ValueError(f"Expected {n_members} weights (one per member: length M={n_members}), but got shape "
+                         f"{tuple(w.shape)}: {w.tolist()}")
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"Expected finite weights, but got {w.tolist()}")
     if bool((w < 0).any()):
         raise ValueError(f"Expected weights >= 0, but got {w.tolist()}")
     total = float(w.sum())
     if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"Expected weights summing to 1 (within 1e-6), but they sum to {total!r}: {w.tolist()}")
+        raise ValueError(f"Expected weights that sum to 1 (within 1e-6), but they sum to {total!r}: {w.tolist()}")
     return w
 
 

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import snapens
 
@@ -21,22 +22,39 @@ class CLIError(Exception):
 
 
 def fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    """Print ``snapens: error: <message>`` as one line on stderr and return the exit code 2."""
+    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"{PROG}: error: {first_line}", file=sys.stderr)
     return 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit 2), like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        sub = self.prog.removeprefix(PROG).strip()
+        fail(f"{sub}: {message}" if sub else message)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``snapens`` parser with every subcommand registered."""
     from snapens.cli import evaluate, export, plot, reproduce, train
 
-    parser = argparse.ArgumentParser(prog=PROG, description=snapens.__doc__)
+    parser = _Parser(prog=PROG, description=snapens.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"{PROG} {snapens.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for module in (train, evaluate, plot, export, reproduce):
         module.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``snapens`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code.
+
+    User errors (``CLIError``, ``ValueError``, ``OSError``) become one line ``snapens: error: ...`` and exit code 2;
+    set ``SNAPENS_DEBUG=1`` to see the traceback instead.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -46,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as exc:
+    except (CLIError, ValueError, OSError) as exc:
         if os.environ.get("SNAPENS_DEBUG"):
             raise
         return fail(str(exc) or type(exc).__name__)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import torch
 from snapens.cli import CLIError
 
 __all__ = [
-    "evaluate_run", "read_run_info", "load_run_dataset", "load_saved_weights", "make_loader", "register", "run",
+    "REQUIRED_KEYS", "evaluate_run", "read_run_info", "load_run_dataset", "load_saved_weights", "make_loader",
+    "register", "run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -28,8 +30,47 @@ WEIGHTS_FILE = "ensemble_weights.json"
 SUMMARY_FILE = "summary.json"
 
 
+#: Entries of config.json that evaluate, plot and export read: ``section -> keys``.
+REQUIRED_KEYS = {
+    "config": ("dataset", "seed", "val_size", "batch_size", "epochs", "snapshots", "lr", "schedule"),
+    "model": ("name", "kwargs"),
+    "dataset": ("classes", "num_train", "num_val", "num_test", "mean", "std"),
+}
+
+
+def _check_run_info(info: Any, path: Path) -> None:
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} is not a snapens run config: expected a JSON object")
+    for section, keys in REQUIRED_KEYS.items():
+        block = info.get(section)
+        if not isinstance(block, dict):
+            raise ValueError(f"{path} is not a complete snapens run config: the {section!r} entry is missing")
+        for key in keys:
+            if key not in block:
+                raise ValueError(f"{path} is not a complete snapens run config: {section}.{key} is missing")
+    ds = info["dataset"]
+    for key in ("mean", "std"):
+        value = ds[key]
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{path}: dataset.{key} must be a list of numbers, got {value!r}")
+    for key in ("num_train", "num_val", "num_test"):
+        if isinstance(ds[key], bool) or not isinstance(ds[key], int) or ds[key] < 0:
+            raise ValueError(f"{path}: dataset.{key} must be a non-negative integer, got {ds[key]!r}")
+    if not isinstance(ds["classes"], list):
+        raise ValueError(f"{path}: dataset.classes must be a list, got {ds['classes']!r}")
+    if not isinstance(info["model"]["kwargs"], dict):
+        raise ValueError(f"{path}: model.kwargs must be an object, got {info['model']['kwargs']!r}")
+
+
 def read_run_info(run_dir: Path) -> dict[str, Any]:
-    """Read ``run_dir/config.json``; a clear ``CLIError`` when the folder is not a snapens run."""
+    """Read and check ``run_dir/config.json`` (the entries in :data:`REQUIRED_KEYS`).
+
+    Raises:
+        CLIError: the folder does not exist, is not a snapens run, or config.json cannot be read.
+        ValueError: config.json lacks an entry or holds one of the wrong type (the message names the file and
+            the entry).
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CLIError(f"{run_dir} is not a directory")
@@ -40,17 +81,8 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
         info = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CLIError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(info, dict) or not isinstance(info.get("config"), dict) or not isinstance(
-            info.get("model"), dict):
-        raise CLIError(f"{path} is not a snapens run config (expected 'config' and 'model' entries)")
+    _check_run_info(info, path)
     return info
-
-
-def resolve_device(device: str) -> str:
-    """``"auto"`` becomes ``"cuda"`` when available, else ``"cpu"``; anything else is passed through."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def load_saved_weights(run_dir: Path, member_names: list[str], *, flag: str = "--optimize 0") -> torch.Tensor:
@@ -71,21 +103,53 @@ def load_saved_weights(run_dir: Path, member_names: list[str], *, flag: str = "-
     return torch.tensor(weights, dtype=torch.float64)
 
 
-def load_run_dataset(info: dict[str, Any]) -> Any:
-    """The run's dataset, split exactly as in training (same dataset, data_dir, val_size and seed)."""
+def _short(names: list[Any]) -> str:
+    shown = ", ".join(str(n) for n in names[:5])
+    return f"[{shown}{', ...' if len(names) > 5 else ''}] ({len(names)} classes)"
+
+
+def load_run_dataset(info: dict[str, Any], *, data_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The run's dataset, split exactly as in training (same dataset, val_size and seed), checked against it.
+
+    Args:
+        info: the run's config.json (:func:`read_run_info`).
+        data_dir: where the dataset lives now, overriding the ``data_dir`` stored in config.json (for a run
+            moved to another machine). A relative folder is relative to the current directory.
+
+    Raises:
+        ValueError: the dataset found has other split sizes or classes than the one the run was trained on
+            (config.json's ``dataset`` entry): another dataset, or the same one changed.
+        FileNotFoundError: the dataset's files are missing.
+    """
     from snapens.data import load_dataset
 
     cfg = info["config"]
-    return load_dataset(cfg["dataset"], data_dir=cfg.get("data_dir"), download=bool(cfg.get("download", False)),
-                        val_size=cfg.get("val_size"), seed=int(cfg.get("seed", 0)))
+    root = data_dir if data_dir is not None else cfg.get("data_dir")
+    where = f"at {root}" if root is not None else "(default location)"
+    hint = "pass --data-dir with the folder the run was trained on"
+    try:
+        data = load_dataset(cfg["dataset"], data_dir=root, download=bool(cfg.get("download", False)),
+                            val_size=cfg["val_size"], seed=int(cfg["seed"]))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc} (the run's dataset {cfg['dataset']!r} {where}; {hint})") from exc
+    trained = info["dataset"]
+    for split in ("train", "val", "test"):
+        now, then = len(getattr(data, split)), trained[f"num_{split}"]
+        if now != then:
+            raise ValueError(f"the {cfg['dataset']} dataset {where} now has {now} {split} images, but the run was "
+                             f"trained with {then}; {hint}")
+    if list(data.classes) != list(trained["classes"]):
+        raise ValueError(f"the {cfg['dataset']} dataset {where} now has classes {_short(list(data.classes))}, but "
+                         f"the run was trained with {_short(list(trained['classes']))}; {hint}")
+    return data
 
 
-def make_loader(split: Any, info: dict[str, Any], device: str) -> Any:
+def make_loader(split: Any, info: dict[str, Any], device: str | torch.device) -> Any:
     """Evaluation batches of ``split``: in order, no augmentation, normalised with the run's mean and std."""
     from snapens.data import BatchLoader
 
-    ds = info.get("dataset", {})
-    return BatchLoader(split, batch_size=max(256, int(info["config"].get("batch_size", 64))), shuffle=False,
+    ds = info["dataset"]
+    return BatchLoader(split, batch_size=max(256, int(info["config"]["batch_size"])), shuffle=False,
                        augment=None, mean=tuple(ds["mean"]), std=tuple(ds["std"]), device=device)
 
 
@@ -103,7 +167,8 @@ def evaluate_run(
     last: int | None = None,
     include_best: bool = False,
     optimize: int = 1,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
+    data_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run folder's snapshot ensemble and write ``summary.json`` (see :func:`snapens.report.summarize`).
@@ -114,68 +179,67 @@ def evaluate_run(
         include_best: add ``best.safetensors`` to the ensemble as a member.
         optimize: ``-1`` equal weights only, ``1`` fit weights on validation and save them to
             ``ensemble_weights.json``, ``0`` use the saved weights.
-        device: ``"cpu"``, ``"cuda"``, ``"auto"``...
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``... (checked by :func:`snapens.engine.resolve_device`).
+        data_dir: where the dataset lives now, instead of the ``data_dir`` stored in config.json.
         progress: show progress bars on stderr.
 
     Returns:
-        The summary dict, with a ``"run"`` entry naming the run folder and the evaluation options.
+        The summary as written to ``summary.json`` (non-finite numbers as ``None``), with a ``"run"`` entry naming
+        the run folder and the evaluation options.
+
+    Raises:
+        ValueError: a bad option or device, an incomplete config.json, missing or corrupt snapshots
+            (:class:`snapens.checkpoint.SnapshotError`, naming the file), or a dataset that is not the one
+            the run was trained on.
     """
-    from snapens import report
-    from snapens.checkpoint import SnapshotStore, atomic_write_json, load_weights
+    from snapens import metrics, report
+    from snapens.checkpoint import atomic_write_json, atomic_write_text
+    from snapens.engine import resolve_device
     from snapens.ensemble import SnapshotEnsemble
     from snapens.models import build_model
 
     run_dir = Path(run_dir)
     if optimize not in report.OPTIMIZE_MODES:
         raise CLIError(f"--optimize must be one of -1, 0, 1, got {optimize!r}")
+    device = resolve_device(device)
     info = read_run_info(run_dir)
     cfg = info["config"]
-    entries = SnapshotStore(run_dir / "snapshots").list() if (run_dir / "snapshots").is_dir() else []
-    if not entries:
-        raise CLIError(f"{run_dir} has no snapshots (expected {run_dir / 'snapshots' / 'manifest.json'})")
-    if last is not None and not 1 <= last <= len(entries):
-        raise CLIError(f"--last must be between 1 and the number of snapshots ({len(entries)}), got {last}")
-    best_path = run_dir / "best.safetensors"
-    if include_best and not best_path.is_file():
-        raise CLIError(f"--include-best: {best_path} does not exist")
-    device = resolve_device(device)
 
-    ensemble = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=include_best, device=device)
-    names = [Path(n).stem for n in ensemble.member_names]
+    # best.safetensors, when there is one, is loaded once as member 0: it gives the "single best" row and,
+    # with include_best, is also an ensemble member. from_run checks --last and the files.
+    has_best = include_best or (run_dir / "best.safetensors").is_file()
+    loaded = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=has_best, device=device)
+    all_names = [Path(n).stem for n in loaded.member_names]
+    first = 1 if has_best and not include_best else 0  # members of the evaluated ensemble: loaded[first:]
+    names = all_names[first:]
     weights = load_saved_weights(run_dir, names) if optimize == 0 else None
-    data = load_run_dataset(info)
+    data = load_run_dataset(info, data_dir=data_dir)
 
     has_val = len(data.val) > 0
-    val_mp = ensemble.member_probs(_with_progress(make_loader(data.val, info, device), "validation", progress)) \
+    val_mp = loaded.member_probs(_with_progress(make_loader(data.val, info, device), "validation", progress)) \
         if has_val else None
-    test_mp = ensemble.member_probs(_with_progress(make_loader(data.test, info, device), "test", progress))
+    test_mp = loaded.member_probs(_with_progress(make_loader(data.test, info, device), "test", progress))
+    best_test = test_mp[0] if has_best else None
+    best_val_acc = float(metrics.accuracy(val_mp[0], data.val.labels)) if has_best and val_mp is not None else None
 
-    best_test = best_val_acc = None
-    if best_path.is_file():
-        state, meta = load_weights(best_path)
-        arch = entries[-1]
-        best = SnapshotEnsemble(lambda: build_model(arch.model_name, **arch.model_kwargs), [state],
-                                names=[str(best_path)])
-        best_test = best.to(device).predict_proba(make_loader(data.test, info, device))
-        best_val_acc = meta.get("val_acc") if isinstance(meta, dict) else None
-
-    summary = report.summarize(val_mp, data.val.labels if has_val else None, test_mp, data.test.labels,
-                               member_names=names, best_test_probs=best_test,
-                               best_val_acc=None if best_val_acc is None else float(best_val_acc),
-                               weights=weights, optimize=optimize)
+    summary = report.summarize(val_mp[first:] if val_mp is not None else None, data.val.labels if has_val else None,
+                               test_mp[first:], data.test.labels, member_names=names, best_test_probs=best_test,
+                               best_val_acc=best_val_acc, weights=weights, optimize=optimize,
+                               is_snapshot=[not (include_best and m == 0) for m in range(len(names))])
     summary["run"] = {"run_dir": str(run_dir), "last": last, "include_best": include_best,
-                      "dataset": cfg["dataset"], "model": info["model"].get("name"),
-                      "schedule": cfg.get("schedule"), "epochs": cfg.get("epochs"), "lr": cfg.get("lr")}
-    atomic_write_json(run_dir / SUMMARY_FILE, summary)
+                      "dataset": cfg["dataset"], "model": info["model"]["name"],
+                      "schedule": cfg["schedule"], "epochs": cfg["epochs"], "lr": cfg["lr"]}
+    atomic_write_text(run_dir / SUMMARY_FILE, report.to_json(summary) + "\n")
     if optimize == 1 and summary["ensemble_weighted"] is not None:
         atomic_write_json(run_dir / WEIGHTS_FILE, {
             "format_version": 1, "method": "nll", "fitted_on": "validation", "members": names,
             "weights": summary["ensemble_weighted"]["weights"]})
     logger.info("wrote %s", run_dir / SUMMARY_FILE)
-    return summary
+    return report.json_safe(summary)
 
 
 def register(subparsers: Any) -> None:
+    """Add the ``evaluate`` subcommand to ``subparsers``."""
     p = subparsers.add_parser(
         "evaluate", help="evaluate a run's snapshot ensemble on the test split",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,24 +253,28 @@ def register(subparsers: Any) -> None:
                    help="accepted for compatibility with the old predict script and ignored: the NLL fit is "
                         "convex, one exact solve replaces the random restarts")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="where the dataset is now, instead of the data_dir stored in config.json (for a run "
+                        "moved to another machine)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes (results are still printed)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``snapens evaluate``: evaluate, write summary.json, print the table (or the JSON); returns 0."""
     from snapens.cli._common import configure_logging, progress_enabled
 
     configure_logging(args.quiet)
-    from snapens.report import format_summary
+    from snapens.report import format_summary, to_json
 
     if args.num_tests is not None:
         logger.info("note: --num_tests %d is ignored: the NLL weight fit is convex, one exact solve replaces the "
                     "random restarts", args.num_tests)
     summary = evaluate_run(args.run_dir, last=args.last, include_best=args.include_best, optimize=args.optimize,
-                           device=args.device, progress=progress_enabled(args.quiet))
+                           device=args.device, data_dir=args.data_dir, progress=progress_enabled(args.quiet))
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(to_json(summary))
     else:
         print(format_summary(summary))
     return 0

@@ -6,11 +6,11 @@ ensemble's probabilities ``[N, num_classes]`` = sum_m w_m softmax(f_m(x)): the s
 ``snapens evaluate``. The weights are equal (the paper), or with ``--weights fitted`` the ones saved in
 RUN_DIR/ensemble_weights.json by ``snapens evaluate --optimize 1``.
 
-Loading:
-  --format torchscript (.pt):   module = torch.jit.load("ens.pt"); probs = module(x)
+Formats (the default follows OUT's suffix: .pt is torchscript, anything else export):
   --format export (.pt2):       program = torch.export.load("ens.pt2"); probs = program.module()(x)
-TorchScript is deprecated by PyTorch (it still loads, also from C++ with libtorch); prefer --format export for
-new deployments. Both files accept any batch size N.
+  --format torchscript (.pt):   module = torch.jit.load("ens.pt"); probs = module(x)
+TorchScript is deprecated by PyTorch (it still loads, also from C++ with libtorch); it is kept for existing
+deployments. Both files accept any batch size N.
 
 Both files carry a JSON description (members, weights, classes, mean, std, input shape) as the extra file
 "snapens.json": torch.jit.load(path, _extra_files=d) or torch.export.load(path, extra_files=d) with
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -32,7 +33,8 @@ from torch import Tensor, nn
 
 from snapens.cli import CLIError
 
-__all__ = ["FORMATS", "EXTRA_FILE", "NormalizedEnsemble", "export_run", "load_exported", "register", "run"]
+__all__ = ["FORMATS", "EXTRA_FILE", "NormalizedEnsemble", "default_format", "export_run", "load_exported",
+           "register", "run"]
 
 FORMATS = {"torchscript": ".pt", "export": ".pt2"}
 EXTRA_FILE = "snapens.json"
@@ -79,24 +81,32 @@ def load_exported(path: Path) -> tuple[Any, dict[str, Any]]:
     return module, json.loads(extra[EXTRA_FILE] or "{}")
 
 
+def default_format(out: Path) -> str:
+    """The format an output file's suffix asks for: ``"torchscript"`` for ``.pt``, else ``"export"``."""
+    return "torchscript" if Path(out).suffix == FORMATS["torchscript"] else "export"
+
+
 def export_run(
     run_dir: Path,
     out: Path,
     *,
-    fmt: str = "torchscript",
+    fmt: str | None = None,
     weights: str = "equal",
     last: int | None = None,
     include_best: bool = False,
+    data_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Export a run's snapshot ensemble (on CPU, float32) to ``out`` and check the file against the ensemble.
 
     Args:
         run_dir: a folder written by ``snapens train``.
         out: the file to write (atomically).
-        fmt: ``"torchscript"`` (``torch.jit.trace``) or ``"export"`` (``torch.export``).
+        fmt: ``"export"`` (``torch.export``) or ``"torchscript"`` (``torch.jit.trace``, deprecated by
+            PyTorch); ``None`` = :func:`default_format` of ``out``.
         weights: ``"equal"`` or ``"fitted"`` (from ``run_dir/ensemble_weights.json``).
         last: only the last ``m`` snapshots.
         include_best: add ``best.safetensors`` as a member.
+        data_dir: where the dataset is now, instead of the ``data_dir`` stored in config.json.
 
     Returns:
         The description stored in the file, plus ``"max_abs_diff"``: the largest difference between the reloaded
@@ -107,6 +117,8 @@ def export_run(
     from snapens.ensemble import SnapshotEnsemble
     from snapens.models import build_model
 
+    if fmt is None:
+        fmt = default_format(out)
     if fmt not in FORMATS:
         raise CLIError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if weights not in ("equal", "fitted"):
@@ -122,12 +134,10 @@ def export_run(
     if weights == "fitted":
         ensemble.set_weights(load_saved_weights(run_dir, names, flag="--weights fitted"))
 
-    data = load_run_dataset(info)
+    data = load_run_dataset(info, data_dir=data_dir)
     batch = data.test.subset(torch.arange(min(_EXAMPLE_BATCH, len(data.test))))
     example = batch.images.float() / 255.0
-    ds = info.get("dataset", {})
-    mean = tuple(ds.get("mean", data.mean))
-    std = tuple(ds.get("std", data.std))
+    mean, std = tuple(info["dataset"]["mean"]), tuple(info["dataset"]["std"])
     module = NormalizedEnsemble(ensemble.materialize(), mean, std).eval()
     description = {
         "format_version": 1, "format": fmt, "run_dir": str(run_dir), "members": names,
@@ -150,27 +160,32 @@ def export_run(
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("export", help="export the ensemble as one TorchScript or torch.export file",
+    """Add the ``export`` subcommand to ``subparsers``."""
+    p = subparsers.add_parser("export", help="export the ensemble as one torch.export (or TorchScript) file",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a folder written by `snapens train`")
-    p.add_argument("out", type=Path, metavar="OUT", help="the file to write (.pt for torchscript, .pt2 for export)")
-    p.add_argument("--format", dest="fmt", choices=tuple(FORMATS), default="torchscript",
-                   help="torchscript: torch.jit.trace, load with torch.jit.load; export: torch.export, load with "
-                        "torch.export.load(...).module() (default: torchscript)")
+    p.add_argument("out", type=Path, metavar="OUT", help="the file to write (.pt2 for export, .pt for torchscript)")
+    p.add_argument("--format", dest="fmt", choices=tuple(FORMATS), default=None,
+                   help="export: torch.export, load with torch.export.load(...).module(); torchscript: "
+                        "torch.jit.trace (deprecated by PyTorch), load with torch.jit.load (default: torchscript "
+                        "when OUT ends in .pt, else export)")
     p.add_argument("--weights", choices=("equal", "fitted"), default="equal",
                    help="equal weights (the paper) or the ones fitted by `snapens evaluate --optimize 1`")
     p.add_argument("--last", type=int, default=None, metavar="M", help="export only the last M snapshots")
     p.add_argument("--include-best", action="store_true", help="add best.safetensors as a member")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="where the dataset is now, instead of the data_dir stored in config.json")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``snapens export``: write OUT, check it against the ensemble, print one line; returns 0."""
     from snapens.cli._common import configure_logging
 
     configure_logging(args.quiet)
     result = export_run(args.run_dir, args.out, fmt=args.fmt, weights=args.weights, last=args.last,
-                        include_best=args.include_best)
+                        include_best=args.include_best, data_dir=args.data_dir)
     if not args.quiet:
         print(f"wrote {args.out}: {len(result['members'])} members, {result['weights_source']} weights, input "
               f"{result['input_shape']}, checked against the ensemble (max |diff| {result['max_abs_diff']:.1e})",

@@ -4,7 +4,8 @@
 - ``training_curves.png``: train / validation loss and accuracy per epoch (from metrics.csv);
 - ``ensemble_size.png``: test error of the ensemble of the last m snapshots, m = 1..M (from summary.json; the
   run is evaluated first when it has none);
-- ``snapshot_correlation.png``: correlation of the snapshots' test predictions (from summary.json).
+- ``snapshot_correlation.png``: correlation of the ensemble members' test predictions, labelled by member
+  name (from summary.json).
 
 Needs matplotlib: ``pip install snapshot-ensembles[plot]``.
 """
@@ -17,12 +18,13 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from snapens.cli import CLIError
 
-__all__ = ["PLOT_FILES", "plot_run", "lr_curve", "read_metrics_csv", "register", "run"]
+__all__ = ["PLOT_FILES", "plot_run", "lr_curve", "read_metrics_csv", "correlation_labels", "register", "run"]
 
 PLOT_FILES = ("lr_schedule.png", "training_curves.png", "ensemble_size.png", "snapshot_correlation.png")
 
@@ -117,11 +119,16 @@ def _plot_curves(plt: Any, rows: list[dict[str, float | None]], out: Path) -> No
     plt.close(fig)
 
 
+def _nan(value: float | None) -> float:
+    # summary.json stores a non-finite number as null
+    return float("nan") if value is None else float(value)
+
+
 def _plot_size(plt: Any, summary: dict[str, Any], out: Path) -> None:
     curve = summary["ensemble_size_curve"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(curve["m"], curve["error"], marker="o", label="ensemble of the last m snapshots")
-    ax.axhline(summary["single_best"]["error"], color="C3", ls="--", label="single best")
+    ax.plot(curve["m"], [_nan(e) for e in curve["error"]], marker="o", label="ensemble of the last m snapshots")
+    ax.axhline(_nan(summary["single_best"]["error"]), color="C3", ls="--", label="single best")
     ax.set(xlabel="ensemble size m", ylabel="test error (%)", xticks=curve["m"], title="error vs ensemble size")
     ax.legend()
     _save(fig, out)
@@ -129,28 +136,48 @@ def _plot_size(plt: Any, summary: dict[str, Any], out: Path) -> None:
 
 
 def _plot_correlation(plt: Any, summary: dict[str, Any], out: Path) -> None:
-    corr = summary["diversity"]["correlation"]
-    names = summary["member_names"]
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.7 * len(names)), max(3.8, 1.0 + 0.7 * len(names))))
-    im = ax.imshow(corr, vmin=min(min(r) for r in corr), vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(len(names)), [str(i + 1) for i in range(len(names))])
-    ax.set_yticks(range(len(names)), [str(i + 1) for i in range(len(names))])
+    corr = [[_nan(v) for v in row] for row in summary["diversity"]["correlation"]]
+    names = correlation_labels(summary)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.8 * len(names)), max(3.8, 1.2 + 0.8 * len(names))))
+    finite = [v for row in corr for v in row if math.isfinite(v)]
+    im = ax.imshow(corr, vmin=min(finite, default=0.0), vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
     for i, row in enumerate(corr):
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.9 else "k")
-    ax.set(xlabel="snapshot", ylabel="snapshot", title="snapshot correlation (test)")
+    ax.set(xlabel="member", ylabel="member", title="correlation of member predictions (test)")
     fig.colorbar(im, ax=ax)
     _save(fig, out)
     plt.close(fig)
 
 
-def plot_run(run_dir: Path, *, device: str = "cpu", progress: bool = False) -> list[Path]:
+def correlation_labels(summary: dict[str, Any]) -> list[str]:
+    """The names of the rows (and columns) of the summary's diversity matrices, in order."""
+    return [str(n) for n in summary["diversity"].get("members", summary["member_names"])]
+
+
+def plot_run(
+    run_dir: Path,
+    *,
+    device: str = "cpu",
+    data_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+    announce: Callable[[str], None] | None = None,
+) -> list[Path]:
     """Write the four PNGs of a run into ``run_dir/plots/`` and return their paths.
 
-    Evaluates the run first (:func:`snapens.cli.evaluate.evaluate_run`) when it has no ``summary.json``.
+    Evaluates the run first (:func:`snapens.cli.evaluate.evaluate_run`, on ``device`` with the dataset at
+    ``data_dir``) when it has no ``summary.json``; ``announce`` then receives a note saying so, once the device,
+    matplotlib and the run folder (config.json, metrics.csv) have been checked.
+
+    Raises:
+        CLIError / ValueError: no matplotlib, a bad device, or not a complete run folder.
     """
     from snapens.cli.evaluate import SUMMARY_FILE, evaluate_run, read_run_info
+    from snapens.engine import resolve_device
 
+    dev = resolve_device(device)
     plt = _pyplot()
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
@@ -160,9 +187,14 @@ def plot_run(run_dir: Path, *, device: str = "cpu", progress: bool = False) -> l
     rows = read_metrics_csv(metrics_path)
     summary_path = run_dir / SUMMARY_FILE
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CLIError(f"cannot read {summary_path}: {exc}; delete it to evaluate the run again") from exc
     else:
-        summary = evaluate_run(run_dir, device=device, progress=progress)
+        if announce is not None:
+            announce(f"{run_dir} has no {SUMMARY_FILE}: evaluating it first")
+        summary = evaluate_run(run_dir, device=dev, data_dir=data_dir, progress=progress)
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
     paths = [out_dir / name for name in PLOT_FILES]
@@ -174,24 +206,25 @@ def plot_run(run_dir: Path, *, device: str = "cpu", progress: bool = False) -> l
 
 
 def register(subparsers: Any) -> None:
+    """Add the ``plot`` subcommand to ``subparsers``."""
     p = subparsers.add_parser("plot", help="plot a run's schedule, curves, ensemble size and diversity",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a folder written by `snapens train`")
     p.add_argument("--device", default="auto", help="device for evaluating a run without summary.json")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="where the dataset is now, for evaluating a run without summary.json (see evaluate)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``snapens plot``: write the PNGs (evaluating the run first if needed) and print their paths."""
     from snapens.cli._common import configure_logging, progress_enabled
 
     configure_logging(args.quiet)
-    from snapens.cli.evaluate import resolve_device
-
-    if not (Path(args.run_dir) / "summary.json").is_file() and not args.quiet:
-        print(f"{args.run_dir} has no summary.json: evaluating it first", file=sys.stderr)
-    paths = plot_run(args.run_dir, device=resolve_device(args.device),
-                     progress=progress_enabled(args.quiet))
+    announce = None if args.quiet else (lambda note: print(note, file=sys.stderr))
+    paths = plot_run(args.run_dir, device=args.device, data_dir=args.data_dir,
+                     progress=progress_enabled(args.quiet), announce=announce)
     if not args.quiet:
         for path in paths:
             print(path)

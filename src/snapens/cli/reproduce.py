@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -78,6 +77,11 @@ def paper_errors(model: str, dataset: str, lr: float) -> dict[str, float | None]
     return out
 
 
+def _float(value: float | None) -> float:
+    # summaries store a non-finite number (a diverged run) as None; it stays NaN through mean and std
+    return float("nan") if value is None else float(value)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     # Sample standard deviation over seeds (0 for a single seed).
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -102,11 +106,13 @@ def reproduce(
         progress: progress bars.
 
     Returns:
-        The content of ``reproduce.json``: per row the test errors (%) per seed, mean, std and the paper's number.
+        The content of ``reproduce.json``: per row the test errors (%) per seed, mean, std and the paper's number
+        (non-finite numbers, from a diverged run, as ``None``).
     """
-    from snapens.checkpoint import atomic_write_json
+    from snapens.checkpoint import atomic_write_text
     from snapens.cli.evaluate import evaluate_run
     from snapens.cli.train import train_run
+    from snapens.report import json_safe, to_json
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise CLIError(f"--seeds must be a positive integer, got {seeds!r}")
@@ -131,8 +137,8 @@ def reproduce(
         picked = [r["summary"][entry] for r in runs if r["schedule"] == schedule]
         if any(p is None for p in picked):  # e.g. no validation split: no fitted weights
             continue
-        errors = [float(p["error"]) for p in picked]
-        nlls = [float(p["nll"]) for p in picked]
+        errors = [_float(p["error"]) for p in picked]
+        nlls = [_float(p["nll"]) for p in picked]
         mean, std = _mean_std(errors)
         rows.append({"key": key, "name": label, "schedule": schedule, "errors": errors, "nlls": nlls,
                      "mean": mean, "std": std, "nll_mean": statistics.fmean(nlls), "paper": paper[key]})
@@ -145,12 +151,13 @@ def reproduce(
         "paper_source": PAPER_SOURCE,
         "paper_has_setting": any(v is not None for v in paper.values()),
     }
-    atomic_write_json(out_dir / "reproduce.json", result)
-    return result
+    atomic_write_text(out_dir / "reproduce.json", to_json(result) + "\n")
+    return json_safe(result)
 
 
 def format_reproduce(result: dict[str, Any]) -> str:
-    """The reproduce table: our test error (mean +- std over seeds) next to the paper's."""
+    """The reproduce table: our test error (mean +- std over seeds) next to the paper's (``nan`` for a
+    number that is not finite, ``None`` in the JSON)."""
     cfg = result["config"]
     n = len(result["seeds"])
     lines = [f"Table 1 comparison: {cfg['model']} on {cfg['dataset']}, {cfg['epochs']} epochs, "
@@ -159,9 +166,10 @@ def format_reproduce(result: dict[str, Any]) -> str:
     ours = "test error %" + (" (mean +- std)" if n > 1 else "")
     lines.append(f"{'':<{width}}  {ours:>26}  {'NLL':>7}  {'paper':>6}")
     for r in result["rows"]:
-        value = f"{r['mean']:.2f} +- {r['std']:.2f}" if n > 1 else f"{r['mean']:.2f}"
+        mean, std, nll = _float(r["mean"]), _float(r["std"]), _float(r["nll_mean"])
+        value = f"{mean:.2f} +- {std:.2f}" if n > 1 else f"{mean:.2f}"
         paper = "-" if r["paper"] is None else f"{r['paper']:.2f}"
-        lines.append(f"{r['name']:<{width}}  {value:>26}  {r['nll_mean']:7.4f}  {paper:>6}")
+        lines.append(f"{r['name']:<{width}}  {value:>26}  {nll:7.4f}  {paper:>6}")
     if result["paper_has_setting"]:
         lines.append(f"paper: {result['paper_source']} (at the paper's full budget; '-' where it reports none)")
     else:
@@ -170,6 +178,7 @@ def format_reproduce(result: dict[str, Any]) -> str:
 
 
 def register(subparsers: Any) -> None:
+    """Add the ``reproduce`` subcommand to ``subparsers``."""
     from snapens.config import PRESETS, TrainConfig
 
     d = TrainConfig()
@@ -198,8 +207,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``snapens reproduce``: train and evaluate the runs, print the table (or the JSON); returns 0."""
     from snapens.cli._common import configure_logging, progress_enabled
     from snapens.config import resolve_config
+    from snapens.report import to_json
 
     configure_logging(args.quiet)
     config = resolve_config(args.preset, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
@@ -212,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     result = reproduce(config, out, seeds=args.seeds, with_single_cycle=args.with_single_cycle,
                        progress=progress_enabled(args.quiet))
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(to_json(result))
     else:
         print(format_reproduce(result))
         if not args.quiet:

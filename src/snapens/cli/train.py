@@ -11,7 +11,16 @@ The Keras implementation's flags still work: ``--M 5 --nb_epoch 200 --alpha_zero
 Exit codes: 0 done, 2 bad input, 130 SIGINT, 143 SIGTERM (both save a resumable state first; continue with
 ``snapens train --resume --run-dir RUN_DIR``).
 
-Multi-GPU: ``torchrun --nproc_per_node=N -m snapens train ...`` is not supported yet (one process per run).
+Several GPUs (or CPU processes): ``torchrun --nproc_per_node=N -m snapens train --run-dir RUN_DIR ...``
+(or ``python -m torch.distributed.run --nproc_per_node=N -m snapens train ...``) trains data-parallel, one
+process per GPU (NCCL, device ``cuda:LOCAL_RANK``) or, on CPUs, per process (gloo). ``--batch-size`` is per
+process: the global batch is batch_size x N, and the learning rate is not rescaled (pass --lr for that).
+Every process takes the same steps, so the schedule and the snapshots fall where they would in one process
+with the global batch. Rank 0 alone prints, validates (on the whole validation split) and writes the run
+folder; resuming reads its state.pt on every process, so RUN_DIR must be on a filesystem they share, and the
+run must be resumed with the same N. SIGINT/SIGTERM reach all processes (torchrun forwards them); they stop
+together within 10 steps and rank 0 saves the state. ``--sync-bn`` computes BatchNorm statistics over the
+global batch (CUDA only). The test evaluation at the end runs on rank 0.
 """
 
 from __future__ import annotations
@@ -28,16 +37,21 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from snapens import engine
 from snapens.checkpoint import atomic_write_json
 from snapens.cli import CLIError
 from snapens.cli._common import (
+    DistContext,
     build_loaders,
     configure_logging,
     default_run_dir,
+    distributed_session,
     environment_info,
     format_table,
+    launch_context,
+    process_device,
     progress_enabled,
     set_threads,
 )
@@ -76,7 +90,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--schedule", choices=SCHEDULES, help=f"(default: {d.schedule})")
     g.add_argument("--lr", type=float, help=f"restart learning rate lr0 (default: {d.lr})")
     g.add_argument("--lr-min", type=float, help=f"learning rate at the end of each cycle (default: {d.lr_min})")
-    g.add_argument("--batch-size", type=int, help=f"(default: {d.batch_size})")
+    g.add_argument("--batch-size", type=int,
+                   help=f"per process under torchrun: the global batch is this times the process count, the "
+                        f"LR is not rescaled (default: {d.batch_size})")
     g.add_argument("--momentum", type=float, help=f"(default: {d.momentum})")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
                    help=f"Nesterov momentum (default: {d.nesterov})")
@@ -92,6 +108,8 @@ def register(subparsers: Any) -> None:
     g.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False, default=None,
                    help="keep the NCHW memory format")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
+    g.add_argument("--sync-bn", action="store_true", default=None,
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
     g = p.add_argument_group("run folder")
     g.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/<dataset>-<model>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --run-dir")
@@ -165,7 +183,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return resolve_config(args.preset, **explicit_overrides(args))
 
 
-def _read_run_config(run_dir: Path) -> dict[str, Any]:
+def _read_run_info(run_dir: Path) -> dict[str, Any]:
     path = run_dir / CONFIG_FILE
     if not run_dir.is_dir():
         raise CLIError(f"cannot resume: {run_dir} is not a directory")
@@ -173,9 +191,25 @@ def _read_run_config(run_dir: Path) -> dict[str, Any]:
         raise CLIError(f"cannot resume: {run_dir} is not a snapens run folder ({CONFIG_FILE} is missing)")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-        return dict(info["config"])
+        info["config"] = dict(info["config"])
+        return info
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CLIError(f"cannot resume: {path} is unreadable: {exc}") from exc
+
+
+def _read_run_config(run_dir: Path) -> dict[str, Any]:
+    return _read_run_info(run_dir)["config"]
+
+
+def _sync_bn(args: argparse.Namespace) -> bool:
+    """``--sync-bn``; on resume the run's own setting (changing it would change what the run computes)."""
+    if not args.resume:
+        return bool(args.sync_bn)
+    saved = bool((_read_run_info(args.run_dir).get("distributed") or {}).get("sync_bn", False))
+    if args.sync_bn and not saved:
+        raise CLIError(f"--resume continues the run as configured in {args.run_dir / CONFIG_FILE}; "
+                       "do not change --sync-bn")
+    return saved
 
 
 def _seed_everything(seed: int) -> None:
@@ -185,11 +219,13 @@ def _seed_everything(seed: int) -> None:
 
 
 def run_header(cfg: TrainConfig, run_dir: Path, device: torch.device, precision: str, threads: int,
-               resume: bool = False) -> str:
+               resume: bool = False, world_size: int = 1) -> str:
     """The lines printed before training: what is trained, on what hardware, and where it goes."""
+    procs = (f", {world_size} processes (batch {cfg.batch_size} each, global batch {cfg.batch_size * world_size})"
+             if world_size > 1 else "")
     return (f"snapens train: {cfg.dataset}, {cfg.model}, {cfg.epochs} epochs, M={cfg.snapshots} snapshots "
             f"({cfg.schedule}, lr {cfg.lr:g} -> {cfg.lr_min:g}), batch {cfg.batch_size}, seed {cfg.seed}\n"
-            f"device {device}, precision {precision}, threads {threads}\n"
+            f"device {device}, precision {precision}, threads {threads}{procs}\n"
             f"run dir: {run_dir}{' (resuming)' if resume else ''}")
 
 
@@ -200,6 +236,8 @@ def train_run(
     resume: bool = False,
     progress: bool = True,
     announce: Callable[[str], None] | None = None,
+    dist_ctx: DistContext | None = None,
+    sync_bn: bool = False,
 ) -> Path:
     """Train one run described by ``cfg`` into ``run_dir`` (data, model, SGD, scheduler, :func:`engine.fit`).
 
@@ -207,13 +245,20 @@ def train_run(
     ``resume``), a finished or foreign run (with it), the device and precision, the dataset and the model.
     Writes ``config.json`` (the resolved config and the environment) before training starts.
 
+    Under torchrun (``dist_ctx.enabled``, inside :func:`~snapens.cli._common.distributed_session`) every rank
+    calls it with the same arguments: each trains on its shard of every global batch, a check failing on one
+    rank fails on all, rank 0 reads the dataset first (it may download it or write a cache) and alone
+    announces and writes files.
+
     Args:
-        cfg: the resolved configuration.
-        run_dir: the run folder.
+        cfg: the resolved configuration (``cfg.batch_size`` is per process).
+        run_dir: the run folder (the same on every rank).
         resume: continue the run in ``run_dir`` from its ``state.pt``.
-        progress: tqdm progress bars.
+        progress: tqdm progress bars (rank 0 only).
         announce: receives the run header (:func:`run_header`) once everything is validated; logged at INFO
-            when None.
+            when None. Rank 0 only.
+        dist_ctx: this process's place in a torchrun job; a single process when None.
+        sync_bn: with several processes, SyncBatchNorm (CUDA only).
 
     Returns:
         ``run_dir``.
@@ -224,33 +269,56 @@ def train_run(
         engine.NonFiniteLossError: the loss diverged.
     """
     from snapens.data import load_dataset
+    from snapens.data.loader import derive_seed
     from snapens.models import build_model
 
+    ctx = dist_ctx or DistContext()
+    if ctx.enabled and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"dist_ctx has world_size {ctx.world_size}, but no process group is initialised "
+                         "(use snapens.cli._common.distributed_session)")
     run_dir = Path(run_dir)
-    if resume:
-        _read_run_config(run_dir)
-        engine.read_resume_state(run_dir)  # finished or foreign -> ValueError, nothing touched
-    elif engine.run_exists(run_dir) or (run_dir / CONFIG_FILE).exists():
-        raise CLIError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-    device = engine.resolve_device(cfg.device)
-    precision = engine.resolve_precision(cfg.precision, device)
-    threads = set_threads(cfg.threads)
-    with torch.random.fork_rng(devices=[]):  # an unknown model name fails here, before the data is read
-        build_model(cfg.model, num_classes=10, in_channels=3, **cfg.model_kwargs)
-    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, val_size=cfg.val_size,
-                          seed=cfg.seed)
+    with engine.all_ranks_agree():
+        if resume:
+            _read_run_config(run_dir)
+            engine.read_resume_state(run_dir)  # finished or foreign -> ValueError, nothing touched
+        elif engine.run_exists(run_dir) or (run_dir / CONFIG_FILE).exists():
+            raise CLIError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+        device = process_device(cfg.device, ctx)
+        precision = engine.resolve_precision(cfg.precision, device)
+        threads = set_threads(cfg.threads)
+        with torch.random.fork_rng(devices=[]):  # an unknown model name fails here, before the data is read
+            build_model(cfg.model, num_classes=10, in_channels=3, **cfg.model_kwargs)
+
+    def load() -> Any:
+        return load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, val_size=cfg.val_size,
+                            seed=cfg.seed)
+
+    # Rank 0 reads the dataset first (it may download it or build a cache); the others wait, then read it.
+    splits = None
+    with engine.all_ranks_agree():
+        if ctx.is_main:
+            splits = load()
+    with engine.all_ranks_agree():
+        if splits is None:
+            splits = load()
     model_kwargs = {"num_classes": len(splits.classes), "in_channels": splits.in_channels, **cfg.model_kwargs}
     _seed_everything(cfg.seed)
     model = build_model(cfg.model, **model_kwargs)
-    train_loader, val_loader = build_loaders(cfg, splits, device)
+    if ctx.rank > 0:
+        # Each rank its own dropout stream (rank 0 keeps the single-process one); the initial weights are the
+        # same on every rank (built above from cfg.seed, and DDP broadcasts rank 0's anyway).
+        torch.manual_seed(derive_seed("rank", cfg.seed, ctx.rank))
+    train_loader, val_loader = build_loaders(cfg, splits, device, rank=ctx.rank, world_size=ctx.world_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    # len(train_loader) is batches per epoch *per rank*, the same on every rank: every rank takes T steps.
     scheduler = engine.make_scheduler(cfg.schedule, optimizer, total_steps=cfg.epochs * len(train_loader),
                                       n_cycles=cfg.snapshots, lr_min=cfg.lr_min)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    (announce or logger.info)(run_header(cfg, run_dir, device, precision, threads, resume))
-    if not resume:
+    if ctx.is_main:
+        (announce or logger.info)(run_header(cfg, run_dir, device, precision, threads, resume, ctx.world_size))
+    if ctx.is_main and not resume:
         atomic_write_json(run_dir / CONFIG_FILE, {
             "format_version": 1,
             "config": cfg.to_dict(),
@@ -258,7 +326,9 @@ def train_run(
             "dataset": {"name": splits.name, "classes": list(splits.classes), "num_train": len(splits.train),
                         "num_val": len(splits.val), "num_test": len(splits.test), "mean": list(splits.mean),
                         "std": list(splits.std)},
-            "environment": environment_info(device, precision),
+            "environment": environment_info(device, precision, ctx.world_size),
+            "distributed": {"world_size": ctx.world_size, "global_batch_size": cfg.batch_size * ctx.world_size,
+                            "sync_bn": bool(sync_bn and ctx.enabled)},
         })
     reinit = None
     if cfg.schedule == "single-cycle":
@@ -269,7 +339,8 @@ def train_run(
         run_dir=run_dir, model_name=cfg.model, model_kwargs=model_kwargs, val_loader=val_loader, device=device,
         precision=precision, channels_last=cfg.channels_last, compile=cfg.compile, reinit_factory=reinit,
         # Members k >= 1 of the single-cycle baseline use seeds 1000 * (seed + 1) + k: distinct across seeds.
-        reinit_seed=1000 * (cfg.seed + 1), resume=resume, progress=progress,
+        reinit_seed=1000 * (cfg.seed + 1), resume=resume, progress=progress and ctx.is_main,
+        sync_batchnorm=sync_bn,
     )
     return run_dir
 
@@ -303,28 +374,40 @@ def _print_presets() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``snapens train``."""
+    """Entry point of ``snapens train`` (one process, or every process of a torchrun job)."""
     if args.list_presets:
         _print_presets()
         return 0
-    configure_logging(args.quiet)
+    ctx = launch_context()
+    configure_logging(args.quiet, rank=ctx.rank)
     cfg = _resume_config(args) if args.resume else config_from_args(args)
-    run_dir = args.run_dir or default_run_dir(cfg.dataset, cfg.model)
-    progress = progress_enabled(args.quiet)
-    try:
-        train_run(cfg, run_dir, resume=args.resume, progress=progress, announce=lambda s: print(s, flush=True))
-    except engine.TrainingInterrupted as exc:
-        name = signal.Signals(exc.signum).name
-        print(f"snapens: {name}: training state saved to {exc.state_path}; continue with: "
-              f"snapens train --resume --run-dir {run_dir}", file=sys.stderr)
-        return 128 + exc.signum
-    except engine.NonFiniteLossError as exc:
-        raise CLIError(str(exc)) from exc
+    sync_bn = _sync_bn(args)
+    progress = progress_enabled(args.quiet) and ctx.is_main
+    device = process_device(cfg.device, ctx)
+    with distributed_session(ctx, device):
+        # Under torchrun the default folder is named after rank 0's clock, on every rank.
+        run_dir = engine.broadcast_object(args.run_dir or default_run_dir(cfg.dataset, cfg.model))
+        try:
+            train_run(cfg, run_dir, resume=args.resume, progress=progress, announce=lambda s: print(s, flush=True),
+                      dist_ctx=ctx, sync_bn=sync_bn)
+        except engine.TrainingInterrupted as exc:
+            if ctx.is_main:
+                name = signal.Signals(exc.signum).name
+                again = "torchrun --nproc_per_node=N -m " if ctx.enabled else ""
+                print(f"snapens: {name}: training state saved to {exc.state_path}; continue with: "
+                      f"{again}snapens train --resume --run-dir {run_dir}", file=sys.stderr)
+            return 128 + exc.signum
+        except engine.NonFiniteLossError as exc:
+            if not ctx.is_main:
+                return 2  # the same error on every rank: rank 0 reports it
+            raise CLIError(str(exc)) from exc
+    if not ctx.is_main:
+        return 0
     if args.evaluate:
         from snapens.cli.evaluate import evaluate_run
         from snapens.report import format_summary
 
-        summary = evaluate_run(run_dir, device=str(engine.resolve_device(cfg.device)), progress=progress)
+        summary = evaluate_run(run_dir, device=str(device), progress=progress)
         print(format_summary(summary))
     print(f"run dir: {run_dir}")
     return 0

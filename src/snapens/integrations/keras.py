@@ -33,7 +33,6 @@ import importlib.util
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a test by hiding k
     ) from exc
 
 from snapens import metrics, weighting
+from snapens.checkpoint import atomic_path
 from snapens.schedule import cosine_snapshot_lr, cycle_bounds, seed_epoch_lr
 
 __all__ = [
@@ -95,28 +95,8 @@ def _save_weights_atomic(model: keras.Model, path: Path) -> None:
 
     A crash mid-write leaves either the previous file or none, never a truncated one.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[: -len(_SUFFIX)]}.", suffix=_SUFFIX)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         model.save_weights(tmp, overwrite=True)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename durable; not possible on every platform (e.g. Windows)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def _lr_variable(optimizer: Any) -> Any:

@@ -1,0 +1,70 @@
+"""Fixtures shared by the test files: one real tiny training run per session, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+ERROR_PREFIX = "snapens: error: "
+
+
+def _one_line_error(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert "Traceback" not in stderr, f"a traceback instead of a one-line error:\n{stderr}"
+    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), (
+        f"expected exactly one stderr line starting with {ERROR_PREFIX!r}, got:\n{stderr}")
+    return lines[0][len(ERROR_PREFIX):]
+
+
+@pytest.fixture()
+def assert_one_line_error() -> Callable[[str], str]:
+    """``check(stderr) -> message``: asserts that ``stderr`` is exactly one ``snapens: error: ...`` line without a
+    traceback and returns the message after the prefix."""
+    return _one_line_error
+
+
+@pytest.fixture()
+def cli_error(capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
+    """``cli_error(*argv) -> message``: runs ``snapens ARGV`` in-process, asserts exit code 2 and a one-line error
+    (see :func:`assert_one_line_error`) and returns the message."""
+    from snapens.cli import main
+
+    def run(*argv: str) -> str:
+        capsys.readouterr()  # drop what earlier steps of the test printed
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert code == 2, f"exit code {code}, stderr:\n{err}"
+        return _one_line_error(err)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a loaded 2-core machine this is several times faster for tiny models."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real digits run (cnn-small, 2 epochs, 2 snapshots, best.safetensors), trained once per session.
+
+    Shared and read-only: a test that writes into a run (evaluate writes summary.json) copies it first
+    (``shutil.copytree``).
+    """
+    from snapens.cli.train import train_run
+    from snapens.config import resolve_config
+
+    before = torch.get_num_threads()
+    cfg = resolve_config(epochs=2, snapshots=2, batch_size=128, device="cpu", precision="fp32",
+                         channels_last=False, threads=1)
+    try:
+        return Path(train_run(cfg, tmp_path_factory.mktemp("tiny-run") / "run", resume=False, progress=False))
+    finally:
+        torch.set_num_threads(before)  # threads=1 sets torch's global thread count
