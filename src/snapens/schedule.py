@@ -173,8 +173,11 @@ class _StepwiseLR(LRScheduler):
     ``initial_lr`` (its peak).
     """
 
-    def __init__(self, optimizer: Optimizer, total_steps: int, last_step: int = -1) -> None:
+    def __init__(self, optimizer: Optimizer, total_steps: int, n_cycles: int, last_step: int = -1) -> None:
+        _check_budget(total_steps, n_cycles)
         self.total_steps = total_steps
+        self.n_cycles = n_cycles
+        self._bounds = cycle_bounds(total_steps, n_cycles)
         super().__init__(optimizer, last_epoch=last_step)
 
     def _lr_at(self, step: int, peak: float) -> float:
@@ -186,6 +189,20 @@ class _StepwiseLR(LRScheduler):
 
     def _get_closed_form_lr(self) -> list[float]:
         return self.get_lr()
+
+    def is_cycle_end(self) -> bool:
+        """Whether the optimizer step just taken (index ``last_epoch``) ends a cycle: where snapshots are taken."""
+        return self.last_epoch in self._bounds
+
+    @property
+    def cycle(self) -> int:
+        """0-based cycle of the step the rates currently apply to (so, before ``step()``, the one just taken)."""
+        return cycle_position(self.last_epoch, self.total_steps, self.n_cycles)[0]
+
+    @property
+    def snapshot_steps(self) -> list[int]:
+        """0-based steps after which the ``M`` snapshots are taken (:func:`cycle_bounds`)."""
+        return list(self._bounds)
 
 
 class SnapshotLR(_StepwiseLR):
@@ -232,31 +249,15 @@ class SnapshotLR(_StepwiseLR):
         peaks = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
         for peak in peaks:
             _check_lrs(peak, lr_min)
-        self.n_cycles = n_cycles
         self.lr_min = lr_min
-        self._bounds = cycle_bounds(total_steps, n_cycles)
         if total_steps // n_cycles < 2:
             # A one-step cycle runs its only step at the peak: its snapshot is never annealed.
             logger.warning("%d steps for %d cycles leaves cycles of one step, whose snapshots are taken at the "
                            "peak learning rate; use a larger budget or fewer cycles", total_steps, n_cycles)
-        super().__init__(optimizer, total_steps, last_step)
+        super().__init__(optimizer, total_steps, n_cycles, last_step)
 
     def _lr_at(self, step: int, peak: float) -> float:
         return cosine_snapshot_lr(step, self.total_steps, self.n_cycles, peak, self.lr_min)
-
-    def is_cycle_end(self) -> bool:
-        """Whether the optimizer step just taken (index ``last_epoch``) is the last step of a cycle."""
-        return self.last_epoch in self._bounds
-
-    @property
-    def cycle(self) -> int:
-        """0-based cycle of the step the rates currently apply to (so, before ``step()``, the one just taken)."""
-        return cycle_position(self.last_epoch, self.total_steps, self.n_cycles)[0]
-
-    @property
-    def snapshot_steps(self) -> list[int]:
-        """0-based steps after which the ``M`` snapshots are taken (:func:`cycle_bounds`)."""
-        return list(self._bounds)
 
 
 class StepDecayLR(_StepwiseLR):
@@ -278,29 +279,15 @@ class StepDecayLR(_StepwiseLR):
         _check_budget(total_steps, n_cycles)
         if any(not 0 < f < 1 for f in milestones):
             raise ValueError(f"Expected milestones as fractions in (0, 1), but got {list(milestones)!r}")
-        self.n_cycles = n_cycles
         for group in optimizer.param_groups:
             peak = group.get("initial_lr", group["lr"])
             if not math.isfinite(peak) or peak <= 0:
                 raise ValueError(f"Expected a finite lr > 0 in every param group, but got {peak!r}")
         self.milestones = tuple(float(f) for f in milestones)
+        if not 0 < gamma <= 1:
+            raise ValueError(f"Expected 0 < gamma <= 1, but got {gamma!r}")
         self.gamma = gamma
-        self._bounds = cycle_bounds(total_steps, n_cycles)
-        super().__init__(optimizer, total_steps, last_step)
+        super().__init__(optimizer, total_steps, n_cycles, last_step)
 
     def _lr_at(self, step: int, peak: float) -> float:
         return step_decay_lr(step, self.total_steps, peak, self.milestones, self.gamma)
-
-    def is_cycle_end(self) -> bool:
-        """Whether the optimizer step just taken is where the cyclic schedule would take a snapshot."""
-        return self.last_epoch in self._bounds
-
-    @property
-    def cycle(self) -> int:
-        """0-based index of the snapshot slot the step just taken belongs to."""
-        return cycle_position(self.last_epoch, self.total_steps, self.n_cycles)[0]
-
-    @property
-    def snapshot_steps(self) -> list[int]:
-        """0-based steps after which the cyclic schedule would take its ``M`` snapshots (:func:`cycle_bounds`)."""
-        return list(self._bounds)
