@@ -29,7 +29,8 @@ from torch import nn
 
 from snapens.models import build_model
 
-MODES = ("fp32", "bf16+cl")
+MODES = ("fp32", "bf16+cl")  # the default comparison
+ALL_MODES = ("fp32", "fp32+cl", "bf16", "bf16+cl")
 
 
 @dataclass
@@ -49,7 +50,7 @@ def make_case(model_name: str, mode: str, batch_size: int, device: torch.device,
     model = build_model(model_name, num_classes=10).to(device)
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
-    if mode == "bf16+cl":
+    if mode.endswith("+cl"):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -65,7 +66,7 @@ def train_steps(case: Case, steps: int) -> float:
     """Run ``steps`` SGD steps and return the elapsed wall-clock seconds."""
     autocast = (
         torch.autocast(case.device.type, dtype=torch.bfloat16)
-        if case.mode == "bf16+cl"
+        if case.mode.startswith("bf16")
         else contextlib.nullcontext()
     )
     sync(case.device)
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=ALL_MODES,
+                        help="precision + memory format pairs to compare; the first is the baseline")
     args = parser.parse_args(argv)
     for flag in ("batch_size", "steps", "repeats"):
         if getattr(args, flag) < 1:
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
 
     try:
-        cases = [make_case(name, mode, args.batch_size, device, args.seed) for name in args.models for mode in MODES]
+        cases = [make_case(name, mode, args.batch_size, device, args.seed) for name in args.models for mode in args.modes]
     except ValueError as exc:
         parser.error(str(exc))
     for line in environment(device):
@@ -126,14 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             case.rates.append(args.batch_size * args.steps / train_steps(case, args.steps))
 
-    header = f"{'model':<18}{'params':>10}{'fp32 img/s':>13}{'bf16+cl img/s':>16}{'speed-up':>10}"
+    header = f"{'model':<18}{'params':>10}" + "".join(f"{m + ' img/s':>16}" for m in args.modes)
+    header += "".join(f"{m + ' / ' + args.modes[0]:>20}" for m in args.modes[1:])
     print(header)
     print("-" * len(header))
     for name in args.models:
-        fp32, bf16 = (next(c for c in cases if c.model_name == name and c.mode == m) for m in MODES)
-        params = sum(p.numel() for p in fp32.model.parameters())
-        r32, r16 = statistics.median(fp32.rates), statistics.median(bf16.rates)
-        print(f"{name:<18}{params / 1e6:>9.2f}M{r32:>13.1f}{r16:>16.1f}{r16 / r32:>9.2f}x")
+        rates = [statistics.median(next(c for c in cases if c.model_name == name and c.mode == m).rates)
+                 for m in args.modes]
+        params = sum(p.numel() for p in cases[args.models.index(name) * len(args.modes)].model.parameters())
+        line = f"{name:<18}{params / 1e6:>9.2f}M" + "".join(f"{r:>16.1f}" for r in rates)
+        print(line + "".join(f"{r / rates[0]:>19.2f}x" for r in rates[1:]), flush=True)
     return 0
 
 
