@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +18,19 @@ def _one_line_error(stderr: str) -> str:
     assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), (
         f"expected exactly one stderr line starting with {ERROR_PREFIX!r}, got:\n{stderr}")
     return lines[0][len(ERROR_PREFIX):]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cli_log_handler() -> Iterator[None]:
+    """Drop the stderr handler ``snapens.cli._common.configure_logging`` adds after each test.
+
+    The handler keeps the ``sys.stderr`` of the test that created it; pytest closes that stream when the test
+    ends, so later tests' log lines would be lost (or turn into logging errors) instead of being captured.
+    """
+    yield
+    logger = logging.getLogger("snapens")
+    for handler in [h for h in logger.handlers if getattr(h, "_snapens_cli", False)]:
+        logger.removeHandler(handler)
 
 
 @pytest.fixture()

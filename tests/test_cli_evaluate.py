@@ -19,7 +19,6 @@ from snapens import report
 from snapens.checkpoint import SnapshotStore, load_weights
 from snapens.cli import main
 from snapens.cli.evaluate import evaluate_run
-from snapens.config import resolve_config
 from snapens.data import load_dataset
 from snapens.models import build_model
 
@@ -117,6 +116,10 @@ def test_numbers_match_an_independent_computation(cli_json: dict, hand: dict) ->
     assert got["ensemble_size_curve"]["error"] == pytest.approx(expected["ensemble_size_curve"]["error"])
 
 
+def _hand_error(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * float((probs.argmax(-1) != labels).double().mean())
+
+
 def test_last_m_and_include_best_choose_the_members(run_dir: Path, hand: dict) -> None:
     got = evaluate_run(run_dir, last=1, include_best=True, optimize=-1)
     assert got["member_names"] == ["best", "snapshot-02"] and got["run"]["last"] == 1
@@ -127,6 +130,28 @@ def test_last_m_and_include_best_choose_the_members(run_dir: Path, hand: dict) -
     _close_rows(got["snapshots"][0], got["single_best"])  # the best model is member 1
     _close_rows(got["snapshots"][1], expected["snapshots"][1])  # the last snapshot
     _close_rows(got["ensemble_equal"], expected["ensemble_equal"])
+    assert [r["snapshot"] for r in got["snapshots"]] == [False, True]
+    assert got["last_snapshot"]["name"] == "snapshot-02"
+    # The curve is over the snapshots only: m=1 is snapshot-02 alone, not the best model.
+    assert got["ensemble_size_curve"]["m"] == [1]
+    assert got["ensemble_size_curve"]["members"] == ["snapshot-02"]
+    assert got["ensemble_size_curve"]["error"] == pytest.approx([_hand_error(hand["test"][1], hand["test_y"])])
+    assert got["diversity"]["members"] == ["best", "snapshot-02"]
+    # The best model's validation accuracy is measured on the run's validation split.
+    best_val_acc = float((hand["best_val"].argmax(-1) == hand["val_y"]).double().mean())
+    assert got["single_best"]["val_accuracy"] == pytest.approx(best_val_acc)
+
+
+def test_include_best_curve_counts_snapshots_only(run_dir: Path, hand: dict) -> None:
+    got = evaluate_run(run_dir, include_best=True, optimize=-1)
+    assert got["member_names"] == ["best", "snapshot-01", "snapshot-02"] and got["num_members"] == 3
+    curve = got["ensemble_size_curve"]
+    assert curve["m"] == [1, 2] and curve["members"] == ["snapshot-01", "snapshot-02"]
+    expected = [_hand_error(hand["test"][2 - m:].mean(0), hand["test_y"]) for m in (1, 2)]
+    assert curve["error"] == pytest.approx(expected)
+    # The equal-weight ensemble has all three members.
+    three = torch.cat([hand["best_test"][None], hand["test"]]).mean(0)
+    assert got["ensemble_equal"]["error"] == pytest.approx(_hand_error(three, hand["test_y"]))
 
 
 def test_optimize_0_uses_saved_weights_and_minus_1_fits_none(run_copy: Path, hand: dict) -> None:
@@ -157,29 +182,130 @@ def test_cli_table_and_num_tests_note(run_dir: Path, capsys: pytest.CaptureFixtu
     assert "--num_tests 20 is ignored" in caplog.text
 
 
+def _edit_config(path: Path, edit) -> None:
+    info = json.loads((path / "config.json").read_text())
+    edit(info)
+    (path / "config.json").write_text(json.dumps(info))
+
+
 @pytest.mark.parametrize(
     "mutate, args, message",
     [
         (lambda d: shutil.rmtree(d), [], "not a directory"),
         (lambda d: (d / "config.json").unlink(), [], "not a snapens run folder"),
-        (lambda d: None, ["--last", "0"], "--last must be between 1 and"),
-        (lambda d: None, ["--last", "3"], "--last must be between 1 and"),
+        (lambda d: (d / "config.json").write_text("{not json"), [], "cannot read"),
+        (lambda d: None, ["--last", "0"], "last must be an integer in [1, 2]"),
+        (lambda d: None, ["--last", "3"], "last must be an integer in [1, 2]"),
+        (lambda d: (d / "best.safetensors").unlink(), ["--include-best"], "best.safetensors is missing"),
         (lambda d: (d / "ensemble_weights.json").unlink(missing_ok=True), ["--optimize", "0"], "needs saved"),
         (lambda d: (d / "snapshots" / "snapshot-01.safetensors").write_bytes(b"garbage"), [], "snapshot-01"),
         (lambda d: (d / "snapshots" / "snapshot-02.safetensors").unlink(), [], "snapshot-02"),
-        (lambda d: shutil.rmtree(d / "snapshots"), [], "has no snapshots"),
+        (lambda d: shutil.rmtree(d / "snapshots"), [], "holds no snapshots"),
+        (lambda d: None, ["--device", "foo"], "unknown device 'foo'"),
+        (lambda d: None, ["--device", "cuda:"], "unknown device"),
+        # the dataset found is not the one trained on (--quiet: without it the dataset's INFO line comes first)
+        (lambda d: _edit_config(d, lambda i: i["dataset"].update(num_test=i["dataset"]["num_test"] + 7)),
+         ["--quiet"], "test images, but the run was trained with"),
+        (lambda d: _edit_config(d, lambda i: i["dataset"].update(num_val=3)), ["--quiet"],
+         "val images, but the run was trained with 3; pass --data-dir"),
+        (lambda d: _edit_config(d, lambda i: i["dataset"].update(classes=list("abcdefghij"))), ["--quiet"],
+         "now has classes [0, 1, 2, 3, 4, ...] (10 classes), but the run was trained with [a, b, c, d, e, ...]"),
     ],
 )
-def test_errors_exit_2_with_a_clear_message(run_copy: Path, capsys: pytest.CaptureFixture[str], mutate, args,
-                                            message: str) -> None:
+def test_errors_exit_2_with_one_line(run_copy: Path, cli_error, mutate, args, message: str) -> None:
     mutate(run_copy)
-    assert main(["evaluate", str(run_copy), "--device", "cpu", *args]) == 2
-    last_line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last_line.startswith("snapens: error: ") and message in last_line
+    assert message in cli_error("evaluate", run_copy, "--device", "cpu", *args)
 
 
-def test_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "snapens", "evaluate", str(tmp_path / "missing")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("snapens: error: ") and "Traceback" not in proc.stderr
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda i: i["dataset"].pop("mean"), "is not a complete snapens run config: dataset.mean is missing"),
+        (lambda i: i["dataset"].pop("std"), "dataset.std is missing"),
+        (lambda i: i["dataset"].pop("num_test"), "dataset.num_test is missing"),
+        (lambda i: i.pop("config"), "is not a complete snapens run config: the 'config' entry is missing"),
+        (lambda i: i.pop("model"), "the 'model' entry is missing"),
+        (lambda i: i["model"].pop("kwargs"), "model.kwargs is missing"),
+        (lambda i: i["config"].pop("dataset"), "config.dataset is missing"),
+        (lambda i: i["dataset"].update(mean="0.5"), "dataset.mean must be a list of numbers, got '0.5'"),
+        (lambda i: i["dataset"].update(num_val=-1), "dataset.num_val must be a non-negative integer, got -1"),
+    ],
+)
+def test_incomplete_config_names_the_file_and_the_entry(run_copy: Path, cli_error, edit, message: str) -> None:
+    _edit_config(run_copy, edit)
+    got = cli_error("evaluate", run_copy, "--device", "cpu")
+    assert got.startswith(str(run_copy / "config.json")) and message in got
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_one_line_error(run_dir: Path, cli_error) -> None:
+    assert "CUDA is not available" in cli_error("evaluate", run_dir, "--device", "cuda")
+
+
+def test_dataset_size_message_names_both_counts(run_copy: Path) -> None:
+    info = json.loads((run_copy / "config.json").read_text())
+    n_test = info["dataset"]["num_test"]
+    _edit_config(run_copy, lambda i: i["dataset"].update(num_test=n_test + 7))
+    with pytest.raises(ValueError) as excinfo:
+        evaluate_run(run_copy)
+    assert (f"the digits dataset (default location) now has {n_test} test images, but the run was trained with "
+            f"{n_test + 7}; pass --data-dir") in str(excinfo.value)
+
+
+def test_data_dir_overrides_the_stored_one(run_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import snapens.data
+
+    real = snapens.data.load_dataset
+    seen: list = []
+
+    def recording(spec, **kwargs):
+        seen.append(kwargs["data_dir"])
+        return real(spec, **kwargs)
+
+    monkeypatch.setattr(snapens.data, "load_dataset", recording)
+    _edit_config(run_copy, lambda i: i["config"].update(data_dir="/old/machine/data"))
+    evaluate_run(run_copy, optimize=-1)
+    assert main(["evaluate", str(run_copy), "--data-dir", "moved/data", "--optimize", "-1", "--quiet",
+                 "--device", "cpu"]) == 0
+    assert seen == ["/old/machine/data", "moved/data"]  # relative: as given, i.e. from the current directory
+    assert "ensemble, equal weights" in capsys.readouterr().out
+
+
+def test_non_finite_numbers_are_written_as_null(run_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    real = report.summarize
+
+    def diverged(*args, **kwargs):
+        summary = real(*args, **kwargs)
+        summary["snapshots"][0]["nll"] = float("nan")
+        summary["ensemble_equal"]["brier"] = float("inf")
+        return summary
+
+    monkeypatch.setattr(report, "summarize", diverged)
+
+    def strict(text: str) -> dict:
+        def refuse(name: str):
+            raise AssertionError(f"invalid JSON constant {name}")
+
+        return json.loads(text, parse_constant=refuse)
+
+    assert main(["evaluate", str(run_copy), "--json", "--quiet", "--device", "cpu"]) == 0
+    printed = strict(capsys.readouterr().out)
+    saved = strict((run_copy / "summary.json").read_text())
+    assert printed == saved
+    assert saved["snapshots"][0]["nll"] is None and saved["ensemble_equal"]["brier"] is None
+    assert math.isfinite(saved["snapshots"][0]["error"])
+    # The table shows them as nan.
+    assert main(["evaluate", str(run_copy), "--quiet", "--device", "cpu"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("snapshot-01"))
+    assert line.split()[2] == "nan"
+
+
+def test_subprocess_errors_are_one_line(tmp_path: Path, run_dir: Path, assert_one_line_error) -> None:
+    for argv, message in ([str(tmp_path / "missing")], "not a directory"), \
+            ([str(run_dir), "--device", "foo"], "unknown device"):
+        proc = subprocess.run([sys.executable, "-m", "snapens", "evaluate", *argv],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2
+        assert message in assert_one_line_error(proc.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,43 +12,24 @@ import torch
 
 from snapens.cli import CLIError, main
 from snapens.cli.export import load_exported
-from snapens.cli.plot import PLOT_FILES, lr_curve, plot_run
-from snapens.config import resolve_config
+from snapens.cli import plot as plot_module
+from snapens.cli.evaluate import evaluate_run
+from snapens.cli.plot import PLOT_FILES, correlation_labels, lr_curve, plot_run
 from snapens.data import load_dataset
 from snapens.ensemble import SnapshotEnsemble
 from snapens.models import build_model
 from snapens.schedule import cosine_snapshot_lr, cycle_bounds, step_decay_lr
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_NO_RESULTS = shutil.ignore_patterns("summary.json", "ensemble_weights.json", "plots")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine this is several times faster for these tiny models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def shared_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real digits run (2 epochs, 2 snapshots) per test session, shared by the CLI test files: copy it."""
-    from snapens.cli.train import train_run
-
-    final = tmp_path_factory.getbasetemp() / "tiny-digits-run"
-    if not final.is_dir():
-        cfg = resolve_config(epochs=2, snapshots=2, batch_size=128, device="cpu", precision="fp32",
-                             channels_last=False, threads=1)
-        tmp = train_run(cfg, tmp_path_factory.mktemp("training") / "run", resume=False, progress=False)
-        os.replace(tmp, final)  # complete runs only: a failed training leaves nothing to reuse
-    return final
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh copy of the run, plotted once by the CLI (which evaluates it first: it has no summary.json)."""
-    run = Path(shutil.copytree(shared_tiny_run(tmp_path_factory), tmp_path_factory.mktemp("plot") / "run",
-                               ignore=shutil.ignore_patterns("summary.json", "ensemble_weights.json", "plots")))
+    run = Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("plot") / "run", ignore=_NO_RESULTS))
     assert main(["plot", str(run), "--device", "cpu", "--quiet"]) == 0
     return run
 
@@ -98,6 +78,79 @@ def test_plot_without_matplotlib_says_how_to_install(run_dir: Path, monkeypatch:
         plot_run(run_dir)
 
 
+@pytest.fixture()
+def unevaluated(tiny_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the run without summary.json: plotting it evaluates it first."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "run", ignore=_NO_RESULTS))
+
+
+def _edit_config(run: Path, edit) -> None:
+    info = json.loads((run / "config.json").read_text())
+    edit(info)
+    (run / "config.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize(
+    "mutate, args, message",
+    [
+        (lambda d: _edit_config(d, lambda i: i["dataset"].pop("mean")), [], "dataset.mean is missing"),
+        (lambda d: (d / "config.json").unlink(), [], "not a snapens run folder"),
+        (lambda d: (d / "metrics.csv").unlink(), [], "metrics.csv does not exist"),
+        (lambda d: None, ["--device", "foo"], "unknown device 'foo'"),
+    ],
+)
+def test_plot_errors_are_one_line_without_the_evaluation_note(unevaluated: Path, cli_error, mutate, args,
+                                                              message: str) -> None:
+    mutate(unevaluated)
+    assert message in cli_error("plot", unevaluated, *args)  # one line: no "evaluating it first" before it
+    assert not (unevaluated / "plots").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_plot_cuda_without_cuda_is_a_one_line_error(unevaluated: Path, cli_error) -> None:
+    assert "CUDA is not available" in cli_error("plot", unevaluated, "--device", "cuda")
+
+
+def test_plot_announces_the_evaluation_and_passes_data_dir(unevaluated: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import snapens.data
+
+    real, seen = snapens.data.load_dataset, []
+
+    def recording(spec, **kwargs):
+        seen.append(kwargs["data_dir"])
+        return real(spec, **kwargs)
+
+    monkeypatch.setattr(snapens.data, "load_dataset", recording)
+    assert main(["plot", str(unevaluated), "--device", "cpu", "--data-dir", "elsewhere"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == f"{unevaluated} has no summary.json: evaluating it first"
+    assert captured.out.splitlines() == [str(unevaluated / "plots" / name) for name in PLOT_FILES]
+    assert seen == ["elsewhere"]
+
+
+def test_plots_label_members_by_name_and_count_snapshots_only(unevaluated: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    summary = evaluate_run(unevaluated, include_best=True, optimize=-1)
+    assert correlation_labels(summary) == ["best", "snapshot-01", "snapshot-02"]
+    drawn: dict[str, object] = {}
+    real_save = plot_module._save
+
+    def capture(fig, path: Path) -> None:
+        drawn[path.name] = fig.axes[0]
+        real_save(fig, path)
+
+    monkeypatch.setattr(plot_module, "_save", capture)
+    plot_run(unevaluated)
+    heat = drawn["snapshot_correlation.png"]
+    assert [t.get_text() for t in heat.get_xticklabels()] == ["best", "snapshot-01", "snapshot-02"]
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["best", "snapshot-01", "snapshot-02"]
+    size = drawn["ensemble_size.png"]
+    curve = size.get_lines()[0]
+    assert list(curve.get_xdata()) == [1, 2]  # the two snapshots, not three members
+    assert list(curve.get_ydata()) == pytest.approx(summary["ensemble_size_curve"]["error"])
+
+
 def _reference(run_dir: Path, weights=None) -> tuple[torch.Tensor, torch.Tensor]:
     """13 raw test images in [0, 1] and the ensemble's probabilities on them (as evaluate computes them)."""
     info = json.loads((run_dir / "config.json").read_text())
@@ -113,7 +166,7 @@ def _reference(run_dir: Path, weights=None) -> tuple[torch.Tensor, torch.Tensor]
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load is deprecated, still supported
 def test_export_torchscript_round_trip(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ens.pt"
-    assert main(["export", str(run_dir), str(out), "--quiet"]) == 0
+    assert main(["export", str(run_dir), str(out), "--quiet"]) == 0  # .pt: torchscript, from the suffix
     module = torch.jit.load(str(out))
     raw, expected = _reference(run_dir)
     with torch.no_grad():
@@ -121,11 +174,12 @@ def test_export_torchscript_round_trip(run_dir: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     _, meta = load_exported(out)
     assert meta["members"] == ["snapshot-01", "snapshot-02"] and meta["weights"] == pytest.approx([0.5, 0.5])
+    assert meta["format"] == "torchscript"
 
 
 def test_export_program_with_fitted_weights_round_trip(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ens.pt2"
-    assert main(["export", str(run_dir), str(out), "--format", "export", "--weights", "fitted", "--quiet"]) == 0
+    assert main(["export", str(run_dir), str(out), "--weights", "fitted", "--quiet"]) == 0  # export: the default
     fitted = json.loads((run_dir / "ensemble_weights.json").read_text())["weights"]
     module = torch.export.load(str(out)).module()
     raw, expected = _reference(run_dir, weights=fitted)
@@ -134,17 +188,19 @@ def test_export_program_with_fitted_weights_round_trip(run_dir: Path, tmp_path: 
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     _, meta = load_exported(out)
     assert meta["weights_source"] == "fitted" and meta["weights"] == pytest.approx(fitted, abs=1e-6)
+    assert meta["format"] == "export"
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "name, args, message",
     [
-        (["--format", "export"], "writes a .pt2 file"),
-        (["--weights", "fitted", "--last", "1"], "were fitted for members"),
+        ("ens.pt", ["--format", "export"], "--format export writes a .pt2 file"),
+        ("ens.pt2", ["--format", "torchscript"], "--format torchscript writes a .pt file"),
+        ("ens.bin", [], "--format export writes a .pt2 file, got"),  # export is the default format
+        ("ens.pt", ["--weights", "fitted", "--last", "1"], "were fitted for members"),
+        ("ens.pt", ["--last", "5"], "last must be an integer in [1, 2]"),
     ],
 )
-def test_export_errors(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args, message) -> None:
-    assert main(["export", str(run_dir), str(tmp_path / "ens.pt"), *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("snapens: error: ") and message in err
-    assert not (tmp_path / "ens.pt").exists()
+def test_export_errors(run_dir: Path, tmp_path: Path, cli_error, name: str, args, message: str) -> None:
+    assert message in cli_error("export", run_dir, tmp_path / name, *args)
+    assert not (tmp_path / name).exists()

@@ -71,3 +71,15 @@ def test_mean_std_over_seeds_and_table() -> None:
     }
     text = format_reproduce(result)
     assert "2.00 +- 1.41" in text and "4.41" in text and "2 seeds" in text
+
+
+def test_table_shows_a_diverged_run_as_nan() -> None:
+    # reproduce.json stores a non-finite number (a diverged run) as null; the table must still render it.
+    result = {
+        "config": {"model": "cnn-small", "dataset": "digits", "epochs": 2, "snapshots": 2, "lr": 0.1},
+        "seeds": [0, 1], "paper_has_setting": False, "paper_source": "Table 1",
+        "rows": [{"name": "snapshot ensemble (equal weights)", "mean": None, "std": None, "nll_mean": None,
+                  "paper": None}],
+    }
+    line = format_reproduce(result).splitlines()[2]
+    assert line.split()[-5:] == ["nan", "+-", "nan", "nan", "-"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from snapens import metrics
-from snapens.report import format_summary, summarize
+from snapens.report import format_summary, json_safe, summarize, to_json
 
 # Three members, four test images, two classes. Labels are all class 0.
 # Test: member 0 gets 2/4 right, member 1 gets 4/4 right, member 2 gets 3/4 right.
@@ -185,7 +185,7 @@ def test_summary_is_json_serialisable_and_formatted():
     assert again["format_version"] == 1
     assert again["ensemble_equal"]["error"] == pytest.approx(s["ensemble_equal"]["error"])
     text = format_summary(s)
-    for label in ("snapshot 1 (snapshot-01)", "single best (snapshot-01, by val accuracy)",
+    for label in ("snapshot-01 ", "single best (snapshot-01, by val accuracy)",
                   "last snapshot (snapshot-03)", "ensemble, equal weights (M=3)",
                   "ensemble, weights fitted on validation", "ensemble + temperature", "m=3:", "disagreement"):
         assert label in text
@@ -203,3 +203,59 @@ def test_bad_input_raises_value_error():
         summarize(VAL_PROBS, VAL_Y, TEST_PROBS, TEST_Y[:3], member_names=NAMES)
     with pytest.raises(ValueError, match="val_member_probs"):
         summarize(VAL_PROBS[:2], VAL_Y, TEST_PROBS, TEST_Y, member_names=NAMES)
+
+
+def test_extra_member_is_not_a_snapshot_in_the_curve_or_the_labels():
+    # Member 0 plays best.safetensors (not a snapshot); members 1 and 2 are the snapshots in training order.
+    names = ["best", "snapshot-01", "snapshot-02"]
+    s = _summary(member_names=names, is_snapshot=[False, True, True], best_test_probs=TEST_PROBS[0])
+    curve = s["ensemble_size_curve"]
+    assert curve["m"] == [1, 2] and curve["members"] == ["snapshot-01", "snapshot-02"]
+    # last 1 = member 2 alone (3/4 right: 25 %); last 2 = members 1 and 2 averaged (all right: 0 %).
+    assert curve["error"] == pytest.approx([25.0, 0.0])
+    assert curve["error"] == pytest.approx([_hand_error(TEST_PROBS[3 - m:].mean(0), TEST_Y) for m in (1, 2)])
+    assert [r["snapshot"] for r in s["snapshots"]] == [False, True, True]
+    assert s["last_snapshot"]["name"] == "snapshot-02"
+    # The equal-weight ensemble still has all three members; diversity is labelled by member name.
+    assert s["ensemble_equal"]["error"] == pytest.approx(_hand_error(TEST_PROBS.mean(0), TEST_Y))
+    assert s["diversity"]["members"] == names and len(s["diversity"]["correlation"]) == 3
+    text = format_summary(s)
+    assert "best (ensemble member)" in text and "snapshot 1" not in text
+    assert "m=1: 25.00  m=2: 0.00" in text
+
+
+def test_is_snapshot_is_checked():
+    with pytest.raises(ValueError, match="is_snapshot"):
+        _summary(is_snapshot=[True, True])
+    with pytest.raises(ValueError, match="is_snapshot"):
+        _summary(is_snapshot=[False, False, False])
+
+
+def _strict_loads(text: str):
+    def refuse(name: str):
+        raise ValueError(f"invalid JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_numbers_become_null_in_strict_json():
+    s = _summary()
+    s["snapshots"][1]["nll"] = float("nan")
+    s["ensemble_equal"]["brier"] = float("inf")
+    s["diversity"]["correlation"][0][1] = float("-inf")
+    with pytest.raises(ValueError, match="NaN"):
+        _strict_loads(json.dumps(s))  # what a bare json.dumps writes is not JSON
+    again = _strict_loads(to_json(s))
+    assert again["snapshots"][1]["nll"] is None and again["ensemble_equal"]["brier"] is None
+    assert again["diversity"]["correlation"][0][1] is None
+    assert again["snapshots"][1]["error"] == pytest.approx(s["snapshots"][1]["error"])
+    assert again == json_safe(s)
+    assert json_safe({"a": (1.0, float("nan")), "b": "nan", "c": 3}) == {"a": [1.0, None], "b": "nan", "c": 3}
+    # The table renders a summary read back from JSON: None shows as nan.
+    line = next(line for line in format_summary(again).splitlines() if line.startswith("snapshot-02"))
+    assert line.split()[1:3] == [f"{s['snapshots'][1]['error']:.2f}", "nan"]
+
+
+def test_to_json_rejects_what_json_cannot_hold():
+    with pytest.raises(ValueError, match="cannot write"):
+        to_json({"x": object()})

@@ -47,6 +47,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "json_safe",
+    "to_json",
     "capture_rng_state",
     "load_training_state",
     "load_weights",
@@ -163,16 +165,40 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by ``None``, recursively through dicts,
+    lists and tuples (tuples become lists); other values are returned as they are."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any, *, indent: int | None = 2) -> str:
+    """Strict JSON text of ``obj``: non-finite floats are written as ``null``, never as the invalid ``NaN``.
+
+    Raises:
+        ValueError: ``obj`` holds something JSON cannot represent.
+    """
+    try:
+        return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+    except TypeError as exc:
+        raise ValueError(f"cannot write as JSON: {exc}") from exc
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON (plus a final newline) to ``path`` atomically.
+    """Write ``obj`` as strict, indented JSON (:func:`to_json`, plus a final newline) to ``path`` atomically.
 
     Raises:
         ValueError: ``obj`` is not JSON-serialisable.
     """
     try:
-        text = json.dumps(obj, indent=2)
-    except TypeError as e:
-        raise ValueError(f"cannot write {os.fspath(path)} as JSON: {e}") from e
+        text = to_json(obj)
+    except ValueError as e:
+        raise ValueError(f"cannot write {os.fspath(path)}: {e}") from e
     atomic_write_text(path, text + "\n")
 
 

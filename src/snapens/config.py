@@ -57,7 +57,7 @@ class TrainConfig:
         if self.snapshots > self.epochs:
             raise ValueError(f"snapshots (M={self.snapshots}) must not exceed epochs ({self.epochs})")
         if not 0 < self.lr < float("inf"):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
         if not 0 <= self.lr_min < self.lr:
             raise ValueError(f"lr_min must be in [0, lr={self.lr}), got {self.lr_min}")
         if self.batch_size < 1:

@@ -26,7 +26,6 @@ with :func:`to_json`, never with a bare ``json.dumps`` (which writes ``NaN``, in
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor
 
 from snapens import metrics, weighting
+from snapens.checkpoint import json_safe, to_json
 
 __all__ = ["FORMAT_VERSION", "OPTIMIZE_MODES", "summarize", "format_summary", "json_safe", "to_json"]
 
@@ -46,30 +46,6 @@ FORMAT_VERSION = 1
 OPTIMIZE_MODES = (-1, 0, 1)
 _METRIC_COLUMNS = (("error", "error %", "8.2f"), ("nll", "NLL", "8.4f"), ("ece", "ECE", "8.4f"),
                    ("brier", "Brier", "8.4f"))
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, +-inf) replaced by ``None``, recursively through dicts,
-    lists and tuples (tuples become lists); other values are returned as they are."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def to_json(obj: Any, *, indent: int | None = 2) -> str:
-    """Strict JSON text of ``obj``: non-finite floats written as ``null`` (see :func:`json_safe`).
-
-    Raises:
-        ValueError: ``obj`` holds something JSON cannot represent.
-    """
-    try:
-        return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
-    except TypeError as exc:
-        raise ValueError(f"cannot write the summary as JSON: {exc}") from exc
 
 
 def _as_tensor(x: Any, name: str, ndim: int) -> Tensor:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-import torch
+
+import torch  # noqa: F401  (the docstring examples use it)
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
