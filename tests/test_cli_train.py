@@ -119,6 +119,11 @@ def test_true_default_run(tmp_path: Path) -> None:
     assert len(snapshots(runs[0])) == d.snapshots
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["ensemble_equal"]["error"] < 3.5, summary["ensemble_equal"]  # ~97-99 % accuracy
+    rows = ("snapshots", "single_best", "last_snapshot", "ensemble_equal", "ensemble_weighted",
+            "ensemble_temperature", "ensemble_size_curve", "diversity")
+    assert all(summary.get(row) is not None for row in rows), {row: summary.get(row) for row in rows}
+    pngs = sorted((runs[0] / "plots").glob("*.png"))
+    assert len(pngs) == 4 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     print(f"default snapens train took {seconds:.1f} s")
 
 

@@ -54,6 +54,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,7 +419,9 @@ class _SignalGuard:
 
 # -------------------------------------------------------------------------------------------- many processes
 
-_CONTROL: tuple[Any, Any] | None = None  # (the default group, its gloo control group)
+# Default group -> its gloo control group. Weak keys: holding a destroyed default group alive until the
+# interpreter exits would let gloo's threads die unjoined there (std::terminate, SIGABRT at exit).
+_CONTROL_GROUPS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _distributed() -> bool:
@@ -431,12 +434,13 @@ def _control_group() -> Any:
     The default group itself when it is gloo; otherwise (NCCL) a second group, made once per default group,
     by every rank at the same point (its first control message).
     """
-    global _CONTROL
     world = dist.group.WORLD
-    if _CONTROL is None or _CONTROL[0] is not world:
-        group = world if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        _CONTROL = (world, group)
-    return _CONTROL[1]
+    if dist.get_backend() == "gloo":
+        return world
+    group = _CONTROL_GROUPS.get(world)
+    if group is None:
+        group = _CONTROL_GROUPS[world] = dist.new_group(backend="gloo")
+    return group
 
 
 class _Ranks:
@@ -808,11 +812,10 @@ def fit(
             correct = torch.zeros((), dtype=torch.int64, device=dev)
             seen, seconds = 0, 0.0
             if partial is not None and skip_batches:
-                seconds = float(partial["seconds"])
-                if ranks.rank == 0:  # with many ranks the saved sums are over all of them: count them once
-                    loss_sum += partial["loss_sum"].to(dev)
-                    correct += partial["correct"].to(dev)
-                    seen = int(partial["seen"])
+                mine = partial["ranks"][ranks.rank] if ranks.enabled else partial  # each rank its own sums
+                loss_sum += mine["loss_sum"].to(dev)
+                correct += mine["correct"].to(dev)
+                seen, seconds = int(mine["seen"]), float(partial["seconds"])
             partial = None
             epoch_val: tuple[float, float] | None = None
             bar = _progress_bar(progress and writer, steps_per_epoch, skip_batches, epoch, epochs)
@@ -869,13 +872,13 @@ def fit(
                         stop = agreed_stop()
                 if stop is not None:
                     seconds += time.perf_counter() - t0
-                    loss_now, correct_now, seen_now = totals(loss_sum, correct, seen)
-                    _check_finite(loss_now, correct_now, seen_now, epoch, step)
+                    _check_finite(*totals(loss_sum, correct, seen), epoch, step)
                     rng_ranks = gather_rng()
+                    # Every rank's own partial sums, so that a resumed epoch adds up exactly as this one would.
+                    sums = {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen}
+                    sums_ranks = ranks.all_gather(sums) if ranks.enabled else None
                     if writer:
-                        part = {"loss_sum": torch.as_tensor(loss_now, dtype=torch.float32).cpu(),
-                                "correct": torch.as_tensor(correct_now).to(torch.int64).cpu(), "seen": seen_now,
-                                "seconds": seconds}
+                        part = {**sums, "seconds": seconds, "ranks": sums_ranks}
                         writes.wait()
                         checkpoint.save_training_state(state_path, make_state(epoch, i + 1, False, part, rng_ranks))
                     if bar is not None:

@@ -373,6 +373,19 @@ def _print_presets() -> None:
     print(format_table(["preset", "model", "dataset", "epochs", "M", "lr0", "batch"], rows))
 
 
+def _plot_if_possible(run_dir: Path, device: torch.device) -> None:
+    """The run's PNGs (``snapens plot``) when matplotlib is installed; a note otherwise, never a failure."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print("plots skipped: matplotlib is not installed (pip install 'snapshot-ensembles[plot]')")
+        return
+    from snapens.cli.plot import plot_run
+
+    paths = plot_run(run_dir, device=str(device))
+    print(f"plots: {', '.join(str(p) for p in paths)}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``snapens train`` (one process, or every process of a torchrun job)."""
     if args.list_presets:
@@ -409,5 +422,6 @@ def run(args: argparse.Namespace) -> int:
 
         summary = evaluate_run(run_dir, device=str(device), progress=progress)
         print(format_summary(summary))
+        _plot_if_possible(run_dir, device)
     print(f"run dir: {run_dir}")
     return 0
