@@ -66,6 +66,9 @@ class TrainConfig:
             raise ValueError(f"momentum and weight decay must be >= 0, got {self.momentum} and {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.schedule == "step" and self.lr_min:
+            raise ValueError(f"lr_min={self.lr_min} applies to the cosine schedules; the step schedule decays lr0 "
+                             "by 10x at 50% and again at 75% of the budget")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):

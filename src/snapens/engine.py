@@ -263,6 +263,9 @@ def make_scheduler(
     if schedule in ("cosine-cycles", "single-cycle"):
         return SnapshotLR(optimizer, total_steps=total_steps, n_cycles=n_cycles, lr_min=lr_min)
     if schedule == "step":
+        if lr_min:
+            raise ValueError(f"lr_min={lr_min!r} applies to the cosine schedules; the step schedule decays lr0 "
+                             "by 10x at 50% and again at 75% of the budget")
         return StepDecayLR(optimizer, total_steps=total_steps, n_cycles=n_cycles)
     raise ValueError(f"unknown schedule {schedule!r}; expected cosine-cycles, step or single-cycle")
 
@@ -798,6 +801,13 @@ def fit(
     def agreed_stop() -> int | None:
         # The signal any rank received (the largest number if several), or None; a collective.
         return ranks.max_int(guard.signum or 0) or None
+
+    if state is None:
+        # A state before the first step, written synchronously: a run killed before its first epoch end can
+        # still be resumed (from the start, bit-exactly) rather than being neither resumable nor restartable.
+        rng_ranks = gather_rng()
+        if writer:
+            checkpoint.save_training_state(state_path, make_state(0, 0, False, None, rng_ranks))
 
     train_module.train()
     train_seconds, images_done = 0.0, 0

@@ -26,6 +26,7 @@ global batch (CUDA only). The test evaluation at the end runs on rank 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -229,6 +230,23 @@ def run_header(cfg: TrainConfig, run_dir: Path, device: torch.device, precision:
             f"run dir: {run_dir}{' (resuming)' if resume else ''}")
 
 
+def _absolute_data_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its data location made absolute, so that config.json finds the data from any directory."""
+    from snapens.data import DEFAULT_CIFAR10_JPEG, DEFAULT_DATA_DIR
+
+    data_dir, dataset = cfg.data_dir, cfg.dataset
+    if dataset.lower().startswith("folder:"):
+        path = Path(dataset[len("folder:"):]).expanduser()
+        if not path.is_absolute():
+            path = Path(data_dir or ".").expanduser() / path
+        dataset = f"folder:{path.resolve()}"
+    elif data_dir is None and dataset != "digits":
+        data_dir = DEFAULT_CIFAR10_JPEG if dataset == "cifar10-jpeg" else DEFAULT_DATA_DIR
+    if data_dir is not None:
+        data_dir = str(Path(data_dir).expanduser().resolve())
+    return dataclasses.replace(cfg, dataset=dataset, data_dir=data_dir)
+
+
 def train_run(
     cfg: TrainConfig,
     run_dir: Path,
@@ -277,7 +295,10 @@ def train_run(
         raise ValueError(f"dist_ctx has world_size {ctx.world_size}, but no process group is initialised "
                          "(use snapens.cli._common.distributed_session)")
     run_dir = Path(run_dir)
+    cfg = _absolute_data_paths(cfg)
     with engine.all_ranks_agree():
+        if run_dir.exists() and not run_dir.is_dir():
+            raise CLIError(f"--run-dir {run_dir} is a file, not a folder")
         if resume:
             _read_run_config(run_dir)
             engine.read_resume_state(run_dir)  # finished or foreign -> ValueError, nothing touched
