@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from snapens.checkpoint import atomic_path
 from snapens.cli import CLIError
 
 __all__ = ["PLOT_FILES", "plot_run", "lr_curve", "read_metrics_csv", "correlation_labels", "register", "run"]
@@ -78,14 +79,9 @@ def read_metrics_csv(path: Path) -> list[dict[str, float | None]]:
 
 
 def _save(fig: Any, path: Path) -> None:
-    # Same-folder temp file + os.replace: a reader never sees a half-written PNG.
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    try:
+    # Written atomically: a reader never sees a half-written PNG.
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _plot_lr(plt: Any, info: dict[str, Any], rows: list[dict[str, float | None]], out: Path) -> None:
