@@ -5,6 +5,8 @@ import hashlib
 import json
 import os
 import random
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -139,7 +141,9 @@ def test_unwrap_state_dict_copies_and_untangles_shared_tensors(tmp_path):
 def test_manifest_contents(tmp_path):
     store = SnapshotStore(tmp_path / "snaps")
     before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    store.save(trained_net(2), index=1, **save_kwargs(step=1))
     store.save(trained_net(0), index=2, **save_kwargs(step=200, epoch=10.5, lr=1e-3, metrics={"val_acc": 0.75}))
+    # re-saved last, listed first: entries are kept sorted by index
     store.save(trained_net(1), index=1, **save_kwargs(step=100, epoch=5, lr=0.0, metrics=None))
     manifest = json.loads((tmp_path / "snaps" / "manifest.json").read_text())
 
@@ -209,7 +213,8 @@ def test_truncated_or_garbage_weights_file_names_the_file(tmp_path):
 
 def test_tampered_bytes_fail_the_sha256_check(tmp_path):
     store = SnapshotStore(tmp_path)
-    info = store.save(trained_net(0), index=3, **save_kwargs())
+    for index in (1, 2, 3):
+        info = store.save(trained_net(0), index=index, **save_kwargs(step=index))
     data = bytearray(info.path.read_bytes())
     data[-1] ^= 0xFF  # inside the tensor data: safetensors alone would load it happily
     info.path.write_bytes(bytes(data))
@@ -405,3 +410,295 @@ def test_atomic_path_keeps_suffix_and_cleans_up(tmp_path):
             tmp.write_bytes(b"half")
             raise RuntimeError("crash mid-write")
     assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+# --------------------------------------------------------------------------- manifest schema (issue 9, item 3)
+
+
+@pytest.fixture(scope="module")
+def _pristine_store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("three")
+    store = SnapshotStore(folder)
+    for index in (1, 2, 3):
+        store.save(trained_net(index), index=index, **save_kwargs(step=100 * index, epoch=5 * index))
+    return folder
+
+
+@pytest.fixture()
+def three_snapshots(_pristine_store):
+    """``make(folder) -> (store, manifest)``: a copy of a store of three snapshots (steps 100, 200, 300)."""
+    def make(folder):
+        shutil.copytree(_pristine_store, folder, dirs_exist_ok=True)
+        store = SnapshotStore(folder)
+        return store, json.loads(store.manifest_path.read_text())
+    return make
+
+
+def rewrite(store, manifest) -> None:
+    store.manifest_path.write_text(json.dumps(manifest))
+
+
+def renamed(entry, index):
+    return {**entry, "index": index, "file": f"snapshot-{index:02d}.safetensors"}
+
+
+def _dup(m):
+    m["snapshots"].append(m["snapshots"][0])
+
+
+def _gap(m):
+    del m["snapshots"][1]
+
+
+def _ninety_nine(m):
+    m["snapshots"][0]["index"] = 99
+
+
+def _ninety_nine_renamed(m):
+    m["snapshots"][0] = renamed(m["snapshots"][0], 99)
+
+
+def _swap_numbers(m):
+    first, last = m["snapshots"][0], m["snapshots"][2]
+    m["snapshots"][0], m["snapshots"][2] = {**first, "index": 3}, {**last, "index": 1}
+
+
+def _entry(key, value):
+    def tamper(m):
+        m["snapshots"][1][key] = value
+    return tamper
+
+
+def _drop_key(m):
+    del m["snapshots"][1]["sha256"]
+
+
+def _extra_key(m):
+    m["snapshots"][1]["note"] = "hi"
+
+
+def _top(value):
+    def tamper(m):
+        m.clear()
+        m.update(value) if isinstance(value, dict) else None
+    return tamper
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (_dup, r"indices must be 1\.\.4, each once, got \[1, 2, 3, 1\]"),
+    (_gap, r"indices must be 1\.\.2, each once, got \[1, 3\]"),
+    (_ninety_nine, r"snapshots\[0\] file must be 'snapshot-99\.safetensors' for index 99"),
+    (_ninety_nine_renamed, r"indices must be 1\.\.3, each once, got \[99, 2, 3\]"),
+    (_swap_numbers, r"snapshots\[0\] file must be 'snapshot-03\.safetensors' for index 3"),
+    (_entry("index", "abc"), r"snapshots\[1\] index must be a non-negative integer, got 'abc'"),
+    (_entry("index", None), r"snapshots\[1\] index must be a non-negative integer, got None"),
+    (_entry("index", True), r"index must be a non-negative integer, got True"),
+    (_entry("index", 2.0), r"index must be a non-negative integer, got 2\.0"),
+    (_entry("step", -5), r"step must be a non-negative integer, got -5"),
+    (_entry("epoch", "ten"), r"epoch must be a finite non-negative number, got 'ten'"),
+    (_entry("lr", None), r"lr must be a finite non-negative number, got None"),
+    (_entry("model", "tiny"), r"snapshots\[1\] model must be an object"),
+    (_entry("model", {"name": "tiny"}), r"snapshots\[1\] model must be an object"),
+    (_entry("model", {"name": "", "kwargs": {}}), r"model must be an object"),
+    (_entry("model", {"name": "tiny", "kwargs": [1]}), r"model must be an object"),
+    (_entry("metrics", [0.5]), r"metrics must be an object"),
+    (_entry("metrics", {"val_acc": {"deep": 1}}), r"metrics must be an object"),
+    (_entry("sha256", None), r"sha256 must be 64 lowercase hex digits, got None"),
+    (_entry("sha256", "abc"), r"sha256 must be 64 lowercase hex digits"),
+    (_entry("file", None), r"file must be 'snapshot-02\.safetensors' for index 2, got None"),
+    (_entry("file", "../../etc/passwd"), r"file must be 'snapshot-02\.safetensors'"),
+    (_entry("created", 5), r"created must be a string, got 5"),
+    (_drop_key, r"snapshots\[1\] lacks \['sha256'\]"),
+    (_extra_key, r"snapshots\[1\] has unknown keys \['note'\]"),
+    (_entry("x", None), r"unknown keys \['x'\]"),
+    (_top({"format_version": 1}), r"expected the keys \['format_version', 'snapshots'\], got \['format_version'\]"),
+    (_top({"format_version": 1, "snapshots": {"1": {}}}), r"'snapshots' must be a list, got dict"),
+    (_top({"format_version": True, "snapshots": []}), r"unsupported format_version True"),
+    (_top({"format_version": "1", "snapshots": []}), r"unsupported format_version '1'"),
+])
+def test_tampered_manifest_is_refused_naming_it(tmp_path, three_snapshots, tamper, message):
+    store, manifest = three_snapshots(tmp_path)
+    tamper(manifest)
+    rewrite(store, manifest)
+    for read in (store.list, lambda: store.get(1), lambda: store.load_state_dict(1)):
+        with pytest.raises(SnapshotError, match=r"manifest\.json .*" + message):
+            read()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", r"expected a JSON object, got list"),
+    ("null", r"expected a JSON object, got NoneType"),
+    ('{"format_version": 1, "snapshots": [NaN]}', r"not valid JSON.*NaN"),
+    (b"\xff\xfe{}", r"not valid JSON"),
+])
+def test_manifest_that_is_no_object_or_no_strict_json_is_refused(tmp_path, three_snapshots, text, message):
+    store, _ = three_snapshots(tmp_path)
+    if isinstance(text, bytes):
+        store.manifest_path.write_bytes(text)
+    else:
+        store.manifest_path.write_text(text)
+    with pytest.raises(SnapshotError, match=r"manifest\.json.*" + message):
+        store.list()
+
+
+def test_manifest_that_drops_its_last_entry_is_refused(tmp_path, three_snapshots):
+    # indices 1..2 are contiguous, but snapshot-03 is on disk: the ensemble would shrink without a word
+    store, manifest = three_snapshots(tmp_path)
+    del manifest["snapshots"][2]
+    rewrite(store, manifest)
+    with pytest.raises(SnapshotError, match=r"snapshot-03\.safetensors is not listed in .*manifest\.json"):
+        store.list()
+
+
+def test_file_whose_own_metadata_disagrees_with_the_manifest_is_refused(tmp_path, three_snapshots):
+    store, manifest = three_snapshots(tmp_path)
+    files = {e["index"]: tmp_path / e["file"] for e in manifest["snapshots"]}
+    # renumbered consistently: files swapped on disk and the entries with them, so every sha256 matches
+    a, b = files[1].read_bytes(), files[3].read_bytes()
+    files[1].write_bytes(b)
+    files[3].write_bytes(a)
+    e1, e3 = manifest["snapshots"][0], manifest["snapshots"][2]
+    manifest["snapshots"][0], manifest["snapshots"][2] = renamed(e3, 1), renamed(e1, 3)
+    rewrite(store, manifest)
+    assert [i.index for i in store.list()] == [1, 2, 3]  # the manifest alone is consistent
+    with pytest.raises(SnapshotError, match=r"snapshot-01\.safetensors says it is snapshot 3 .*lists it as "
+                                            r"snapshot 1.*disagree on 'index'"):
+        store.load_state_dict(1)
+    # an extra entry pointing at a copy of a real file
+    store, manifest = three_snapshots(tmp_path / "extra")
+    (tmp_path / "extra" / "snapshot-04.safetensors").write_bytes((tmp_path / "extra" / "snapshot-03.safetensors")
+                                                                 .read_bytes())
+    manifest["snapshots"].append(renamed(manifest["snapshots"][2], 4))
+    rewrite(store, manifest)
+    assert len(store.list()) == 4
+    with pytest.raises(SnapshotError, match=r"snapshot-04\.safetensors says it is snapshot 3 .*'index'"):
+        store.load_state_dict(4)
+    # the step recorded in the manifest edited
+    manifest["snapshots"] = manifest["snapshots"][:3]
+    (tmp_path / "extra" / "snapshot-04.safetensors").unlink()
+    manifest["snapshots"][1]["step"] = 150
+    rewrite(store, manifest)
+    with pytest.raises(SnapshotError, match=r"snapshot-02\.safetensors says it is snapshot 2 \(step 200.*"
+                                            r"\(step 150.*disagree on 'step'"):
+        store.load_state_dict(2)
+
+
+def test_file_without_snapshot_metadata_is_refused(tmp_path, three_snapshots):
+    import safetensors.torch
+
+    store, manifest = three_snapshots(tmp_path)
+    data = safetensors.torch.save(unwrap_state_dict(trained_net(2)))  # a plain safetensors file
+    (tmp_path / "snapshot-02.safetensors").write_bytes(data)
+    manifest["snapshots"][1]["sha256"] = hashlib.sha256(data).hexdigest()
+    rewrite(store, manifest)
+    with pytest.raises(SnapshotError, match=r"snapshot-02\.safetensors has no snapens snapshot metadata"):
+        store.load_state_dict(2)
+
+
+def test_save_refuses_an_index_that_leaves_a_gap(tmp_path):
+    store = SnapshotStore(tmp_path)
+    with pytest.raises(ValueError, match=r"index 2 would leave a gap.*next index is 1"):
+        store.save(trained_net(0), index=2, **save_kwargs())
+    assert os.listdir(tmp_path) == []
+    store.save(trained_net(0), index=1, **save_kwargs())
+    with pytest.raises(ValueError, match=r"index 3 would leave a gap.*1\.\.1"):
+        store.save(trained_net(0), index=3, **save_kwargs())
+    assert [i.index for i in store.list()] == [1]
+
+
+# ------------------------------------------------------------ dtype and non-finite tensors (issue 9, item 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.int32])
+def test_weights_of_another_dtype_kind_are_refused_naming_file_and_tensor(tmp_path, dtype):
+    state = unwrap_state_dict(trained_net(0))
+    state["fc.weight"] = (state["fc.weight"] * 10).to(dtype)
+    store = SnapshotStore(tmp_path)
+    store.save(state, index=1, **save_kwargs())
+    assert store.load_state_dict(1)["fc.weight"].dtype == dtype  # the file is read as it is...
+    with pytest.raises(SnapshotError, match=rf"snapshot-01\.safetensors does not fit TinyNet: dtype mismatch "
+                                            rf"fc\.weight: file {dtype} vs model torch\.float32"):
+        store.load_into(TinyNet(), 1)  # ...but never cast into a float model
+    # num_batches_tracked is an integer buffer: a float one is refused the same way
+    state = unwrap_state_dict(trained_net(0))
+    state["bn.num_batches_tracked"] = state["bn.num_batches_tracked"].float()
+    with pytest.raises(SnapshotError, match=r"dtype mismatch bn\.num_batches_tracked: file torch\.float32"):
+        checkpoint.verify_state_dict(TinyNet(), state, source="x")
+
+
+def test_float_precision_differences_still_load(tmp_path):
+    net = trained_net(0)
+    store = SnapshotStore(tmp_path)
+    store.save({k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}, index=1,
+               **save_kwargs())
+    fresh = TinyNet()
+    store.load_into(fresh, 1)
+    torch.testing.assert_close(fresh.fc.weight, net.fc.weight.half().float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path, bad):
+    state = unwrap_state_dict(trained_net(0))
+    state["bn.running_var"][1] = bad
+    store = SnapshotStore(tmp_path / "snaps")
+    store.save(state, index=1, **save_kwargs())
+    message = r"snapshot-01\.safetensors holds non-finite values \(NaN/inf\) in tensor 'bn\.running_var' \(1 of 4\)"
+    with pytest.raises(SnapshotError, match=message):
+        store.load_state_dict(1)
+    with pytest.raises(SnapshotError, match=message):
+        store.load_into(TinyNet(), 1)
+    save_weights(tmp_path / "best.safetensors", state)
+    with pytest.raises(SnapshotError, match=r"best\.safetensors holds non-finite values .*'bn\.running_var'"):
+        load_weights(tmp_path / "best.safetensors")
+
+
+# ----------------------------------------------------------- non-regular files (issue 9, item 15)
+
+
+def refuses_without_hanging(call, fifo, match):
+    """Run ``call`` in a thread: it must raise SnapshotError matching ``match`` without blocking on ``fifo``."""
+    import threading
+
+    outcome = {}
+
+    def target():
+        try:
+            call()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(60)  # a promise, not a timing: a reader blocked on the FIFO never returns by itself
+    if thread.is_alive():
+        # unblock the reader (opening the FIFO's write end lets its open() return, closing it gives EOF)
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(10)
+        pytest.fail(f"reading {fifo} blocked: a FIFO was opened for reading")
+    assert isinstance(outcome.get("error"), SnapshotError), outcome
+    assert re.search(match, str(outcome["error"])), str(outcome["error"])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_fifo_named_like_a_snapshot_or_manifest_is_refused(tmp_path, three_snapshots):
+    store, _ = three_snapshots(tmp_path)
+    snap = tmp_path / "snapshot-02.safetensors"
+    snap.unlink()
+    os.mkfifo(snap)
+    refuses_without_hanging(lambda: store.load_state_dict(2), snap,
+                            r"snapshot file .*snapshot-02\.safetensors is a FIFO \(named pipe\), not a regular file")
+    assert store.load_state_dict(1)  # the others still load
+    manifest = store.manifest_path
+    manifest.unlink()
+    os.mkfifo(manifest)
+    refuses_without_hanging(store.list, manifest, r"manifest\.json is a FIFO")
+    best = tmp_path / "best.safetensors"
+    os.mkfifo(best)
+    refuses_without_hanging(lambda: load_weights(best), best, r"weights file .*best\.safetensors is a FIFO")
+    state = tmp_path / "state.pt"
+    os.mkfifo(state)
+    refuses_without_hanging(lambda: load_training_state(state), state, r"training state .*state\.pt is a FIFO")
+    folder = tmp_path / "snapshot-09.safetensors"
+    folder.mkdir()
+    with pytest.raises(SnapshotError, match=r"snapshot-09\.safetensors is a folder"):
+        load_weights(folder)

@@ -5,8 +5,12 @@ from DDP, no ``_orig_mod.`` from ``torch.compile``) in ``snapshot-KK.safetensors
 ``manifest.json`` that describes it (step, epoch, learning rate, metrics, model name and constructor arguments,
 sha256 of the file). Loading a snapshot reads only safetensors and JSON, so it can never execute code.
 
-Every file is written atomically: a temporary file in the same folder, flushed and fsync'ed, moved over the target
-with :func:`os.replace`, then the folder is fsync'ed. A crash leaves the old file or the new one, never half of one.
+Every file is written atomically (:mod:`snapens._io`): a temporary file in the same folder, flushed and fsync'ed,
+moved over the target with :func:`os.replace`, then the folder is fsync'ed. A crash leaves the old file or the new
+one, never half of one. Reading refuses what does not fit: a manifest that breaks its schema (indices 1..M,
+unique, file names that match them), a file whose own metadata disagrees with its manifest entry, non-finite
+weights, tensors of another dtype kind than the model's, and anything that is not a regular file (a FIFO would
+block the reader forever).
 
 Example:
     >>> store = SnapshotStore(run_dir / "snapshots")            # doctest: +SKIP
@@ -17,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -25,18 +28,31 @@ import logging
 import math
 import os
 import random
-import secrets
-import struct
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import safetensors.torch
-from safetensors.torch import load as safetensors_from_bytes
 import torch
 from torch import nn
+
+# The atomic writers and strict JSON live in the private leaf module _io; re-exported here, where they were public.
+from snapens._io import (
+    NotARegularFileError,
+    atomic_open,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    json_safe,
+    read_json,
+    read_regular_bytes,
+    require_regular_file,
+    to_json,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -76,131 +92,6 @@ _COMPILED_PART = "_orig_mod"  # torch.compile's OptimizedModule
 
 class SnapshotError(ValueError):
     """A snapshot, manifest or state file is missing, corrupt, or does not fit the model. Names the file."""
-
-
-# ----------------------------------------------------------------------------------------------------- atomic
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on Windows, where os.open cannot open a folder.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix) for a writer that insists on a file name.
-
-    When the ``with`` block finishes, the file is fsync'ed and moved over ``path`` with :func:`os.replace`, then
-    the folder is fsync'ed; on an exception the temporary file is removed and ``path`` is untouched. For writers
-    that take a file object, :func:`atomic_write_bytes` and friends are simpler.
-
-    Example:
-        >>> with atomic_path(run_dir / "plots" / "lr.png") as tmp:   # doctest: +SKIP
-        ...     figure.savefig(tmp)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # keep the whole suffix (".weights.h5", ".png"): some writers pick the format from it
-    suffix = "".join(path.suffixes)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}"
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-@contextlib.contextmanager
-def _atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
-    """Yield a binary file that replaces ``path`` only if the ``with`` block finishes without an exception."""
-    path = Path(path)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            # os.open with 0o666 honours the umask, unlike tempfile's 0o600.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``, fsync folder).
-
-    Missing parent folders are created. On failure the previous file, if any, is left untouched and the
-    temporary file is removed.
-    """
-    with _atomic_open(path) as f:
-        f.write(data)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, +-inf) replaced by ``None``, recursively through dicts,
-    lists and tuples (tuples become lists); other values are returned as they are."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def to_json(obj: Any, *, indent: int | None = 2) -> str:
-    """Strict JSON text of ``obj``: non-finite floats are written as ``null``, never as the invalid ``NaN``.
-
-    Raises:
-        ValueError: ``obj`` holds something JSON cannot represent.
-    """
-    try:
-        return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
-    except TypeError as exc:
-        raise ValueError(f"cannot write as JSON: {exc}") from exc
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as strict, indented JSON (:func:`to_json`, plus a final newline) to ``path`` atomically.
-
-    Raises:
-        ValueError: ``obj`` is not JSON-serialisable.
-    """
-    try:
-        text = to_json(obj)
-    except ValueError as e:
-        raise ValueError(f"cannot write {os.fspath(path)}: {e}") from e
-    atomic_write_text(path, text + "\n")
 
 
 # ----------------------------------------------------------------------------------------------- state dicts
@@ -265,8 +156,17 @@ def unwrap_state_dict(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor
     return out
 
 
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating point"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integer"
+
+
 def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor], limit: int = 5) -> list[str]:
-    """Describe why ``state_dict`` does not fit ``model`` (missing/unexpected keys, shape mismatches).
+    """Describe why ``state_dict`` does not fit ``model`` (missing/unexpected keys, shape mismatches, a tensor
+    of another dtype kind than the model's: integer or bool where the model has floating point, or the reverse).
 
     Returns:
         Human-readable problems, empty if the state dict fits. At most ``limit`` keys are named per kind.
@@ -280,7 +180,16 @@ def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
         for k in expected
         if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
     ]
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)):
+    # A float model loading int or bool weights (or the reverse) would be cast silently into nonsense; float16
+    # vs float32 is only a precision choice and is cast as usual.
+    dtypes = [
+        f"{k}: file {state_dict[k].dtype} vs model {expected[k].dtype}"
+        for k in expected
+        if k in state_dict and isinstance(state_dict[k], torch.Tensor)
+        and _dtype_kind(state_dict[k].dtype) != _dtype_kind(expected[k].dtype)
+    ]
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes),
+                         ("dtype mismatch", dtypes)):
         if items:
             more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
             problems.append(f"{label} {', '.join(items[:limit])}{more}")
@@ -302,44 +211,42 @@ def _load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sour
 # ------------------------------------------------------------------------------------------- safetensors files
 
 
-def _check_safetensors_bytes(data: bytes, path: Path) -> None:
-    """Catch truncation with a clear message before handing the bytes to safetensors."""
-    if len(data) < 8:
-        raise SnapshotError(f"{path} is truncated or not a safetensors file ({len(data)} bytes)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if 8 + header_len > len(data):
-        raise SnapshotError(f"{path} is truncated or not a safetensors file (header of {header_len} bytes)")
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError) as e:
-        raise SnapshotError(f"{path} has a corrupt safetensors header: {e}") from e
-    if 8 + header_len + end > len(data):
-        raise SnapshotError(f"{path} is truncated: expected {8 + header_len + end} bytes, found {len(data)}")
-
-
 def _read_bytes(path: Path, what: str) -> bytes:
     try:
-        return path.read_bytes()
+        return read_regular_bytes(path)
     except FileNotFoundError as e:
         raise SnapshotError(f"{what} {path} is missing") from e
+    except NotARegularFileError as e:
+        raise SnapshotError(f"{what} {e}") from e
 
 
 def _decode_safetensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    _check_safetensors_bytes(data, path)
     try:
-        tensors = safetensors_from_bytes(data)  # parses tensors only: never runs code
-    except Exception as e:  # safetensors raises its own SafetensorError (a plain Exception)
-        raise SnapshotError(f"{path} is not a readable safetensors file: {e}") from e
-    (header_len,) = struct.unpack("<Q", data[:8])
-    raw = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        tensors = safetensors.torch.load(data)  # parses tensors only: never runs code
+    except Exception as e:  # safetensors raises its own SafetensorError (a plain Exception), truncation included
+        raise SnapshotError(f"{path} is truncated or not a safetensors file: {e}") from e
+    # safetensors has no public call for the metadata of bytes in memory; load() has just validated the
+    # header (8-byte little-endian length, then JSON), so reading it back cannot go wrong.
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    raw = header.get("__metadata__") or {}
     if METADATA_KEY not in raw:
         return tensors, {}
     try:
         metadata = json.loads(raw[METADATA_KEY])
     except ValueError as e:
         raise SnapshotError(f"{path} has corrupt {METADATA_KEY!r} metadata: {e}") from e
+    if not isinstance(metadata, dict):
+        raise SnapshotError(f"{path} has corrupt {METADATA_KEY!r} metadata: not a JSON object")
     return tensors, metadata
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    # NaN/inf weights would only surface later as NaN probabilities, far from the file that holds them.
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            n_bad = int((~torch.isfinite(tensor)).sum())
+            raise SnapshotError(f"{path} holds non-finite values (NaN/inf) in tensor {key!r} "
+                                f"({n_bad} of {tensor.numel()}): refusing to load it")
 
 
 def _encode_safetensors(state_dict: Mapping[str, torch.Tensor] | nn.Module, metadata: Mapping[str, Any]) -> bytes:
@@ -374,10 +281,12 @@ def load_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
         ``(state_dict, metadata)``, tensors on CPU.
 
     Raises:
-        SnapshotError: the file is missing, truncated or corrupt.
+        SnapshotError: the file is missing, not a regular file, truncated or corrupt, or holds NaN/inf values.
     """
     path = Path(path)
-    return _decode_safetensors(_read_bytes(path, "weights file"), path)
+    tensors, metadata = _decode_safetensors(_read_bytes(path, "weights file"), path)
+    _check_finite(tensors, path)
+    return tensors, metadata
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -449,6 +358,83 @@ def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with one manifest entry (its fields and their types), or None."""
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}, not an object"
+    missing = [k for k in _ENTRY_KEYS if k not in entry]
+    unknown = sorted(set(entry) - set(_ENTRY_KEYS))
+    if missing or unknown:
+        return f"lacks {missing}" if missing else f"has unknown keys {unknown}"
+    try:
+        _check_number("index", entry["index"], integer=True)
+        _check_number("step", entry["step"], integer=True)
+        _check_number("epoch", entry["epoch"])
+        _check_number("lr", entry["lr"])
+    except ValueError as e:
+        return str(e)
+    if entry["index"] < 1:
+        return f"index must be >= 1, got {entry['index']!r}"
+    if entry["file"] != snapshot_filename(entry["index"]):
+        return f"file must be {snapshot_filename(entry['index'])!r} for index {entry['index']}, got {entry['file']!r}"
+    metrics = entry["metrics"]
+    if not isinstance(metrics, dict) or not all(
+        v is None or isinstance(v, (int, float, str)) for v in metrics.values()
+    ):
+        return f"metrics must be an object of numbers, strings or null, got {metrics!r}"
+    if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
+        return f"sha256 must be 64 lowercase hex digits, got {entry['sha256']!r}"
+    model = entry["model"]
+    if (
+        not isinstance(model, dict)
+        or set(model) != {"name", "kwargs"}
+        or not isinstance(model["name"], str)
+        or not model["name"]
+        or not isinstance(model["kwargs"], dict)
+    ):
+        return f"model must be an object {{'name': <non-empty string>, 'kwargs': <object>}}, got {model!r}"
+    if not isinstance(entry["created"], str):
+        return f"created must be a string, got {entry['created']!r}"
+    return None
+
+
+def _manifest_entries(manifest: Any, path: Path) -> list[dict[str, Any]]:
+    """The entries of a parsed manifest, sorted by index, after checking it against its schema.
+
+    The schema: ``{"format_version": 1, "snapshots": [entry, ...]}``; every entry has exactly the fields of
+    :class:`SnapshotInfo` (but ``path``) with their types, ``file`` is :func:`snapshot_filename` of ``index``,
+    and the indices are 1..M, each once. A gap, a duplicate or an index 99 would change the ensemble's
+    members or which snapshot counts as the last, so they are refused rather than sorted around.
+
+    Raises:
+        SnapshotError: naming ``path`` and the first problem found.
+    """
+    def bad(problem: str) -> SnapshotError:
+        return SnapshotError(f"{path} is not a valid snapshot manifest: {problem}")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"expected a JSON object, got {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise SnapshotError(f"{path} has unsupported format_version {version!r}")
+    if set(manifest) != {"format_version", "snapshots"}:
+        raise bad(f"expected the keys ['format_version', 'snapshots'], got {sorted(manifest)}")
+    entries = manifest["snapshots"]
+    if not isinstance(entries, list):
+        raise bad(f"'snapshots' must be a list, got {type(entries).__name__}")
+    for n, entry in enumerate(entries):
+        problem = _entry_problem(entry)
+        if problem is not None:
+            raise bad(f"snapshots[{n}] {problem}")
+    indices = [e["index"] for e in entries]
+    if sorted(indices) != list(range(1, len(entries) + 1)):
+        raise bad(f"the snapshot indices must be 1..{len(entries)}, each once, got {indices}")
+    return sorted(entries, key=lambda e: e["index"])
+
+
 class SnapshotStore:
     """A folder of snapshots: ``snapshot-KK.safetensors`` files and ``manifest.json`` describing them.
 
@@ -464,24 +450,15 @@ class SnapshotStore:
         return f"SnapshotStore({os.fspath(self.folder)!r})"
 
     def _read_manifest(self) -> list[dict[str, Any]] | None:
-        """Entries of the manifest, or None if it does not exist."""
+        """Entries of the manifest, checked (:func:`_manifest_entries`) and sorted by index; None if it does not
+        exist."""
         try:
-            text = self.manifest_path.read_text(encoding="utf-8")
+            manifest = read_json(self.manifest_path)
         except FileNotFoundError:
             return None
-        try:
-            manifest = json.loads(text)
-        except ValueError as e:
-            raise SnapshotError(f"{self.manifest_path} is not valid JSON: {e}") from e
-        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-            version = manifest.get("format_version") if isinstance(manifest, dict) else None
-            raise SnapshotError(f"{self.manifest_path} has unsupported format_version {version!r}")
-        entries = manifest.get("snapshots")
-        if not isinstance(entries, list) or not all(
-            isinstance(e, dict) and all(k in e for k in _ENTRY_KEYS) for e in entries
-        ):
-            raise SnapshotError(f"{self.manifest_path} has malformed 'snapshots' entries")
-        return entries
+        except (ValueError, NotARegularFileError) as e:  # the messages name the file
+            raise SnapshotError(str(e)) from e
+        return _manifest_entries(manifest, self.manifest_path)
 
     def _info(self, entry: Mapping[str, Any]) -> SnapshotInfo:
         values = {k: entry[k] for k in _ENTRY_KEYS}
@@ -492,17 +469,26 @@ class SnapshotStore:
         """All snapshots, sorted by index. Empty for a folder that holds no snapshots yet.
 
         Raises:
-            SnapshotError: the manifest is corrupt, or missing while snapshot files exist.
+            SnapshotError: the manifest is missing while snapshot files exist, breaks its schema (see
+                :func:`_manifest_entries`), or leaves out a snapshot file of the folder (dropping the last
+                entry would otherwise shrink the ensemble unnoticed).
         """
         entries = self._read_manifest()
+        files = sorted(self.folder.glob("snapshot-*.safetensors")) if self.folder.is_dir() else []
         if entries is None:
-            orphans = sorted(self.folder.glob("snapshot-*.safetensors")) if self.folder.is_dir() else []
-            if orphans:
+            if files:
                 raise SnapshotError(
-                    f"{self.manifest_path} is missing but {len(orphans)} snapshot file(s) exist, e.g. {orphans[0]}"
+                    f"{self.manifest_path} is missing but {len(files)} snapshot file(s) exist, e.g. {files[0]}"
                 )
             return []
-        return sorted((self._info(e) for e in entries), key=lambda i: i.index)
+        listed = {e["file"] for e in entries}
+        unlisted = [f for f in files if f.name not in listed]
+        if unlisted:
+            raise SnapshotError(
+                f"{unlisted[0]} is not listed in {self.manifest_path} (which lists {len(entries)} snapshots): a save "
+                "interrupted before its manifest entry (`snapens train --resume` writes it again) or a stray file"
+            )
+        return [self._info(e) for e in entries]
 
     def __len__(self) -> int:
         return len(self.list())
@@ -534,6 +520,8 @@ class SnapshotStore:
         metrics: Mapping[str, Any] | None = None,
     ) -> SnapshotInfo:
         """Write snapshot ``index`` (file first, then the manifest; both atomic). Re-saving an index replaces it.
+
+        Indices are 1..M without gaps: ``index`` is at most one more than the number of snapshots stored.
 
         Args:
             model_or_state_dict: The model (unwrapped automatically) or its state dict.
@@ -571,7 +559,12 @@ class SnapshotStore:
             "model": {"name": model_name, "kwargs": kwargs},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        entries = [e for e in (self._read_manifest() or []) if e["index"] != index]
+        entries = self._read_manifest() or []
+        if index > len(entries) + 1:
+            # the manifest's indices are 1..M: a gap would make the store unreadable
+            raise ValueError(f"index {index} would leave a gap: {self.manifest_path} holds snapshots 1..{len(entries)}, "
+                             f"so the next index is {len(entries) + 1}")
+        entries = [e for e in entries if e["index"] != index]
         # The file describes itself too (everything but its own hash), so it stays meaningful on its own.
         data = _encode_safetensors(
             model_or_state_dict, {"format_version": FORMAT_VERSION, **{k: v for k, v in entry.items() if k != "sha256"}}
@@ -588,15 +581,27 @@ class SnapshotStore:
         """Read snapshot ``index`` after checking its sha256 against the manifest. Tensors on CPU.
 
         Raises:
-            SnapshotError: manifest or file missing, file truncated/corrupt, or sha256 mismatch.
+            SnapshotError: manifest or file missing (or not a regular file), file truncated/corrupt, sha256
+                mismatch, the file's own metadata (index, step, model) disagrees with the manifest, or NaN/inf
+                values.
         """
         info = self.get(index)
         data = _read_bytes(info.path, "snapshot file")
-        _check_safetensors_bytes(data, info.path)
+        state, metadata = _decode_safetensors(data, info.path)
         digest = hashlib.sha256(data).hexdigest()
         if digest != info.sha256:
             raise SnapshotError(f"{info.path} is corrupt: sha256 {digest} does not match the manifest's {info.sha256}")
-        state, _ = _decode_safetensors(data, info.path)
+        # A renamed or renumbered file keeps its hash: only its own metadata tells which snapshot it is.
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise SnapshotError(f"{info.path} has no snapens snapshot metadata (format_version "
+                                f"{metadata.get('format_version')!r}): it was not written by SnapshotStore")
+        for key in ("index", "step", "model"):
+            if metadata.get(key) != getattr(info, key) or type(metadata.get(key)) is not type(getattr(info, key)):
+                raise SnapshotError(
+                    f"{info.path} says it is snapshot {metadata.get('index')!r} (step {metadata.get('step')!r}, "
+                    f"model {metadata.get('model')!r}), but {self.manifest_path} lists it as snapshot {info.index} "
+                    f"(step {info.step}, model {info.model!r}): the manifest and the file disagree on {key!r}")
+        _check_finite(state, info.path)
         return state
 
     def load_into(self, model: nn.Module, index: int) -> SnapshotInfo:
@@ -621,7 +626,7 @@ def save_training_state(path: str | os.PathLike[str], state: Mapping[str, Any]) 
     """
     if not isinstance(state, Mapping):
         raise ValueError(f"training state must be a dict, got {type(state).__name__}")
-    with _atomic_open(path) as f:
+    with atomic_open(path) as f:
         torch.save(dict(state), f)
     logger.debug("wrote training state %s", path)
 
@@ -633,8 +638,12 @@ def load_training_state(path: str | os.PathLike[str], map_location: str | torch.
         SnapshotError: the file is missing, corrupt, or holds objects that weights-only loading refuses.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SnapshotError(f"training state {path} is missing")
+    try:
+        require_regular_file(path)
+    except FileNotFoundError as e:
+        raise SnapshotError(f"training state {path} is missing") from e
+    except NotARegularFileError as e:
+        raise SnapshotError(f"training state {e}") from e
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # zip/pickle errors come in many types
