@@ -82,3 +82,35 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return Path(train_run(cfg, tmp_path_factory.mktemp("tiny-run") / "run", resume=False, progress=False))
     finally:
         torch.set_num_threads(before)  # threads=1 sets torch's global thread count
+
+
+def _call_without_blocking(call: Callable[[], object], fifo: Path, wait_s: float = 60.0) -> object:
+    import os
+    import threading
+
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(wait_s)  # a promise, not a timing: a reader blocked on a FIFO never returns by itself
+    if thread.is_alive():
+        # Unblock the reader: opening the FIFO's write end lets its open() return; closing it gives EOF.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(wait_s)
+        pytest.fail(f"{fifo} was opened for reading and blocked")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome.get("value")
+
+
+@pytest.fixture()
+def without_blocking_on() -> Callable[..., object]:
+    """``without_blocking_on(fifo, call) -> call()``: fails the test (instead of hanging it) if ``call`` blocks
+    reading the FIFO ``fifo``; exceptions of ``call`` propagate."""
+    return lambda fifo, call: _call_without_blocking(call, fifo)

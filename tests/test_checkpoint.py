@@ -655,49 +655,29 @@ def test_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path, bad):
 # ----------------------------------------------------------- non-regular files (issue 9, item 15)
 
 
-def refuses_without_hanging(call, fifo, match):
-    """Run ``call`` in a thread: it must raise SnapshotError matching ``match`` without blocking on ``fifo``."""
-    import threading
-
-    outcome = {}
-
-    def target():
-        try:
-            call()
-        except BaseException as e:  # noqa: BLE001 - reported below
-            outcome["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(60)  # a promise, not a timing: a reader blocked on the FIFO never returns by itself
-    if thread.is_alive():
-        # unblock the reader (opening the FIFO's write end lets its open() return, closing it gives EOF)
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        thread.join(10)
-        pytest.fail(f"reading {fifo} blocked: a FIFO was opened for reading")
-    assert isinstance(outcome.get("error"), SnapshotError), outcome
-    assert re.search(match, str(outcome["error"])), str(outcome["error"])
-
-
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
-def test_fifo_named_like_a_snapshot_or_manifest_is_refused(tmp_path, three_snapshots):
+def test_fifo_named_like_a_snapshot_or_manifest_is_refused(tmp_path, three_snapshots, without_blocking_on):
+    def refused(fifo, call, match):
+        with pytest.raises(SnapshotError, match=match):
+            without_blocking_on(fifo, call)
+
     store, _ = three_snapshots(tmp_path)
     snap = tmp_path / "snapshot-02.safetensors"
     snap.unlink()
     os.mkfifo(snap)
-    refuses_without_hanging(lambda: store.load_state_dict(2), snap,
-                            r"snapshot file .*snapshot-02\.safetensors is a FIFO \(named pipe\), not a regular file")
+    refused(snap, lambda: store.load_state_dict(2),
+            r"snapshot file .*snapshot-02\.safetensors is a FIFO \(named pipe\), not a regular file")
     assert store.load_state_dict(1)  # the others still load
     manifest = store.manifest_path
     manifest.unlink()
     os.mkfifo(manifest)
-    refuses_without_hanging(store.list, manifest, r"manifest\.json is a FIFO")
+    refused(manifest, store.list, r"manifest\.json is a FIFO")
     best = tmp_path / "best.safetensors"
     os.mkfifo(best)
-    refuses_without_hanging(lambda: load_weights(best), best, r"weights file .*best\.safetensors is a FIFO")
+    refused(best, lambda: load_weights(best), r"weights file .*best\.safetensors is a FIFO")
     state = tmp_path / "state.pt"
     os.mkfifo(state)
-    refuses_without_hanging(lambda: load_training_state(state), state, r"training state .*state\.pt is a FIFO")
+    refused(state, lambda: load_training_state(state), r"training state .*state\.pt is a FIFO")
     folder = tmp_path / "snapshot-09.safetensors"
     folder.mkdir()
     with pytest.raises(SnapshotError, match=r"snapshot-09\.safetensors is a folder"):

@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import torch
 
 from snapens import report
 from snapens.checkpoint import SnapshotStore, load_weights
-from snapens.cli import main
+from snapens.cli import CLIError, main
 from snapens.cli.evaluate import evaluate_run
 from snapens.data import load_dataset
 from snapens.models import build_model
@@ -309,3 +311,66 @@ def test_subprocess_errors_are_one_line(tmp_path: Path, run_dir: Path, assert_on
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2
         assert message in assert_one_line_error(proc.stderr)
+
+
+def test_variant_evaluations_keep_the_runs_summary_and_weights(run_copy: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 9, item 8: --last / --include-best write their own files; summary.json stays the whole run's
+    full = evaluate_run(run_copy, optimize=1)
+    summary_bytes = (run_copy / "summary.json").read_bytes()
+    weights_bytes = (run_copy / "ensemble_weights.json").read_bytes()
+    assert main(["evaluate", str(run_copy), "--last", "1", "--quiet", "--device", "cpu", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((run_copy / "summary-last1.json").read_text())
+    assert printed["member_names"] == ["snapshot-02"] and printed["run"]["last"] == 1
+    assert main(["evaluate", str(run_copy), "--include-best", "--quiet", "--device", "cpu"]) == 0
+    best = json.loads((run_copy / "summary-best.json").read_text())
+    assert best["member_names"] == ["best", *NAMES]
+    assert json.loads((run_copy / "ensemble_weights-best.json").read_text())["members"] == ["best", *NAMES]
+    assert evaluate_run(run_copy, last=1, include_best=True, optimize=-1)["member_names"] == ["best", "snapshot-02"]
+    assert (run_copy / "summary-last1-best.json").is_file()
+    # the run's own files are untouched
+    assert (run_copy / "summary.json").read_bytes() == summary_bytes
+    assert (run_copy / "ensemble_weights.json").read_bytes() == weights_bytes
+    assert json.loads(summary_bytes)["member_names"] == full["member_names"] == NAMES
+    # --optimize 0 reads the weights fitted with the same flags
+    again = evaluate_run(run_copy, include_best=True, optimize=0)
+    assert again["ensemble_weighted"]["weights"] == pytest.approx(best["ensemble_weighted"]["weights"])
+    assert json.loads((run_copy / "ensemble_weights-last1.json").read_text())["members"] == ["snapshot-02"]
+    with pytest.raises(CLIError, match=r"ensemble_weights-last1-best\.json does not exist; run `snapens evaluate "
+                                       r"--optimize 1 --last 1 --include-best` first"):
+        evaluate_run(run_copy, last=1, include_best=True, optimize=0)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+@pytest.mark.parametrize("name, message", [
+    ("snapshots/snapshot-01.safetensors", r"snapshot-01\.safetensors is a FIFO \(named pipe\), not a regular file"),
+    ("snapshots/manifest.json", r"manifest\.json is a FIFO"),
+    ("config.json", r"cannot read .*config\.json: .*config\.json is a FIFO"),
+    ("best.safetensors", r"best\.safetensors is a FIFO"),  # refused, not silently skipped
+])
+def test_fifo_in_place_of_a_run_file_is_refused_not_read(run_copy: Path, without_blocking_on,
+                                                         assert_one_line_error, name: str, message: str) -> None:
+    # issue 9, item 15: reading a FIFO blocks forever; a non-regular file is refused without being opened
+    fifo = run_copy / name
+    fifo.unlink()
+    os.mkfifo(fifo)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = without_blocking_on(fifo, lambda: main(["evaluate", str(run_copy), "--quiet", "--device", "cpu"]))
+    assert code == 2
+    assert re.search(message, assert_one_line_error(err.getvalue()))
+
+
+def test_non_finite_snapshot_is_refused_naming_file_and_tensor(run_copy: Path, cli_error) -> None:
+    # issue 9, item 4 (load-time part): NaN weights used to surface only as "Expected finite probs"
+    store = SnapshotStore(run_copy / "snapshots")
+    info = store.get(2)
+    state = store.load_state_dict(2)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key].view(-1)[0] = float("nan")
+    store.save(state, index=2, step=info.step, epoch=info.epoch, lr=info.lr, model_name=info.model_name,
+               model_kwargs=info.model_kwargs, metrics=info.metrics)
+    message = cli_error("evaluate", run_copy, "--quiet", "--device", "cpu")
+    assert re.search(rf"snapshot-02\.safetensors holds non-finite values \(NaN/inf\) in tensor '{re.escape(key)}'",
+                     message), message

@@ -562,8 +562,8 @@ class SnapshotStore:
         entries = self._read_manifest() or []
         if index > len(entries) + 1:
             # the manifest's indices are 1..M: a gap would make the store unreadable
-            raise ValueError(f"index {index} would leave a gap: {self.manifest_path} holds snapshots 1..{len(entries)}, "
-                             f"so the next index is {len(entries) + 1}")
+            raise ValueError(f"index {index} would leave a gap: {self.manifest_path} holds snapshots "
+                             f"1..{len(entries)}, so the next index is {len(entries) + 1}")
         entries = [e for e in entries if e["index"] != index]
         # The file describes itself too (everything but its own hash), so it stays meaningful on its own.
         data = _encode_safetensors(

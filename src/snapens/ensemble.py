@@ -380,7 +380,7 @@ class SnapshotEnsemble(_Ensemble):
         """
         run_dir = Path(run_dir)
         store = SnapshotStore(run_dir / "snapshots")
-        if not store.manifest_path.is_file():
+        if not store.manifest_path.exists():  # a FIFO or folder in its place is refused by list()
             raise SnapshotError(f"{store.manifest_path} is missing: {run_dir} holds no snapshots")
         infos = store.list()
         if not infos:

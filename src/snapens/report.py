@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from snapens import metrics, weighting
-from snapens.checkpoint import json_safe, to_json
+from snapens._io import json_safe, to_json
 
 __all__ = ["FORMAT_VERSION", "OPTIMIZE_MODES", "summarize", "format_summary", "json_safe", "to_json"]
 

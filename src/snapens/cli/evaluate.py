@@ -3,12 +3,16 @@
 Choices (the single best model, the ensemble weights, the temperature) are made on the validation split; the
 numbers are measured on the test split. Writes ``RUN_DIR/summary.json`` (and ``RUN_DIR/ensemble_weights.json``
 with ``--optimize 1``) and prints a table (or the JSON with ``--json``).
+
+summary.json is the whole run's (what ``snapens plot`` draws): an evaluation of a variant, ``--last M`` and/or
+``--include-best``, writes its own files instead, e.g. ``summary-last3.json``, ``summary-best.json``,
+``summary-last3-best.json`` (and ``ensemble_weights-last3.json``, which ``--optimize 0`` and
+``snapens export --weights fitted`` with the same flags read).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -17,17 +21,36 @@ from typing import Any
 
 import torch
 
+from snapens._io import read_json
 from snapens.cli import CLIError
 
 __all__ = [
     "REQUIRED_KEYS", "evaluate_run", "read_run_info", "load_run_dataset", "load_saved_weights", "make_loader",
-    "register", "run",
+    "register", "run", "summary_file", "weights_file",
 ]
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "ensemble_weights.json"
 SUMMARY_FILE = "summary.json"
+
+
+def _variant(last: int | None, include_best: bool) -> str:
+    return (f"-last{last}" if last is not None else "") + ("-best" if include_best else "")
+
+
+def summary_file(last: int | None = None, include_best: bool = False) -> str:
+    """The summary's file name: ``summary.json`` for the whole run, else e.g. ``summary-last3-best.json``.
+
+    Variants get their own file so that evaluating one never replaces the run's summary (which plot draws).
+    """
+    return f"summary{_variant(last, include_best)}.json"
+
+
+def weights_file(last: int | None = None, include_best: bool = False) -> str:
+    """The fitted weights' file name: ``ensemble_weights.json`` for the whole run, else e.g.
+    ``ensemble_weights-last3.json`` (see :func:`summary_file`)."""
+    return f"ensemble_weights{_variant(last, include_best)}.json"
 
 
 #: Entries of config.json that evaluate, plot and export read: ``section -> keys``.
@@ -75,24 +98,28 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise CLIError(f"{run_dir} is not a directory")
     path = run_dir / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise CLIError(f"{run_dir} is not a snapens run folder: {path.name} is missing")
     try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        info = read_json(path)  # refuses a FIFO rather than blocking on it
+    except (OSError, ValueError) as exc:
         raise CLIError(f"cannot read {path}: {exc}") from exc
     _check_run_info(info, path)
     return info
 
 
-def load_saved_weights(run_dir: Path, member_names: list[str], *, flag: str = "--optimize 0") -> torch.Tensor:
-    """The weights saved by ``evaluate --optimize 1``, checked against the members they will be applied to."""
-    path = Path(run_dir) / WEIGHTS_FILE
-    if not path.is_file():
+def load_saved_weights(run_dir: Path, member_names: list[str], *, flag: str = "--optimize 0",
+                       last: int | None = None, include_best: bool = False) -> torch.Tensor:
+    """The weights saved by ``evaluate --optimize 1`` with the same ``last`` / ``include_best``
+    (:func:`weights_file`), checked against the members they will be applied to."""
+    path = Path(run_dir) / weights_file(last, include_best)
+    if not path.exists():
+        same = "".join(f" {f}" for f in ([f"--last {last}"] if last is not None else [])
+                       + (["--include-best"] if include_best else []))
         raise CLIError(f"{flag} needs saved ensemble weights, but {path} does not exist; "
-                       "run `snapens evaluate --optimize 1` first")
+                       f"run `snapens evaluate --optimize 1{same}` first")
     try:
-        saved = json.loads(path.read_text())
+        saved = read_json(path)
         weights = [float(w) for w in saved["weights"]]
         names = list(saved["members"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -171,21 +198,25 @@ def evaluate_run(
     data_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a run folder's snapshot ensemble and write ``summary.json`` (see :func:`snapens.report.summarize`).
+    """Evaluate a run folder's snapshot ensemble and write its summary (see :func:`snapens.report.summarize`).
+
+    The whole run's summary goes to ``summary.json``; with ``last`` or ``include_best`` it goes to its own file
+    (:func:`summary_file`, e.g. ``summary-last3.json``), and so do fitted weights (:func:`weights_file`), so
+    that the run's own results are never replaced by a variant's.
 
     Args:
         run_dir: a folder written by ``snapens train`` (``config.json``, ``snapshots/``, maybe ``best.safetensors``).
         last: use only the last ``m`` snapshots (default: all).
         include_best: add ``best.safetensors`` to the ensemble as a member.
         optimize: ``-1`` equal weights only, ``1`` fit weights on validation and save them to
-            ``ensemble_weights.json``, ``0`` use the saved weights.
+            ``ensemble_weights.json`` (:func:`weights_file`), ``0`` use the saved weights.
         device: ``"cpu"``, ``"cuda"``, ``"auto"``... (checked by :func:`snapens.engine.resolve_device`).
         data_dir: where the dataset lives now, instead of the ``data_dir`` stored in config.json.
         progress: show progress bars on stderr.
 
     Returns:
-        The summary as written to ``summary.json`` (non-finite numbers as ``None``), with a ``"run"`` entry naming
-        the run folder and the evaluation options.
+        The summary as written (non-finite numbers as ``None``), with a ``"run"`` entry naming the run folder and
+        the evaluation options.
 
     Raises:
         ValueError: a bad option or device, an incomplete config.json, missing or corrupt snapshots
@@ -193,7 +224,7 @@ def evaluate_run(
             the run was trained on.
     """
     from snapens import metrics, report
-    from snapens.checkpoint import atomic_write_json, atomic_write_text
+    from snapens._io import atomic_write_json, atomic_write_text
     from snapens.engine import resolve_device
     from snapens.ensemble import SnapshotEnsemble
     from snapens.models import build_model
@@ -207,12 +238,13 @@ def evaluate_run(
 
     # best.safetensors, when there is one, is loaded once as member 0: it gives the "single best" row and,
     # with include_best, is also an ensemble member. from_run checks --last and the files.
-    has_best = include_best or (run_dir / "best.safetensors").is_file()
+    # exists(), not is_file(): a FIFO or folder in its place is refused by the loader, not silently skipped
+    has_best = include_best or (run_dir / "best.safetensors").exists()
     loaded = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=has_best, device=device)
     all_names = [Path(n).stem for n in loaded.member_names]
     first = 1 if has_best and not include_best else 0  # members of the evaluated ensemble: loaded[first:]
     names = all_names[first:]
-    weights = load_saved_weights(run_dir, names) if optimize == 0 else None
+    weights = load_saved_weights(run_dir, names, last=last, include_best=include_best) if optimize == 0 else None
     data = load_run_dataset(info, data_dir=data_dir)
 
     has_val = len(data.val) > 0
@@ -229,12 +261,13 @@ def evaluate_run(
     summary["run"] = {"run_dir": str(run_dir), "last": last, "include_best": include_best,
                       "dataset": cfg["dataset"], "model": info["model"]["name"],
                       "schedule": cfg["schedule"], "epochs": cfg["epochs"], "lr": cfg["lr"]}
-    atomic_write_text(run_dir / SUMMARY_FILE, report.to_json(summary) + "\n")
+    summary_path = run_dir / summary_file(last, include_best)
+    atomic_write_text(summary_path, report.to_json(summary) + "\n")
     if optimize == 1 and summary["ensemble_weighted"] is not None:
-        atomic_write_json(run_dir / WEIGHTS_FILE, {
+        atomic_write_json(run_dir / weights_file(last, include_best), {
             "format_version": 1, "method": "nll", "fitted_on": "validation", "members": names,
             "weights": summary["ensemble_weighted"]["weights"]})
-    logger.info("wrote %s", run_dir / SUMMARY_FILE)
+    logger.info("wrote %s", summary_path)
     return report.json_safe(summary)
 
 
@@ -244,11 +277,15 @@ def register(subparsers: Any) -> None:
         "evaluate", help="evaluate a run's snapshot ensemble on the test split",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a folder written by `snapens train`")
-    p.add_argument("--last", type=int, default=None, metavar="M", help="ensemble only the last M snapshots")
-    p.add_argument("--include-best", action="store_true", help="add best.safetensors as an ensemble member")
+    p.add_argument("--last", type=int, default=None, metavar="M",
+                   help="ensemble only the last M snapshots (written to summary-lastM.json: summary.json stays "
+                        "the whole run's)")
+    p.add_argument("--include-best", action="store_true",
+                   help="add best.safetensors as an ensemble member (written to summary-best.json)")
     p.add_argument("--optimize", type=int, choices=(-1, 0, 1), default=1,
                    help="-1: equal weights only; 1: fit weights on validation (NLL) and save them to "
-                        "ensemble_weights.json; 0: use the saved weights (default: 1)")
+                        "ensemble_weights.json (ensemble_weights-lastM.json, ... with --last / --include-best); "
+                        "0: use the saved weights (default: 1)")
     p.add_argument("--num_tests", "--num-tests", type=int, default=None, metavar="N",
                    help="accepted for compatibility with the old predict script and ignored: the NLL fit is "
                         "convex, one exact solve replaces the random restarts")
@@ -262,7 +299,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``snapens evaluate``: evaluate, write summary.json, print the table (or the JSON); returns 0."""
+    """Run ``snapens evaluate``: evaluate, write the summary file, print the table (or the JSON); returns 0."""
     from snapens.cli._common import configure_logging, progress_enabled
 
     configure_logging(args.quiet)

@@ -4,7 +4,8 @@ The exported module takes float images in [0, 1], shaped ``[N, C, H, W]`` like t
 divided by 255), normalises them with the training set's mean and std, runs every snapshot and returns the
 ensemble's probabilities ``[N, num_classes]`` = sum_m w_m softmax(f_m(x)): the same numbers as
 ``snapens evaluate``. The weights are equal (the paper), or with ``--weights fitted`` the ones saved in
-RUN_DIR/ensemble_weights.json by ``snapens evaluate --optimize 1``.
+RUN_DIR/ensemble_weights.json by ``snapens evaluate --optimize 1`` (with ``--last M`` / ``--include-best``: the
+ones that evaluate saved with the same flags, e.g. ensemble_weights-last3.json).
 
 Formats (the default follows OUT's suffix: .pt is torchscript, anything else export):
   --format export (.pt2):       program = torch.export.load("ens.pt2"); probs = program.module()(x)
@@ -39,6 +40,24 @@ __all__ = ["FORMATS", "EXTRA_FILE", "NormalizedEnsemble", "default_format", "exp
 FORMATS = {"torchscript": ".pt", "export": ".pt2"}
 EXTRA_FILE = "snapens.json"
 _EXAMPLE_BATCH = 8
+#: What a run folder holds of its own (patterns of top-level names; hidden files are temporary files and locks):
+#: an export may sit beside them, never in their place.
+_RUN_FILES = ("config.json", "state.pt", "metrics.csv", "best.safetensors", "summary*.json", "ensemble_weights*.json",
+              ".*")
+_RUN_FOLDERS = ("snapshots", "plots")
+
+
+def _refuse_run_file(run_dir: Path, out: Path) -> None:
+    """Raise CLIError if ``out`` is (or, through symlinks, resolves to) one of ``run_dir``'s own files."""
+    import fnmatch
+
+    run, target = os.path.realpath(run_dir), os.path.realpath(out)
+    owned = os.path.dirname(target) == run and any(fnmatch.fnmatch(os.path.basename(target), p) for p in _RUN_FILES)
+    owned = owned or any(os.path.commonpath([target, os.path.join(run, d)]) == os.path.join(run, d)
+                         for d in _RUN_FOLDERS)
+    if owned:
+        raise CLIError(f"refusing to write the export over {out}: it belongs to the run {run_dir}; choose another "
+                       f"file name, e.g. {Path(run_dir) / 'ensemble.pt2'}")
 
 
 class NormalizedEnsemble(nn.Module):
@@ -112,7 +131,7 @@ def export_run(
         The description stored in the file, plus ``"max_abs_diff"``: the largest difference between the reloaded
         file's probabilities and the ensemble's on a batch of test images.
     """
-    from snapens.checkpoint import atomic_write_bytes
+    from snapens._io import atomic_write_bytes
     from snapens.cli.evaluate import load_run_dataset, load_saved_weights, make_loader, read_run_info
     from snapens.ensemble import SnapshotEnsemble
     from snapens.models import build_model
@@ -124,6 +143,7 @@ def export_run(
     if weights not in ("equal", "fitted"):
         raise CLIError(f"--weights must be 'equal' or 'fitted', got {weights!r}")
     run_dir, out = Path(run_dir), Path(out)
+    _refuse_run_file(run_dir, out)
     if out.suffix != FORMATS[fmt]:
         raise CLIError(f"--format {fmt} writes a {FORMATS[fmt]} file, got {out}")
     if not out.parent.is_dir():
@@ -132,7 +152,8 @@ def export_run(
     ensemble = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=include_best)
     names = [Path(n).stem for n in ensemble.member_names]
     if weights == "fitted":
-        ensemble.set_weights(load_saved_weights(run_dir, names, flag="--weights fitted"))
+        ensemble.set_weights(load_saved_weights(run_dir, names, flag="--weights fitted", last=last,
+                                                include_best=include_best))
 
     data = load_run_dataset(info, data_dir=data_dir)
     batch = data.test.subset(torch.arange(min(_EXAMPLE_BATCH, len(data.test))))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -22,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from snapens.checkpoint import atomic_path
+from snapens._io import atomic_path, read_json
 from snapens.cli import CLIError
 
 __all__ = ["PLOT_FILES", "plot_run", "lr_curve", "read_metrics_csv", "correlation_labels", "register", "run"]
@@ -182,10 +181,10 @@ def plot_run(
         raise CLIError(f"{metrics_path} does not exist: is {run_dir} a finished run?")
     rows = read_metrics_csv(metrics_path)
     summary_path = run_dir / SUMMARY_FILE
-    if summary_path.is_file():
+    if summary_path.exists():
         try:
-            summary = json.loads(summary_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            summary = read_json(summary_path)
+        except (OSError, ValueError) as exc:
             raise CLIError(f"cannot read {summary_path}: {exc}; delete it to evaluate the run again") from exc
     else:
         if announce is not None:

@@ -109,7 +109,7 @@ def reproduce(
         The content of ``reproduce.json``: per row the test errors (%) per seed, mean, std and the paper's number
         (non-finite numbers, from a diverged run, as ``None``).
     """
-    from snapens.checkpoint import atomic_write_text
+    from snapens._io import atomic_write_text
     from snapens.cli.evaluate import evaluate_run
     from snapens.cli.train import train_run
     from snapens.report import json_safe, to_json

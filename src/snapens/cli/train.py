@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import random
 import signal
@@ -41,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from snapens import engine
-from snapens.checkpoint import atomic_write_json
+from snapens._io import atomic_write_json, read_json
 from snapens.cli import CLIError
 from snapens.cli._common import (
     DistContext,
@@ -188,10 +187,10 @@ def _read_run_info(run_dir: Path) -> dict[str, Any]:
     path = run_dir / CONFIG_FILE
     if not run_dir.is_dir():
         raise CLIError(f"cannot resume: {run_dir} is not a directory")
-    if not path.is_file():
+    if not path.exists():
         raise CLIError(f"cannot resume: {run_dir} is not a snapens run folder ({CONFIG_FILE} is missing)")
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = read_json(path)  # refuses a FIFO rather than blocking on it
         info["config"] = dict(info["config"])
         return info
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -1,11 +1,11 @@
 """Fetching, verifying, writing and unpacking data files, without trusting what comes over the wire.
 
-``snapens.data`` may not import ``snapens.checkpoint``, so the small atomic writer lives here too.
+Files are written through :mod:`snapens._io` (atomic, honouring the umask); ``atomic_writer`` is its
+:func:`~snapens._io.atomic_open`, kept under its old name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import logging
@@ -13,14 +13,15 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+
+from snapens._io import atomic_open as atomic_writer
+from snapens._io import fsync_dir
 
 __all__ = ["atomic_writer", "file_md5", "download_file", "check_tar_members", "safe_extract", "user_cache_dir"]
 
@@ -36,37 +37,6 @@ def user_cache_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "snapens"
     return Path.home() / ".cache" / "snapens"
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform/filesystem allows opening a directory.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """Open a temporary file next to ``path`` for writing; on success fsync it and ``os.replace`` it into place.
-
-    On an exception the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def file_md5(path: str | os.PathLike[str]) -> str:
@@ -199,7 +169,7 @@ def safe_extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) 
                 shutil.rmtree(final)
             os.replace(entry, final)
             created.append(final)
-        _fsync_dir(dest)
+        fsync_dir(dest)
         return created
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snapens.data.download import atomic_writer, user_cache_dir
+from snapens._io import atomic_open
+from snapens.data.download import user_cache_dir
 from snapens.data.splits import AugmentSpec, DatasetSplits, Split, make_splits
 
 __all__ = ["IMAGE_EXTENSIONS", "scan_folder", "folder_cache_path", "decode_images", "load_folder"]
@@ -177,7 +178,7 @@ def _read_cache(path: Path, classes: list[str], n: int) -> dict[str, np.ndarray]
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_writer(path) as f:
+        with atomic_open(path) as f:
             np.savez(f, **arrays)
         # Older caches of the same folder are stale now: drop them.
         for old in path.parent.glob(path.name.split("-")[0] + "-*.npz"):

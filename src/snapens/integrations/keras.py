@@ -53,7 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a test by hiding k
     ) from exc
 
 from snapens import metrics, weighting
-from snapens.checkpoint import atomic_path
+from snapens._io import atomic_path
 from snapens.schedule import cosine_snapshot_lr, cycle_bounds, seed_epoch_lr
 
 __all__ = [
