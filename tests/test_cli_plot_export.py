@@ -129,8 +129,9 @@ def test_plot_announces_the_evaluation_and_passes_data_dir(unevaluated: Path, mo
     assert seen == ["elsewhere"]
 
 
-def test_plots_label_members_by_name_and_count_snapshots_only(unevaluated: Path,
+def test_plots_label_members_by_name_and_count_snapshots_only(unevaluated: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # `plot` draws the run's summary.json only; a variant's summary (here with best) is drawn by the same helpers
     summary = evaluate_run(unevaluated, include_best=True, optimize=-1)
     assert correlation_labels(summary) == ["best", "snapshot-01", "snapshot-02"]
     drawn: dict[str, object] = {}
@@ -141,7 +142,9 @@ def test_plots_label_members_by_name_and_count_snapshots_only(unevaluated: Path,
         real_save(fig, path)
 
     monkeypatch.setattr(plot_module, "_save", capture)
-    plot_run(unevaluated)
+    plt = plot_module._pyplot()
+    plot_module._plot_correlation(plt, summary, tmp_path / "snapshot_correlation.png")
+    plot_module._plot_size(plt, summary, tmp_path / "ensemble_size.png")
     heat = drawn["snapshot_correlation.png"]
     assert [t.get_text() for t in heat.get_xticklabels()] == ["best", "snapshot-01", "snapshot-02"]
     assert [t.get_text() for t in heat.get_yticklabels()] == ["best", "snapshot-01", "snapshot-02"]
@@ -197,10 +200,55 @@ def test_export_program_with_fitted_weights_round_trip(run_dir: Path, tmp_path: 
         ("ens.pt", ["--format", "export"], "--format export writes a .pt2 file"),
         ("ens.pt2", ["--format", "torchscript"], "--format torchscript writes a .pt file"),
         ("ens.bin", [], "--format export writes a .pt2 file, got"),  # export is the default format
-        ("ens.pt", ["--weights", "fitted", "--last", "1"], "were fitted for members"),
+        # weights fitted for a variant live in their own file (issue 9, item 8)
+        ("ens.pt", ["--weights", "fitted", "--last", "1"],
+         "ensemble_weights-last1.json does not exist; run `snapens evaluate --optimize 1 --last 1` first"),
         ("ens.pt", ["--last", "5"], "last must be an integer in [1, 2]"),
     ],
 )
 def test_export_errors(run_dir: Path, tmp_path: Path, cli_error, name: str, args, message: str) -> None:
     assert message in cli_error("export", run_dir, tmp_path / name, *args)
     assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("name", ["state.pt", "config.json", "metrics.csv", "best.safetensors", "summary.json",
+                                  "ensemble_weights.json", "snapshots/snapshot-01.safetensors",
+                                  "snapshots/manifest.json", "plots/lr_schedule.png"])
+def test_export_refuses_to_write_over_the_runs_own_files(run_dir: Path, tmp_path: Path, cli_error,
+                                                          name: str) -> None:
+    # issue 9, item 7: `export RUN RUN/state.pt` used to replace the resume state
+    target = run_dir / name
+    before = target.read_bytes()
+    message = cli_error("export", run_dir, target, "--quiet")
+    assert message.startswith(f"refusing to write the export over {target}: it belongs to the run {run_dir}")
+    # through a symlink, with an explicit format, or spelled with ".." it is the same file
+    link = tmp_path / "ens.pt"
+    link.symlink_to(target)
+    assert "refusing to write the export over" in cli_error("export", run_dir, link, "--format", "torchscript")
+    assert "refusing" in cli_error("export", run_dir, run_dir / "snapshots" / ".." / name)
+    assert target.read_bytes() == before
+
+
+def test_export_into_the_run_folder_under_its_own_name_works(run_dir: Path) -> None:
+    out = run_dir / "ensemble.pt2"
+    assert main(["export", str(run_dir), str(out), "--quiet"]) == 0
+    assert out.is_file()
+    out.unlink()
+
+
+def test_plot_draws_the_whole_run_after_a_variant_evaluation(unevaluated: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 9, item 8: `evaluate --last 1` used to replace summary.json, and plot then drew one snapshot
+    assert main(["evaluate", str(unevaluated), "--last", "1", "--include-best", "--quiet", "--device", "cpu"]) == 0
+    assert main(["evaluate", str(unevaluated), "--last", "1", "--quiet", "--device", "cpu"]) == 0
+    assert not (unevaluated / "summary.json").exists()
+    drawn = []
+    real = plot_module._plot_size
+    monkeypatch.setattr(plot_module, "_plot_size", lambda plt, summary, out: (drawn.append(summary),
+                                                                              real(plt, summary, out)))
+    plot_run(unevaluated)
+    (summary,) = drawn
+    assert summary["member_names"] == ["snapshot-01", "snapshot-02"] and summary["run"]["last"] is None
+    assert summary["ensemble_size_curve"]["m"] == [1, 2]
+    assert json.loads((unevaluated / "summary.json").read_text())["ensemble_size_curve"]["m"] == [1, 2]
+    assert json.loads((unevaluated / "summary-last1.json").read_text())["ensemble_size_curve"]["m"] == [1]

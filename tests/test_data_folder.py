@@ -196,3 +196,15 @@ def test_cifar10_jpeg_alias_uses_data_dir(tmp_path) -> None:
     # folder: with a relative path resolves against data_dir.
     ds2 = load_dataset("folder:cj", data_dir=tmp_path, val_size=0)
     assert torch.equal(ds2.train.images, ds.train.images)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_cache_file_mode_follows_the_umask(tmp_path) -> None:
+    # the cache used to be written through tempfile.mkstemp, i.e. always 0o600 (issue 10: one atomic writer)
+    old = os.umask(0o022)
+    try:
+        load_folder(make_tree(tmp_path / "imgs"), val_size=0)
+    finally:
+        os.umask(old)
+    (cache_file,) = (tmp_path / "cache" / "folders").glob("*.npz")
+    assert cache_file.stat().st_mode & 0o777 == 0o644
