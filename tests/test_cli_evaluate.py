@@ -362,15 +362,21 @@ def test_fifo_in_place_of_a_run_file_is_refused_not_read(run_copy: Path, without
     assert re.search(message, assert_one_line_error(err.getvalue()))
 
 
-def test_non_finite_snapshot_is_refused_naming_file_and_tensor(run_copy: Path, cli_error) -> None:
-    # issue 9, item 4 (load-time part): NaN weights used to surface only as "Expected finite probs"
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.view(-1).__setitem__(0, float("nan")) or t, r"holds non-finite values \(NaN/inf\) in tensor '{key}'"),
+    (lambda t: t.to(torch.int64), r"does not fit .*dtype mismatch {key}: file torch\.int64 vs model torch\.float32"),
+    (lambda t: t > 0, r"does not fit .*dtype mismatch {key}: file torch\.bool"),
+])
+def test_damaged_snapshot_tensor_is_refused_naming_file_and_tensor(run_copy: Path, cli_error, damage,
+                                                                   message: str) -> None:
+    # issue 9, item 4 (load-time part): NaN weights used to surface only as "Expected finite probs", int64 or
+    # bool weights were cast into the float model without a word
     store = SnapshotStore(run_copy / "snapshots")
     info = store.get(2)
     state = store.load_state_dict(2)
     key = next(k for k, v in state.items() if v.is_floating_point())
-    state[key].view(-1)[0] = float("nan")
+    state[key] = damage(state[key])
     store.save(state, index=2, step=info.step, epoch=info.epoch, lr=info.lr, model_name=info.model_name,
                model_kwargs=info.model_kwargs, metrics=info.metrics)
-    message = cli_error("evaluate", run_copy, "--quiet", "--device", "cpu")
-    assert re.search(rf"snapshot-02\.safetensors holds non-finite values \(NaN/inf\) in tensor '{re.escape(key)}'",
-                     message), message
+    got = cli_error("evaluate", run_copy, "--quiet", "--device", "cpu")
+    assert re.search(r"snapshot-02\.safetensors " + message.format(key=re.escape(key)), got), got
