@@ -681,3 +681,21 @@ def test_fifo_named_like_a_snapshot_or_manifest_is_refused(tmp_path, three_snaps
     folder.mkdir()
     with pytest.raises(SnapshotError, match=r"snapshot-09\.safetensors is a folder"):
         load_weights(folder)
+
+
+def test_any_truncation_is_a_snapshot_error_naming_the_file(tmp_path):
+    # issue 10: safetensors itself reports truncation (no hand-written header parser); every cut must still be
+    # one clear SnapshotError that names the file, never another exception
+    path = tmp_path / "best.safetensors"
+    save_weights(path, trained_net(0), {"epoch": 3})
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    cuts = sorted({0, 1, 7, 8, 9, header_end - 1, header_end, header_end + 1, len(data) - 1,
+                   *range(0, len(data), max(1, len(data) // 40))})
+    for cut in cuts:
+        path.write_bytes(data[:cut])
+        with pytest.raises(SnapshotError, match=r"best\.safetensors is truncated or not a safetensors file"):
+            load_weights(path)
+    path.write_bytes(data + b"\0")  # trailing bytes: not the file that was written either
+    with pytest.raises(SnapshotError, match=r"best\.safetensors is truncated or not a safetensors file"):
+        load_weights(path)
