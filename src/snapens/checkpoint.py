@@ -622,8 +622,34 @@ def save_training_state(path: str | os.PathLike[str], state: Mapping[str, Any]) 
     if not isinstance(state, Mapping):
         raise ValueError(f"training state must be a dict, got {type(state).__name__}")
     with _atomic_open(path) as f:
-        torch.save(dict(state), f)
+        sink = _WriteErrors(f)
+        try:
+            torch.save(dict(state), sink)
+        except RuntimeError:
+            # torch.save reports a failed write (disk full) as "unexpected pos ..."; the OSError behind it
+            # (errno, message) is what a user can act on.
+            if sink.error is not None:
+                raise OSError(sink.error.errno, f"cannot write {path}: {sink.error.strerror}") from None
+            raise
     logger.debug("wrote training state %s", path)
+
+
+class _WriteErrors:
+    """A binary file that remembers the OSError its last failed ``write`` raised."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def load_training_state(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
