@@ -392,13 +392,16 @@ def test_a_plot_failure_is_a_warning_and_exit_0(finished_run: tuple[Path, str], 
 
 def test_an_empty_test_split_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Item 13: found before step 1, not after the whole training.
+    import numpy as np
     from PIL import Image
 
     root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
     for cls in ("a", "b"):
         (root / "train" / cls).mkdir(parents=True)
         for k in range(6):
-            Image.new("RGB", (8, 8), (40 * k, 200 if cls == "a" else 0, 0)).save(root / "train" / cls / f"{k}.png")
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / cls / f"{k}.png")
     (root / "test").mkdir()
     run_dir = tmp_path / "run"
     argv = ["train", "--dataset", f"folder:{root}", "--model", "cnn-small", "--epochs", "1", "--snapshots", "1",
@@ -411,14 +414,14 @@ def test_an_empty_test_split_is_refused_before_training(tmp_path: Path, capsys: 
 
 def test_disk_full_is_one_line_and_leaves_a_resumable_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    # Item 14: the disk fills while the epoch-1 state is written (a raw file that takes 1000 bytes, then fails).
+    # Item 14: the disk fills while the epoch-1 state is written (a raw file that takes 20 kB, then fails).
     import errno
 
     real_fdopen = os.fdopen
     state_writes = []
 
     class FullDisk(io.FileIO):
-        room = 1000
+        room = 20_000  # more than the file buffer: torch.save itself sees the failed write
 
         def write(self, b):  # like a real file on a full disk: a short write, then ENOSPC
             n = min(len(b), FullDisk.room)

@@ -144,9 +144,11 @@ def _atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None:  # e.g. a full disk: say which file
+            raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
         raise
     _fsync_dir(folder)
 
@@ -629,7 +631,7 @@ def save_training_state(path: str | os.PathLike[str], state: Mapping[str, Any]) 
             # torch.save reports a failed write (disk full) as "unexpected pos ..."; the OSError behind it
             # (errno, message) is what a user can act on.
             if sink.error is not None:
-                raise OSError(sink.error.errno, f"cannot write {path}: {sink.error.strerror}") from None
+                raise sink.error from None
             raise
     logger.debug("wrote training state %s", path)
 
