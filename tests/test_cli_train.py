@@ -358,14 +358,15 @@ def test_resume_of_a_trained_but_unevaluated_run_evaluates_it(finished_run: tupl
     run_dir = _copy_run(finished_run[0], tmp_path / "run")
     (run_dir / "summary.json").unlink()
     (run_dir / "plots").mkdir(exist_ok=True)
-    stale = run_dir / "plots" / ".lr.png.0123abcd.tmp.png"
-    stale.write_bytes(b"half a png")
+    stale = [run_dir / "plots" / ".lr.png.0123abcd.tmp.png", run_dir / ".summary.json.0123abcd.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
     snaps = folder_hash(run_dir / "snapshots")
     assert main(["train", "--resume", "--run-dir", str(run_dir), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "was not evaluated: evaluating it" in out and "ensemble" in out
     assert json.loads((run_dir / "summary.json").read_text())["ensemble_equal"]["error"] < 10.0
-    assert not stale.exists()
+    assert not any(path.exists() for path in stale)
     assert folder_hash(run_dir / "snapshots") == snaps  # nothing was retrained
     # Evaluated now: a further --resume is refused as before.
     _error_case(["train", "--resume", "--run-dir", str(run_dir)], run_dir, capsys, "already finished")

@@ -433,9 +433,6 @@ def _plot_if_possible(run_dir: Path, device: torch.device) -> None:
         return
     from snapens.cli.plot import plot_run
 
-    for tmp in (run_dir / "plots").glob(".*.tmp*"):  # left by a run killed while plotting; the lock is ours
-        with contextlib.suppress(OSError):
-            tmp.unlink()
     try:
         paths = plot_run(run_dir, device=str(device))
     except Exception as exc:  # noqa: BLE001 - any plotting failure: the run itself is complete
@@ -443,6 +440,15 @@ def _plot_if_possible(run_dir: Path, device: torch.device) -> None:
               f"{run_dir}", file=sys.stderr)
         return
     print(f"plots: {', '.join(str(p) for p in paths)}")
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Temp files of ``summary.json``, weights and plots left by a process killed while evaluating or plotting
+    (safe to remove: this process holds the folder's lock and training is over)."""
+    for folder in (run_dir, run_dir / "plots"):
+        for tmp in folder.glob(".*.tmp*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def _evaluate_setting(args: argparse.Namespace) -> bool:
@@ -516,6 +522,7 @@ def run(args: argparse.Namespace) -> int:
             from snapens.cli.evaluate import evaluate_run
             from snapens.report import format_summary
 
+            _remove_stale_temp_files(run_dir)
             summary = evaluate_run(run_dir, device=str(device), progress=progress)
             print(format_summary(summary))
             _plot_if_possible(run_dir, device)
