@@ -233,19 +233,27 @@ def test_resume_errors_leave_runs_untouched(finished_run: tuple[Path, str], tmp_
 
 DRIVER = textwrap.dedent("""
     import os, signal, sys
+    from pathlib import Path
     from snapens.schedule import SnapshotLR
     from snapens.cli import main
 
     kill = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}[os.environ["SIGNAL"]]
-    at = int(os.environ["AT_STEP"])
-    real_step = SnapshotLR.step
+    at = int(os.environ.get("AT_STEP", "-1"))
+    kill_replace = os.environ.get("KILL_ON_REPLACE")
+    real_step, real_replace = SnapshotLR.step, os.replace
 
     def step(self, *a, **k):
         real_step(self, *a, **k)
         if self.last_epoch == at:
             os.kill(os.getpid(), kill)
 
+    def replace(src, dst, *a, **k):
+        if kill_replace and Path(dst).name == kill_replace:
+            os.kill(os.getpid(), kill)  # the temp file is complete, the rename never happens
+        return real_replace(src, dst, *a, **k)
+
     SnapshotLR.step = step
+    os.replace = replace
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -299,3 +307,187 @@ def test_sigkill_then_sigterm_then_resume_matches_uninterrupted(finished_run: tu
     for a, b in zip(ref, got):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 5
+
+
+def test_kill_between_config_and_first_state_resumes_with_the_recorded_threads_and_no_eval(
+        finished_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Items 10, 2 and "--no-eval is kept": a default thread count (no --threads; one thread via OMP here).
+    reference, _ = finished_run
+    run_dir = tmp_path / "run"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    small = [a for a in SMALL if a not in ("--threads", "1")]
+    argv = [sys.executable, str(driver), "train", *small, "--run-dir", str(run_dir), "--no-eval", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIGNAL": "KILL"}
+    # SIGKILL after config.json, while the first state.pt is being renamed into place.
+    proc = subprocess.run(argv, env={**env, "KILL_ON_REPLACE": "state.pt"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (run_dir / "config.json").is_file() and not (run_dir / "state.pt").exists()
+    info = json.loads((run_dir / "config.json").read_text())
+    assert info["config"]["threads"] == 1 and info["evaluate"] is False  # the resolved count, not null
+    # Resuming with another thread count warns (and is killed again at step 3, leaving the step-0 state).
+    proc = subprocess.run([*argv[:2], "train", "--resume", "--run-dir", str(run_dir), "--threads", "2"],
+                          env={**env, "AT_STEP": "3"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert "will differ" in proc.stderr and "uninterrupted" in proc.stderr
+    assert engine.read_resume_state(run_dir)["step"] == 0
+    # Resume here with torch at 2 threads and no --threads: the run's 1 thread is used, bits are the same.
+    torch.set_num_threads(2)
+    assert main(["train", "--resume", "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "threads 1" in out
+    assert not (run_dir / "summary.json").exists()  # --no-eval was kept
+    ref, got = snapshots(reference), snapshots(run_dir)
+    assert len(ref) == len(got) == 2
+    for a, b in zip(ref, got):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(run_dir.rglob(".*.tmp"))
+
+
+def _copy_run(run_dir: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns(".lock"))
+    return to
+
+
+def test_resume_of_a_trained_but_unevaluated_run_evaluates_it(finished_run: tuple[Path, str], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # Item 11: killed during the final evaluation / plots: no summary.json, a stale temp file in plots/.
+    run_dir = _copy_run(finished_run[0], tmp_path / "run")
+    (run_dir / "summary.json").unlink()
+    (run_dir / "plots").mkdir(exist_ok=True)
+    stale = [run_dir / "plots" / ".lr.png.0123abcd.tmp.png", run_dir / ".summary.json.0123abcd.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    snaps = folder_hash(run_dir / "snapshots")
+    assert main(["train", "--resume", "--run-dir", str(run_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "was not evaluated: evaluating it" in out and "ensemble" in out
+    assert json.loads((run_dir / "summary.json").read_text())["ensemble_equal"]["error"] < 10.0
+    assert not any(path.exists() for path in stale)
+    assert folder_hash(run_dir / "snapshots") == snaps  # nothing was retrained
+    # Evaluated now: a further --resume is refused as before.
+    _error_case(["train", "--resume", "--run-dir", str(run_dir)], run_dir, capsys, "already finished")
+
+
+def test_a_plot_failure_is_a_warning_and_exit_0(finished_run: tuple[Path, str], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Item 12: plots are optional output; the training (here: its final evaluation) stays a success.
+    import snapens.cli.plot
+
+    def unwritable(*a, **k):
+        raise PermissionError(13, "Permission denied", "plots/lr.png")
+
+    monkeypatch.setattr(snapens.cli.plot, "plot_run", unwritable)
+    run_dir = _copy_run(finished_run[0], tmp_path / "run")
+    (run_dir / "summary.json").unlink()
+    assert main(["train", "--resume", "--run-dir", str(run_dir), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "snapens: warning: plots not written" in captured.err and "Permission denied" in captured.err
+    assert f"snapens plot {run_dir}" in captured.err and "Traceback" not in captured.err
+    assert (run_dir / "summary.json").is_file()
+
+
+def test_an_empty_test_split_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Item 13: found before step 1, not after the whole training.
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True)
+        for k in range(6):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / cls / f"{k}.png")
+    (root / "test").mkdir()
+    run_dir = tmp_path / "run"
+    argv = ["train", "--dataset", f"folder:{root}", "--model", "cnn-small", "--epochs", "1", "--snapshots", "1",
+            "--val-size", "0", "--device", "cpu", "--run-dir", str(run_dir), "--quiet"]
+    _error_case(argv, tmp_path / "none", capsys, "test split")
+    assert not run_dir.exists()
+    assert main([*argv, "--no-eval"]) == 0  # without the evaluation an empty test split is fine
+    capsys.readouterr()
+
+
+def test_disk_full_is_one_line_and_leaves_a_resumable_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Item 14: the disk fills while the epoch-1 state is written (a raw file that takes 20 kB, then fails).
+    import errno
+
+    real_fdopen = os.fdopen
+    state_writes = []
+
+    class FullDisk(io.FileIO):
+        room = 20_000  # more than the file buffer: torch.save itself sees the failed write
+
+        def write(self, b):  # like a real file on a full disk: a short write, then ENOSPC
+            n = min(len(b), FullDisk.room)
+            if n == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            FullDisk.room -= n
+            return super().write(bytes(b)[:n])
+
+    def fdopen(fd, mode="r", *a, **k):
+        if ".state.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            state_writes.append(fd)
+            if len(state_writes) == 2:
+                return io.BufferedWriter(FullDisk(fd, "wb"))
+        return real_fdopen(fd, mode, *a, **k)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    run_dir = tmp_path / "run"
+    before = time.time()
+    rc = main(["train", *SMALL, "--run-dir", str(run_dir), "--quiet", "--no-eval"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("snapens: error: ") and "Traceback" not in err, err
+    assert "No space left on device" in lines[0] and "state.pt" in lines[0]
+    assert time.time() - before < 250
+    assert engine.read_resume_state(run_dir)["step"] == 0  # the state before it is whole and resumable
+    assert not list(run_dir.rglob(".*.tmp"))
+
+
+def test_a_folder_in_use_is_refused_by_every_writing_command(finished_run: tuple[Path, str], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # Item 1: another process owns the folder (the lock is exclusive across open files, also in one process).
+    from snapens._lock import run_lock
+
+    new = tmp_path / "new"
+    run_dir = _copy_run(finished_run[0], tmp_path / "run")
+    with run_lock(new, create=True), run_lock(run_dir):
+        _error_case(["train", *SMALL, "--run-dir", str(new)], tmp_path, capsys, "in use by another snapens process")
+        assert os.listdir(new) == [".lock"]  # no config.json: refused before anything is written
+        for argv in (["train", "--resume", "--run-dir", str(run_dir)], ["evaluate", str(run_dir)],
+                     ["plot", str(run_dir)], ["export", str(run_dir), str(run_dir / "ens.pt2")]):
+            _error_case(argv, run_dir, capsys, f"{run_dir} is in use by another snapens process")
+
+
+def test_two_trainers_on_one_folder_one_wins(tmp_path: Path) -> None:
+    # Item 1, the reported race: both start at once; one trains, the other stops with one line, and
+    # config.json is the winner's (before: both passed the "already holds a run" check).
+    run_dir = tmp_path / "run"
+    base = [sys.executable, "-m", "snapens", "train", "--epochs", "2", "--snapshots", "1", "--threads", "1",
+            "--device", "cpu", "--precision", "fp32", "--no-eval", "--quiet", "--run-dir", str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {seed: subprocess.Popen([*base, "--seed", str(seed), *(["--lr", "0.05"] if seed == 4 else [])],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (3, 4)}
+    results = {seed: (p.wait(timeout=300), p.stderr.read() if p.stderr else "") for seed, p in procs.items()}
+    for p in procs.values():
+        for stream in (p.stdout, p.stderr):
+            if stream:
+                stream.close()
+    assert sorted(rc for rc, _ in results.values()) == [0, 2], results
+    winner = next(seed for seed, (rc, _) in results.items() if rc == 0)
+    loser_err = next(err for rc, err in results.values() if rc == 2)
+    lines = loser_err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("snapens: error: "), loser_err
+    assert "in use by another snapens process" in lines[0] or "already holds a run" in lines[0]
+    cfg = json.loads((run_dir / "config.json").read_text())["config"]
+    assert (cfg["seed"], cfg["lr"]) == (winner, 0.05 if winner == 4 else TrainConfig().lr)
+    assert checkpoint.load_training_state(run_dir / "state.pt")["finished"]

@@ -420,12 +420,16 @@ def test_sigkill_and_sigterm_then_resume_is_bit_identical(tmp_path: Path) -> Non
         run_toy(ref)
     finally:
         torch.set_num_threads(threads)
-    # (a) SIGKILL in mid-epoch 3, while writing snapshot 2: its temp file is complete but never renamed.
+    # The assertions below follow from fit's ordering promise ("Files on disk"), not from timing: a snapshot
+    # is written only after the writes submitted before it (the background epoch-end state) are complete.
+    # (a) SIGKILL in mid-epoch 3, while writing snapshot 2: its temp file is complete but never renamed; the
+    # state of epoch 2 (step 10) is on disk, because snapshot 2 waited for it.
     assert _drive(tmp_path, run, "fresh", KILL_ON_REPLACE="snapshot-02.safetensors") == -signal.SIGKILL
     assert [s.index for s in checkpoint.SnapshotStore(run / "snapshots").list()] == [1]
     assert list((run / "snapshots").glob(".snapshot-02.safetensors.*.tmp"))
     assert checkpoint.load_training_state(run / "state.pt")["step"] == 10
-    # (b) SIGKILL while writing the state at the end of epoch 3, after snapshot 2 reached the disk.
+    # (b) SIGKILL while renaming the state at the end of epoch 3 (after snapshot 2 reached the disk): snapshot
+    # 3 (step 20) waits for that write, so the process dies before it, however slow the writer thread is.
     assert _drive(tmp_path, run, "resume", KILL_ON_REPLACE="state.pt") == -signal.SIGKILL
     assert [s.index for s in checkpoint.SnapshotStore(run / "snapshots").list()] == [1, 2]
     assert checkpoint.load_training_state(run / "state.pt")["step"] == 10
@@ -447,6 +451,49 @@ def test_sigkill_and_sigterm_then_resume_is_bit_identical(tmp_path: Path) -> Non
     assert len(strip(run / "metrics.csv")) == 5  # header + 4 epochs, none duplicated
     assert not list(run.rglob(".*.tmp"))  # stale temp files were cleaned on resume
     assert checkpoint.load_training_state(run / "state.pt")["finished"]
+
+
+def test_a_snapshot_is_written_after_the_pending_epoch_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A slow background writer (a busy machine) must not let a snapshot overtake the epoch-end state before it.
+    # The first epoch-end write waits until snapshot 1 is taken (or 2 s, when the engine rightly waits for it).
+    import threading
+
+    real = checkpoint.save_training_state
+    snapshot_taken = threading.Event()
+
+    def slow_save(path, state):
+        if state["step"] == 5:
+            snapshot_taken.wait(timeout=2.0)
+        real(path, state)
+
+    def on_cycle_end(event: engine.SnapshotEvent) -> None:
+        on_disk.append(checkpoint.load_training_state(tmp_path / "run" / "state.pt")["step"])
+        snapshot_taken.set()
+
+    monkeypatch.setattr(engine.checkpoint, "save_training_state", slow_save)
+    on_disk: list[int] = []
+    run_toy(tmp_path / "run", on_cycle_end=on_cycle_end)
+    # Snapshots after steps 7, 14, 20; epoch ends at 5, 10, 15, 20 (the state of step 20 comes after snapshot 3).
+    assert on_disk == [5, 10, 15]
+
+
+def test_a_second_signal_during_a_state_write_does_not_cut_it_short(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # First SIGINT in mid-epoch 2; the second arrives while the stop's state is being written. The state must
+    # still be the mid-epoch one (after snapshot 1 at step 7), whole, and the second signal must end training right after it.
+    real = checkpoint.save_training_state
+
+    def save(path, state):
+        if state["batch"]:  # the stop's state: the impatient second Ctrl-C comes now
+            os.kill(os.getpid(), signal.SIGINT)
+        real(path, state)
+
+    monkeypatch.setattr(engine.checkpoint, "save_training_state", save)
+    with pytest.raises(engine.TrainingInterrupted) as info:
+        run_toy(tmp_path / "run", on_cycle_end=lambda ev: os.kill(os.getpid(), signal.SIGINT))
+    assert info.value.signum == signal.SIGINT
+    state = checkpoint.load_training_state(tmp_path / "run" / "state.pt")
+    assert (state["step"], state["epoch"], state["batch"]) == (7, 1, 2)
 
 
 # ------------------------------------------------------------------------------------------ many processes

@@ -90,9 +90,11 @@ def atomic_open(path: str | os.PathLike[str], *, suffix: str = "") -> Iterator[I
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None:  # e.g. a full disk: say which file
+            raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
         raise
     fsync_dir(path.parent)
 

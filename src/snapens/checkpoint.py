@@ -631,6 +631,24 @@ def save_training_state(path: str | os.PathLike[str], state: Mapping[str, Any]) 
     logger.debug("wrote training state %s", path)
 
 
+class _WriteErrors:
+    """A binary file that remembers the OSError its last failed ``write`` raised."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 def load_training_state(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a state written by :func:`save_training_state` with ``torch.load(weights_only=True)``.
 

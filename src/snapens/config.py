@@ -46,8 +46,9 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
-    #: torch intra-op CPU threads; None keeps torch's default (one per core).
-    threads: int | None = None
+    #: torch intra-op CPU threads; None keeps torch's default (one per core). 1 by default: the default run
+    #: took 11.5-18.5 s with 1 thread and 28-264 s with 2 on a shared 2-core machine (README, "Threads").
+    threads: int | None = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -308,8 +308,12 @@ def run(args: argparse.Namespace) -> int:
     if args.num_tests is not None:
         logger.info("note: --num_tests %d is ignored: the NLL weight fit is convex, one exact solve replaces the "
                     "random restarts", args.num_tests)
-    summary = evaluate_run(args.run_dir, last=args.last, include_best=args.include_best, optimize=args.optimize,
-                           device=args.device, data_dir=args.data_dir, progress=progress_enabled(args.quiet))
+    from snapens._lock import run_lock
+
+    with run_lock(args.run_dir):  # it writes summary.json (and weights) into the folder: one owner at a time
+        summary = evaluate_run(args.run_dir, last=args.last, include_best=args.include_best,
+                               optimize=args.optimize, device=args.device, data_dir=args.data_dir,
+                               progress=progress_enabled(args.quiet))
     if args.json:
         print(to_json(summary))
     else:

@@ -21,6 +21,7 @@ d = {"snapens.json": ""} fills it in. Needs only torch to load, not snapens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -205,8 +206,12 @@ def run(args: argparse.Namespace) -> int:
     from snapens.cli._common import configure_logging
 
     configure_logging(args.quiet)
-    result = export_run(args.run_dir, args.out, fmt=args.fmt, weights=args.weights, last=args.last,
-                        include_best=args.include_best, data_dir=args.data_dir)
+    from snapens._lock import run_lock
+
+    into_run = Path(args.run_dir).resolve() in Path(args.out).resolve().parents
+    with run_lock(args.run_dir) if into_run else contextlib.nullcontext():  # writing into a run: own it
+        result = export_run(args.run_dir, args.out, fmt=args.fmt, weights=args.weights, last=args.last,
+                            include_best=args.include_best, data_dir=args.data_dir)
     if not args.quiet:
         print(f"wrote {args.out}: {len(result['members'])} members, {result['weights_source']} weights, input "
               f"{result['input_shape']}, checked against the ensemble (max |diff| {result['max_abs_diff']:.1e})",

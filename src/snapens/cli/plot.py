@@ -218,8 +218,11 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(args.quiet)
     announce = None if args.quiet else (lambda note: print(note, file=sys.stderr))
-    paths = plot_run(args.run_dir, device=args.device, data_dir=args.data_dir,
-                     progress=progress_enabled(args.quiet), announce=announce)
+    from snapens._lock import run_lock
+
+    with run_lock(args.run_dir):  # it writes plots/ (and maybe summary.json): one owner at a time
+        paths = plot_run(args.run_dir, device=args.device, data_dir=args.data_dir,
+                         progress=progress_enabled(args.quiet), announce=announce)
     if not args.quiet:
         for path in paths:
             print(path)

@@ -26,6 +26,7 @@ global batch (CUDA only). The test evaluation at the end runs on rank 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import random
@@ -41,6 +42,7 @@ import torch.distributed as dist
 
 from snapens import engine
 from snapens._io import atomic_write_json, read_json
+from snapens._lock import run_lock
 from snapens.cli import CLIError
 from snapens.cli._common import (
     DistContext,
@@ -107,14 +109,17 @@ def register(subparsers: Any) -> None:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False, default=None,
                    help="keep the NCHW memory format")
-    g.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
+    g.add_argument("--threads", type=int,
+                   help=f"CPU threads for torch (default: {d.threads}). More threads pay off only for big models "
+                        "on cores nobody else uses; on a shared or busy machine keep 1 (extra threads spin "
+                        "and can make a run 10x slower). Kept by --resume: another count changes the bits")
     g.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
     g = p.add_argument_group("run folder")
     g.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/<dataset>-<model>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --run-dir")
-    g.add_argument("--no-eval", dest="evaluate", action="store_false",
-                   help="skip the test-set evaluation at the end")
+    g.add_argument("--no-eval", dest="evaluate", action="store_const", const=False, default=None,
+                   help="skip the test-set evaluation at the end (kept by --resume)")
     g.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
     g = p.add_argument_group("legacy flags (the Keras implementation)")
     g.add_argument("--M", dest="legacy_M", type=int, metavar="M", help="= --snapshots")
@@ -255,6 +260,7 @@ def train_run(
     announce: Callable[[str], None] | None = None,
     dist_ctx: DistContext | None = None,
     sync_bn: bool = False,
+    evaluate: bool = True,
 ) -> Path:
     """Train one run described by ``cfg`` into ``run_dir`` (data, model, SGD, scheduler, :func:`engine.fit`).
 
@@ -276,6 +282,8 @@ def train_run(
             when None. Rank 0 only.
         dist_ctx: this process's place in a torchrun job; a single process when None.
         sync_bn: with several processes, SyncBatchNorm (CUDA only).
+        evaluate: the run is evaluated on the test split when it ends: an empty test split is refused before
+            training. Recorded in config.json, so that ``--resume`` keeps ``--no-eval``.
 
     Returns:
         ``run_dir``.
@@ -295,17 +303,22 @@ def train_run(
                          "(use snapens.cli._common.distributed_session)")
     run_dir = Path(run_dir)
     cfg = _absolute_data_paths(cfg)
+    # config.json without any training file: killed after writing it and before the first state (a few ms);
+    # nothing was trained, so the run starts from step 0 with its recorded config: the same bits.
+    start_over = resume and not engine.run_exists(run_dir)
     with engine.all_ranks_agree():
         if run_dir.exists() and not run_dir.is_dir():
             raise CLIError(f"--run-dir {run_dir} is a file, not a folder")
         if resume:
             _read_run_config(run_dir)
-            engine.read_resume_state(run_dir)  # finished or foreign -> ValueError, nothing touched
+            if not start_over:
+                engine.read_resume_state(run_dir)  # finished or foreign -> ValueError, nothing touched
         elif engine.run_exists(run_dir) or (run_dir / CONFIG_FILE).exists():
             raise CLIError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
         device = process_device(cfg.device, ctx)
         precision = engine.resolve_precision(cfg.precision, device)
         threads = set_threads(cfg.threads)
+        cfg = dataclasses.replace(cfg, threads=threads)  # recorded, so that --resume uses the same count
         with torch.random.fork_rng(devices=[]):  # an unknown model name fails here, before the data is read
             build_model(cfg.model, num_classes=10, in_channels=3, **cfg.model_kwargs)
 
@@ -321,6 +334,9 @@ def train_run(
     with engine.all_ranks_agree():
         if splits is None:
             splits = load()
+        if evaluate and len(splits.test) == 0:
+            raise CLIError(f"the test split of {cfg.dataset} is empty, so the run could not be evaluated; add test "
+                           "images or pass --no-eval")
     model_kwargs = {"num_classes": len(splits.classes), "in_channels": splits.in_channels, **cfg.model_kwargs}
     _seed_everything(cfg.seed)
     model = build_model(cfg.model, **model_kwargs)
@@ -338,6 +354,9 @@ def train_run(
         torch.backends.cudnn.benchmark = True
     if ctx.is_main:
         (announce or logger.info)(run_header(cfg, run_dir, device, precision, threads, resume, ctx.world_size))
+    if start_over and ctx.is_main:
+        logger.info("%s has no training state yet (stopped before its first step): starting it from step 0",
+                    run_dir)
     if ctx.is_main and not resume:
         atomic_write_json(run_dir / CONFIG_FILE, {
             "format_version": 1,
@@ -349,6 +368,7 @@ def train_run(
             "environment": environment_info(device, precision, ctx.world_size),
             "distributed": {"world_size": ctx.world_size, "global_batch_size": cfg.batch_size * ctx.world_size,
                             "sync_bn": bool(sync_bn and ctx.enabled)},
+            "evaluate": bool(evaluate),
         })
     reinit = None
     if cfg.schedule == "single-cycle":
@@ -359,7 +379,7 @@ def train_run(
         run_dir=run_dir, model_name=cfg.model, model_kwargs=model_kwargs, val_loader=val_loader, device=device,
         precision=precision, channels_last=cfg.channels_last, compile=cfg.compile, reinit_factory=reinit,
         # Members k >= 1 of the single-cycle baseline use seeds 1000 * (seed + 1) + k: distinct across seeds.
-        reinit_seed=1000 * (cfg.seed + 1), resume=resume, progress=progress and ctx.is_main,
+        reinit_seed=1000 * (cfg.seed + 1), resume=resume and not start_over, progress=progress and ctx.is_main,
         sync_batchnorm=sync_bn,
     )
     return run_dir
@@ -380,6 +400,12 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig:
         names = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise CLIError(f"--resume continues the run as configured in {args.run_dir / CONFIG_FILE}; "
                        f"do not change {names}")
+    if saved.get("threads") is None:  # written before the count was recorded: the one the run used
+        saved["threads"] = (_read_run_info(args.run_dir).get("environment") or {}).get("threads")
+    if overrides["threads"] is not None and saved["threads"] is not None and overrides["threads"] != saved["threads"]:
+        logger.warning("warning: --threads %d, but the run started with %d threads: the resumed run's results "
+                       "will differ (slightly) from an uninterrupted run's; resume without --threads to keep them "
+                       "bit-identical", overrides["threads"], saved["threads"])
     saved.update({k: overrides[k] for k in RESUME_OVERRIDABLE if overrides[k] is not None})
     try:
         return TrainConfig(**saved)
@@ -394,7 +420,11 @@ def _print_presets() -> None:
 
 
 def _plot_if_possible(run_dir: Path, device: torch.device) -> None:
-    """The run's PNGs (``snapens plot``) when matplotlib is installed; a note otherwise, never a failure."""
+    """The run's PNGs (``snapens plot``) when matplotlib is installed; a note otherwise, never a failure.
+
+    Plots are optional output: a failure to draw or write them (e.g. an unwritable ``plots/``) is a warning,
+    and the training keeps its exit code 0.
+    """
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
@@ -402,8 +432,45 @@ def _plot_if_possible(run_dir: Path, device: torch.device) -> None:
         return
     from snapens.cli.plot import plot_run
 
-    paths = plot_run(run_dir, device=str(device))
+    try:
+        paths = plot_run(run_dir, device=str(device))
+    except Exception as exc:  # noqa: BLE001 - any plotting failure: the run itself is complete
+        print(f"snapens: warning: plots not written ({exc}); the run is complete, retry with: snapens plot "
+              f"{run_dir}", file=sys.stderr)
+        return
     print(f"plots: {', '.join(str(p) for p in paths)}")
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Temp files of ``summary.json``, weights and plots left by a process killed while evaluating or plotting
+    (safe to remove: this process holds the folder's lock and training is over)."""
+    for folder in (run_dir, run_dir / "plots"):
+        for tmp in folder.glob(".*.tmp*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _evaluate_setting(args: argparse.Namespace) -> bool:
+    """``--no-eval``; on resume, the run's own setting unless ``--no-eval`` is given now."""
+    if args.evaluate is not None:
+        return bool(args.evaluate)
+    if args.resume and args.run_dir is not None and (args.run_dir / CONFIG_FILE).is_file():
+        return bool(_read_run_info(args.run_dir).get("evaluate", True))
+    return True
+
+
+def _trained_not_evaluated(run_dir: Path) -> bool:
+    """Whether ``run_dir`` finished training but has no ``summary.json`` (e.g. killed while evaluating)."""
+    from snapens.checkpoint import load_training_state
+    from snapens.cli.evaluate import SUMMARY_FILE
+
+    state = run_dir / engine.STATE_FILE
+    if not state.is_file() or (run_dir / SUMMARY_FILE).exists():
+        return False
+    try:
+        return bool(load_training_state(state).get("finished"))
+    except (OSError, ValueError, RuntimeError):
+        return False  # train_run reports an unreadable state
 
 
 def run(args: argparse.Namespace) -> int:
@@ -415,33 +482,48 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.quiet, rank=ctx.rank)
     cfg = _resume_config(args) if args.resume else config_from_args(args)
     sync_bn = _sync_bn(args)
+    evaluate = _evaluate_setting(args)
     progress = progress_enabled(args.quiet) and ctx.is_main
     device = process_device(cfg.device, ctx)
-    with distributed_session(ctx, device):
-        # Under torchrun the default folder is named after rank 0's clock, on every rank.
-        run_dir = engine.broadcast_object(args.run_dir or default_run_dir(cfg.dataset, cfg.model))
-        try:
-            train_run(cfg, run_dir, resume=args.resume, progress=progress, announce=lambda s: print(s, flush=True),
-                      dist_ctx=ctx, sync_bn=sync_bn)
-        except engine.TrainingInterrupted as exc:
-            if ctx.is_main:
-                name = signal.Signals(exc.signum).name
-                again = "torchrun --nproc_per_node=N -m " if ctx.enabled else ""
-                print(f"snapens: {name}: training state saved to {exc.state_path}; continue with: "
-                      f"{again}snapens train --resume --run-dir {run_dir}", file=sys.stderr)
-            return 128 + exc.signum
-        except engine.NonFiniteLossError as exc:
-            if not ctx.is_main:
-                return 2  # the same error on every rank: rank 0 reports it
-            raise CLIError(str(exc)) from exc
-    if not ctx.is_main:
-        return 0
-    if args.evaluate:
-        from snapens.cli.evaluate import evaluate_run
-        from snapens.report import format_summary
+    with contextlib.ExitStack() as owned:
+        with distributed_session(ctx, device):
+            # Under torchrun the default folder is named after rank 0's clock, on every rank.
+            run_dir = engine.broadcast_object(args.run_dir or default_run_dir(cfg.dataset, cfg.model))
+            with engine.all_ranks_agree():
+                if run_dir.exists() and not run_dir.is_dir():
+                    raise CLIError(f"--run-dir {run_dir} is a file, not a folder")
+                if ctx.is_main:  # rank 0 writes the folder, so it alone owns it, until evaluation and plots end
+                    owned.enter_context(run_lock(run_dir, create=True))
+                only_evaluate = args.resume and evaluate and _trained_not_evaluated(run_dir)
+            only_evaluate = engine.broadcast_object(only_evaluate)
+            try:
+                if only_evaluate:
+                    if ctx.is_main:
+                        print(f"{run_dir} finished training but was not evaluated: evaluating it", flush=True)
+                else:
+                    train_run(cfg, run_dir, resume=args.resume, progress=progress,
+                              announce=lambda s: print(s, flush=True), dist_ctx=ctx, sync_bn=sync_bn,
+                              evaluate=evaluate)
+            except engine.TrainingInterrupted as exc:
+                if ctx.is_main:
+                    name = signal.Signals(exc.signum).name
+                    again = "torchrun --nproc_per_node=N -m " if ctx.enabled else ""
+                    print(f"snapens: {name}: training state saved to {exc.state_path}; continue with: "
+                          f"{again}snapens train --resume --run-dir {run_dir}", file=sys.stderr)
+                return 128 + exc.signum
+            except engine.NonFiniteLossError as exc:
+                if not ctx.is_main:
+                    return 2  # the same error on every rank: rank 0 reports it
+                raise CLIError(str(exc)) from exc
+        if not ctx.is_main:
+            return 0
+        if evaluate:
+            from snapens.cli.evaluate import evaluate_run
+            from snapens.report import format_summary
 
-        summary = evaluate_run(run_dir, device=str(device), progress=progress)
-        print(format_summary(summary))
-        _plot_if_possible(run_dir, device)
-    print(f"run dir: {run_dir}")
+            _remove_stale_temp_files(run_dir)
+            summary = evaluate_run(run_dir, device=str(device), progress=progress)
+            print(format_summary(summary))
+            _plot_if_possible(run_dir, device)
+        print(f"run dir: {run_dir}")
     return 0
