@@ -26,7 +26,33 @@ def test_version_and_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"snapens {snapens.__version__}"
-    assert main([]) == 0 and "train" in capsys.readouterr().out
+
+
+def test_no_command_is_usage_and_exit_2(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    usage, error = captured.err.splitlines()
+    assert usage.startswith("usage: snapens") and "COMMAND" in usage
+    assert error.startswith("snapens: error: choose a command: train, evaluate")
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "plot", "export", "reproduce"])
+def test_help_is_plain_text_without_rest_markup(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"snapens {command}" in text
+    for markup in ("``", ":class:", ":func:", ":data:", ":mod:", ":meth:"):
+        assert markup not in text, f"{markup!r} in `snapens {command} --help`"
+
+
+def test_plain_text_strips_literals_and_roles():
+    from snapens.cli import plain_text
+
+    assert plain_text("run ``snapens train``; see :class:`snapens.config.TrainConfig` and :func:`~a.b.fit`") == (
+        "run snapens train; see snapens.config.TrainConfig and fit")
 
 
 def test_console_entry_point_has_no_traceback(tmp_path):
