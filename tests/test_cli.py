@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -61,3 +62,27 @@ def test_console_entry_point_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("snapens: error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+def test_log_lines_do_not_collide_with_an_open_progress_bar(monkeypatch):
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from snapens.cli._common import configure_logging
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging(False)
+    bar = tqdm(total=10, desc="epoch 1/2", file=stream, mininterval=0)
+    bar.update(3)
+    logging.getLogger("snapens.engine").info("*** snapshot 1/2 at step 3")
+    bar.update(1)
+    bar.close()
+    text = stream.getvalue()
+    at = text.index("*** snapshot 1/2 at step 3")
+    assert "epoch 1/2" in text[:at]  # the bar was drawn before the line...
+    assert re.search(r"it/s\]\r +\r$", text[:at])  # ...then erased (blanked), not written onto
+    assert text[at:].startswith("*** snapshot 1/2 at step 3\n")
+    assert "epoch 1/2" in text[at:]  # and drawn again below it
