@@ -117,17 +117,28 @@ def reproduce(
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise CLIError(f"--seeds must be a positive integer, got {seeds!r}")
     out_dir = Path(out_dir)
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first
     out_dir.mkdir(parents=True, exist_ok=True)
     schedules = ["step", "cosine-cycles"] + (["single-cycle"] if with_single_cycle else [])
     seed_list = [config.seed + k for k in range(seeds)]
     runs = []
-    for seed in seed_list:
-        for schedule in schedules:
-            cfg = dataclasses.replace(config, schedule=schedule, seed=seed)
-            run_dir = out_dir / f"{schedule}-seed{seed}"
-            train_run(cfg, run_dir, resume=False, progress=progress)
-            summary = evaluate_run(run_dir, optimize=1, device=cfg.device, progress=progress)
-            runs.append({"schedule": schedule, "seed": seed, "run_dir": str(run_dir), "summary": summary})
+    try:
+        for seed in seed_list:
+            for schedule in schedules:
+                cfg = dataclasses.replace(config, schedule=schedule, seed=seed)
+                run_dir = out_dir / f"{schedule}-seed{seed}"
+                train_run(cfg, run_dir, resume=False, progress=progress)
+                summary = evaluate_run(run_dir, optimize=1, device=cfg.device, progress=progress)
+                runs.append({"schedule": schedule, "seed": seed, "run_dir": str(run_dir), "summary": summary})
+    except BaseException:
+        # A failure before anything was trained (missing data, a bad model) leaves no empty folder behind;
+        # finished or interrupted runs stay where they are.
+        for folder in created:
+            try:
+                folder.rmdir()  # only succeeds on an empty folder
+            except OSError:
+                break
+        raise
 
     paper = paper_errors(config.model, config.dataset, config.lr)
     rows = []
@@ -188,6 +199,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", default=None, help=f"architecture (default: {d.model})")
     p.add_argument("--dataset", default=None, help=f"dataset (default: {d.dataset})")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset files")
+    p.add_argument("--download", action="store_true", default=None, help="download CIFAR archives if missing")
     p.add_argument("--epochs", type=int, default=None, help=f"budget in epochs (default: {d.epochs})")
     p.add_argument("--snapshots", "--M", type=int, default=None,
                    help=f"M, cycles and snapshots (default: {d.snapshots})")
@@ -214,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(args.quiet)
     config = resolve_config(args.preset, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
-                            epochs=args.epochs, snapshots=args.snapshots, lr=args.lr, batch_size=args.batch_size,
+                            download=args.download, epochs=args.epochs, snapshots=args.snapshots, lr=args.lr, batch_size=args.batch_size,
                             seed=args.seed, device=args.device, threads=args.threads)
     safe_dataset = config.dataset.replace(":", "-").replace("/", "-")
     out = args.out or Path("runs") / f"reproduce-{config.model}-{safe_dataset}"
