@@ -399,7 +399,7 @@ def _plot_if_possible(run_dir: Path, device: torch.device) -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        print("plots skipped: matplotlib is not installed (pip install 'snapshot-ensembles[plot]')")
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         return
     from snapens.cli.plot import plot_run
 
