@@ -156,7 +156,7 @@ def _plot_correlation(plt: Any, summary: dict[str, Any], out: Path) -> None:
 
     apart = [[1.0 - _nan(v) for v in row] for row in summary["diversity"]["correlation"]]
     names = correlation_labels(summary)
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.8 * len(names)), max(3.8, 1.2 + 0.8 * len(names))))
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.8 * len(names)), max(3.8, 1.2 + 0.8 * len(names))))
     finite = [v for row in apart for v in row if math.isfinite(v)]
     top = max(finite, default=0.0)
     im = ax.imshow(apart, vmin=0.0, vmax=top if top > 0 else 1.0, cmap="viridis")
@@ -166,7 +166,8 @@ def _plot_correlation(plt: Any, summary: dict[str, Any], out: Path) -> None:
         for j, v in enumerate(row):
             text = "0" if v == 0 else f"{v:.2g}"
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if v < 0.6 * top else "k")
-    ax.set(xlabel="member", ylabel="member", title="1 - correlation of member predictions (test)")
+    ax.set(xlabel="member", ylabel="member")
+    ax.set_title("1 - correlation of member predictions (test)", fontsize=10)
     # Plain tick labels: the default formatter adds an offset or exponent label above the bar, over the title.
     fig.colorbar(im, ax=ax, format=FormatStrFormatter("%.2g"))
     _save(fig, out)
