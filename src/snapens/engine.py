@@ -351,10 +351,6 @@ class _BackgroundWriter:
     next epoch's steps. Each job works on CPU copies taken when it was submitted. Crash safety is unchanged:
     every file is still replaced atomically, and the state is written after the files it vouches for.
     A failed job re-raises at the next :meth:`submit` or :meth:`wait`.
-
-    The order of files on disk is the order of the writes in the loop: :func:`fit` calls :meth:`wait` before
-    every write it does itself (a snapshot, a state on SIGINT/SIGTERM), so a snapshot taken after epoch ``e``
-    never reaches the disk before the state of epoch ``e``; see :func:`fit` ("Files on disk").
     """
 
     def __init__(self) -> None:
@@ -400,8 +396,6 @@ class _SignalGuard:
         self._state_path = state_path
         self._second_raises = second_raises
         self._previous: dict[int, Any] = {}
-        self._in_write = False
-        self._deferred: int | None = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
@@ -409,25 +403,10 @@ class _SignalGuard:
                 logger.warning("%s received again: still stopping at the next agreed step",
                                signal.Signals(signum).name)
                 return
-            if self._in_write:  # never inside torch.save / safetensors: raise when the write is complete
-                self._deferred = signum
-                return
             # Impatient second signal: stop now; atomic writes keep files whole.
             raise TrainingInterrupted(signum, self._state_path)
         self.signum = signum
         logger.warning("%s received: finishing the current step and saving the state", signal.Signals(signum).name)
-
-    @contextlib.contextmanager
-    def critical(self) -> Iterator[None]:
-        """A file write that a second signal must not cut short (a raise inside ``torch.save`` turns into
-        ``RuntimeError: unexpected pos``): the second signal is raised when the block is done."""
-        self._in_write = True
-        try:
-            yield
-        finally:
-            self._in_write = False
-        if self._deferred is not None:
-            raise TrainingInterrupted(self._deferred, self._state_path)
 
     def __enter__(self) -> _SignalGuard:
         if self.enabled:
@@ -645,12 +624,6 @@ def fit(
     (see the module docstring): call it on every rank with the same arguments and a loader that yields this
     rank's share of each global batch.
 
-    Files on disk (the promise the kill-and-resume tests check): the run folder's writes reach the disk in
-    the order the loop makes them, each atomically: the state before the first step; per epoch ``best``,
-    ``metrics.csv``, then ``state.pt`` (on a background thread); a snapshot only after every write submitted
-    before it is complete. So a kill at any moment leaves a ``state.pt`` no older than the last epoch end
-    before the newest snapshot on disk, and resuming from it re-takes (bit-identically) any snapshot after it.
-
     Args:
         model: the network (moved to ``device``; parameters keep their identity, so an optimizer built on them
             stays valid).
@@ -776,7 +749,6 @@ def fit(
             _write_metrics(run_dir / METRICS_FILE, rows)  # drop rows written after the state
     elif writer:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_files(run_dir)  # e.g. of a state.pt that a kill before the first step never renamed
 
     # Snapshots and states always come from `model` itself, never from the DDP or compiled wrappers.
     train_module: nn.Module = model
@@ -830,18 +802,18 @@ def fit(
         # The signal any rank received (the largest number if several), or None; a collective.
         return ranks.max_int(guard.signum or 0) or None
 
+    if state is None:
+        # A state before the first step, written synchronously: a run killed before its first epoch end can
+        # still be resumed (from the start, bit-exactly) rather than being neither resumable nor restartable.
+        rng_ranks = gather_rng()
+        if writer:
+            checkpoint.save_training_state(state_path, make_state(0, 0, False, None, rng_ranks))
+
     train_module.train()
     train_seconds, images_done = 0.0, 0
     writes = _BackgroundWriter()
     with (_SignalGuard(handle_signals, state_path, second_raises=not ranks.enabled) as guard,
           _finally(writes.wait)):
-        if state is None:
-            # A state before the first step, written synchronously: a run killed before its first epoch end can
-            # still be resumed (from the start, bit-exactly) rather than being neither resumable nor restartable.
-            rng_ranks = gather_rng()
-            if writer:
-                with guard.critical():
-                    checkpoint.save_training_state(state_path, make_state(0, 0, False, None, rng_ranks))
         for epoch in range(start_epoch, epochs):
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
@@ -890,12 +862,10 @@ def fit(
                     metrics = {"train_loss": train_loss, "train_acc": train_acc}
                     if val_loader is not None:
                         metrics |= {"val_loss": val_loss, "val_acc": val_acc}
-                    writes.wait()  # the ordering promise: the previous epoch's files first
-                    with guard.critical():
-                        _take_snapshot(store, model, writer, ranks, index=cycle + 1, step=step,
-                                       epoch=epoch + (i + 1) / steps_per_epoch, lr=lr, model_name=model_name,
-                                       model_kwargs=model_kwargs, metrics=metrics, n_cycles=n_cycles,
-                                       on_cycle_end=on_cycle_end)
+                    _take_snapshot(store, model, writer, ranks, index=cycle + 1, step=step,
+                                   epoch=epoch + (i + 1) / steps_per_epoch, lr=lr, model_name=model_name,
+                                   model_kwargs=model_kwargs, metrics=metrics, n_cycles=n_cycles,
+                                   on_cycle_end=on_cycle_end)
                     t0 = time.perf_counter()
                 scheduler.step()
                 if reinit_factory is not None and step in cycle_starts:
@@ -920,9 +890,7 @@ def fit(
                     if writer:
                         part = {**sums, "seconds": seconds, "ranks": sums_ranks}
                         writes.wait()
-                        with guard.critical():
-                            checkpoint.save_training_state(state_path,
-                                                           make_state(epoch, i + 1, False, part, rng_ranks))
+                        checkpoint.save_training_state(state_path, make_state(epoch, i + 1, False, part, rng_ranks))
                     if bar is not None:
                         bar.close()
                     if ranks.enabled:

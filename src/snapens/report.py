@@ -277,7 +277,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     chosen = (f"choices made on {summary['num_val']} validation images" if summary["num_val"]
               else "no validation split")
     lines = [f"Test split: {summary['num_test']} images, {summary['num_classes']} classes, "
-             f"{summary['num_members']} members ({chosen})",
+             f"{summary['num_members']} member{'' if summary['num_members'] == 1 else 's'} ({chosen})",
              header, "-" * len(header)]
     for label, row in rows:
         cells = "".join(" " + _num(row[key], spec) for key, _, spec in _METRIC_COLUMNS)

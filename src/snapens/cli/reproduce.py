@@ -169,9 +169,11 @@ def reproduce(
 def format_reproduce(result: dict[str, Any]) -> str:
     """The reproduce table: our test error (mean +- std over seeds) next to the paper's (``nan`` for a
     number that is not finite, ``None`` in the JSON)."""
+    from snapens.cli._common import plural
+
     cfg = result["config"]
     n = len(result["seeds"])
-    lines = [f"Table 1 comparison: {cfg['model']} on {cfg['dataset']}, {cfg['epochs']} epochs, "
+    lines = [f"Table 1 comparison: {cfg['model']} on {cfg['dataset']}, {plural(cfg['epochs'], 'epoch')}, "
              f"M={cfg['snapshots']}, lr0={cfg['lr']:g}, {n} seed{'s' if n > 1 else ''}"]
     width = max(len(r["name"]) for r in result["rows"])
     ours = "test error %" + (" (mean +- std)" if n > 1 else "")

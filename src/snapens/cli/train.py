@@ -52,6 +52,7 @@ from snapens.cli._common import (
     environment_info,
     format_table,
     launch_context,
+    plural,
     process_device,
     progress_enabled,
     set_threads,
@@ -101,6 +102,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--seed", type=int, help=f"(default: {d.seed})")
     g.add_argument("--preset", help="a named setting, e.g. paper-wrn-32-4-cifar100 (see --list-presets)")
     g.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    g.add_argument("--list-models", action="store_true", help="print the model name forms and examples and exit")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", help=f"auto, cpu, cuda, cuda:N (default: {d.device})")
     g.add_argument("--precision", choices=PRECISIONS,
@@ -224,8 +226,9 @@ def run_header(cfg: TrainConfig, run_dir: Path, device: torch.device, precision:
     """The lines printed before training: what is trained, on what hardware, and where it goes."""
     procs = (f", {world_size} processes (batch {cfg.batch_size} each, global batch {cfg.batch_size * world_size})"
              if world_size > 1 else "")
-    return (f"snapens train: {cfg.dataset}, {cfg.model}, {cfg.epochs} epochs, M={cfg.snapshots} snapshots "
-            f"({cfg.schedule}, lr {cfg.lr:g} -> {cfg.lr_min:g}), batch {cfg.batch_size}, seed {cfg.seed}\n"
+    return (f"snapens train: {cfg.dataset}, {cfg.model}, {plural(cfg.epochs, 'epoch')}, "
+            f"M={plural(cfg.snapshots, 'snapshot')} ({cfg.schedule}, lr {cfg.lr:g} -> {cfg.lr_min:g}), "
+            f"batch {cfg.batch_size}, seed {cfg.seed}\n"
             f"device {device}, precision {precision}, threads {threads}{procs}\n"
             f"run dir: {run_dir}{' (resuming)' if resume else ''}")
 
@@ -308,7 +311,10 @@ def train_run(
         precision = engine.resolve_precision(cfg.precision, device)
         threads = set_threads(cfg.threads)
         with torch.random.fork_rng(devices=[]):  # an unknown model name fails here, before the data is read
-            build_model(cfg.model, num_classes=10, in_channels=3, **cfg.model_kwargs)
+            try:
+                build_model(cfg.model, num_classes=10, in_channels=3, **cfg.model_kwargs)
+            except ValueError as exc:
+                raise CLIError(f"{exc}; `snapens train --list-models` lists them all") from exc
 
     def load() -> Any:
         return load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, val_size=cfg.val_size,
@@ -322,6 +328,9 @@ def train_run(
     with engine.all_ranks_agree():
         if splits is None:
             splits = load()
+    if ctx.is_main:
+        logger.info("dataset %s: %d train, %d val, %d test images, %d classes", splits.name, len(splits.train),
+                    len(splits.val), len(splits.test), len(splits.classes))
     model_kwargs = {"num_classes": len(splits.classes), "in_channels": splits.in_channels, **cfg.model_kwargs}
     _seed_everything(cfg.seed)
     model = build_model(cfg.model, **model_kwargs)
@@ -411,6 +420,12 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``snapens train`` (one process, or every process of a torchrun job)."""
     if args.list_presets:
         _print_presets()
+        return 0
+    if args.list_models:
+        from snapens.models import list_models, model_forms
+
+        print("\n".join(model_forms()))
+        print("examples: " + ", ".join(list_models()))
         return 0
     ctx = launch_context()
     configure_logging(args.quiet, rank=ctx.rank)

@@ -215,5 +215,7 @@ def make_splits(
     if len(train) == 0:
         raise ValueError(f"dataset {name!r} has no training images")
     mean, std = channel_stats(train.images)
-    log.info("dataset %s: %d train, %d val, %d test, %d classes", name, len(train), len(val), len(test), len(classes))
+    # DEBUG: `snapens train` reads the dataset again to evaluate; its CLI says what it loaded, once.
+    log.debug("dataset %s: %d train, %d val, %d test, %d classes", name, len(train), len(val), len(test),
+              len(classes))
     return DatasetSplits(name, train, val, test, list(classes), mean, std, augment)
