@@ -202,6 +202,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dataset", default=None, help=f"dataset (default: {d.dataset})")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset files")
     p.add_argument("--download", action="store_true", default=None, help="download CIFAR archives if missing")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="stratified subset of N training images (see snapens train; default: all)")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N",
+                   help="stratified subset of N test images (default: all)")
     p.add_argument("--epochs", type=int, default=None, help=f"budget in epochs (default: {d.epochs})")
     p.add_argument("--snapshots", "--M", type=int, default=None,
                    help=f"M, cycles and snapshots (default: {d.snapshots})")
@@ -228,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(args.quiet)
     config = resolve_config(args.preset, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
-                            download=args.download, epochs=args.epochs, snapshots=args.snapshots, lr=args.lr, batch_size=args.batch_size,
+                            download=args.download, limit_train=args.limit_train, limit_test=args.limit_test,
+                            epochs=args.epochs, snapshots=args.snapshots, lr=args.lr, batch_size=args.batch_size,
                             seed=args.seed, device=args.device, threads=args.threads)
     safe_dataset = config.dataset.replace(":", "-").replace("/", "-")
     out = args.out or Path("runs") / f"reproduce-{config.model}-{safe_dataset}"

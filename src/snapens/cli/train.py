@@ -84,6 +84,11 @@ def register(subparsers: Any) -> None:
                         "dataset's)")
     g.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None,
                    help="turn off the dataset's default augmentation")
+    g.add_argument("--limit-train", type=int, metavar="N",
+                   help="train on a stratified subset of N training images, seeded by --seed (validation shrinks "
+                        "in proportion; default: all)")
+    g.add_argument("--limit-test", type=int, metavar="N",
+                   help="evaluate on a stratified subset of N test images, the same for every seed (default: all)")
     g = p.add_argument_group("model and schedule")
     g.add_argument("--model", help=f"wrn-D-K, densenet-D-K, densenet-bc-D-K, resnet-D, cnn-small (default: "
                                    f"{d.model}); legacy: wrn, dn")
@@ -176,7 +181,8 @@ def explicit_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "schedule": args.schedule, "lr": _merge(args.lr, args.legacy_alpha_zero, "--lr", "--alpha_zero"),
         "lr_min": args.lr_min, "batch_size": args.batch_size, "momentum": args.momentum,
         "nesterov": args.nesterov, "weight_decay": args.weight_decay, "val_size": args.val_size,
-        "augment": args.augment, "seed": args.seed, "device": args.device, "precision": args.precision,
+        "augment": args.augment, "limit_train": args.limit_train, "limit_test": args.limit_test,
+        "seed": args.seed, "device": args.device, "precision": args.precision,
         "channels_last": args.channels_last, "compile": args.compile, "threads": args.threads,
     }
 
@@ -318,7 +324,7 @@ def train_run(
 
     def load() -> Any:
         return load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, val_size=cfg.val_size,
-                            seed=cfg.seed)
+                            seed=cfg.seed, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
 
     # Rank 0 reads the dataset first (it may download it or build a cache); the others wait, then read it.
     splits = None
