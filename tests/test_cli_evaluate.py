@@ -380,3 +380,33 @@ def test_damaged_snapshot_tensor_is_refused_naming_file_and_tensor(run_copy: Pat
                model_kwargs=info.model_kwargs, metrics=info.metrics)
     got = cli_error("evaluate", run_copy, "--quiet", "--device", "cpu")
     assert re.search(r"snapshot-02\.safetensors " + message.format(key=re.escape(key)), got), got
+
+
+def test_limited_run_records_its_subsets_and_evaluate_and_resume_use_them(tmp_path: Path, cli_error) -> None:
+    from snapens.cli import build_parser
+    from snapens.cli.evaluate import load_run_dataset, read_run_info
+    from snapens.cli.train import _resume_config
+
+    run = tmp_path / "run"
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", "--epochs", "2", "--snapshots", "2", "--limit-train", "300", "--limit-test", "90",
+                     "--threads", "1", "--device", "cpu", "--precision", "fp32", "--no-eval", "--quiet",
+                     "--run-dir", str(run)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    info = read_run_info(run)
+    assert (info["config"]["limit_train"], info["config"]["limit_test"]) == (300, 90)
+    assert (info["dataset"]["num_train"], info["dataset"]["num_val"], info["dataset"]["num_test"]) == (300, 33, 90)
+    # evaluate rebuilds exactly these splits from config.json...
+    data = load_run_dataset(info)
+    expected = load_dataset("digits", seed=0, limit_train=300, limit_test=90)
+    for part in ("train", "val", "test"):
+        assert torch.equal(getattr(data, part).images, getattr(expected, part).images), part
+    summary = evaluate_run(run, device="cpu")
+    assert summary["num_test"] == 90 and summary["num_val"] == 33
+    # ...and so does --resume, which refuses another limit.
+    args = build_parser().parse_args(["train", "--resume", "--run-dir", str(run)])
+    assert (_resume_config(args).limit_train, _resume_config(args).limit_test) == (300, 90)
+    message = cli_error("train", "--resume", "--run-dir", run, "--limit-train", "400")
+    assert "do not change --limit-train" in message

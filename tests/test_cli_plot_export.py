@@ -74,8 +74,20 @@ def test_lr_curve_recomputes_the_schedule() -> None:
 
 def test_plot_without_matplotlib_says_how_to_install(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(CLIError, match=r"pip install snapshot-ensembles\[plot\]"):
+    with pytest.raises(CLIError, match=r"plotting needs matplotlib: pip install matplotlib$"):
         plot_run(run_dir)
+
+
+def test_matplotlib_is_a_core_dependency() -> None:
+    # The default `snapens train` writes plots, so a plain `pip install -e .` must bring matplotlib.
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(dep.startswith("matplotlib") for dep in project["dependencies"])
+    # ...and no hint names the package index's `snapshot-ensembles[...]`, which is not published there.
+    src = Path(__file__).parents[1] / "src" / "snapens"
+    hints = [p for p in src.rglob("*.py") if "pip install snapshot-ensembles" in p.read_text()]
+    assert hints == []
 
 
 @pytest.fixture()
@@ -252,3 +264,43 @@ def test_plot_draws_the_whole_run_after_a_variant_evaluation(unevaluated: Path,
     assert summary["ensemble_size_curve"]["m"] == [1, 2]
     assert json.loads((unevaluated / "summary.json").read_text())["ensemble_size_curve"]["m"] == [1, 2]
     assert json.loads((unevaluated / "summary-last1.json").read_text())["ensemble_size_curve"]["m"] == [1]
+
+
+def _capture_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    drawn: dict[str, object] = {}
+    monkeypatch.setattr(plot_module, "_save", lambda fig, path: drawn.__setitem__(path.name, fig))
+    return drawn
+
+
+def test_correlation_plot_shows_one_minus_correlation_when_members_are_near_1(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = _capture_figures(monkeypatch)
+    corr = [[1.0, 0.9965, 0.9990], [0.9965, 1.0, 0.9999], [0.9990, 0.9999, 1.0]]
+    names = ["snapshot-01", "snapshot-02", "snapshot-03"]
+    summary = {"member_names": names, "diversity": {"members": names, "correlation": corr}}
+    plot_module._plot_correlation(plot_module._pyplot(), summary, tmp_path / "snapshot_correlation.png")
+    fig = drawn["snapshot_correlation.png"]
+    heat, bar = fig.axes
+    image = heat.get_images()[0]
+    expected = [1.0 - v for row in corr for v in row]
+    assert [v for row in image.get_array().tolist() for v in row] == pytest.approx(expected, abs=1e-12)
+    assert image.get_clim() == pytest.approx((0.0, 0.0035))  # the colours span the values shown
+    cells = [t.get_text() for t in heat.texts]
+    assert cells == ["0", "0.0035", "0.001", "0.0035", "0", "0.0001", "0.001", "0.0001", "0"]
+    assert heat.get_title().startswith("1 - correlation")
+    fig.canvas.draw()
+    assert bar.yaxis.get_offset_text().get_text() == ""  # no offset label over the title
+
+
+def test_training_curves_mark_the_cycle_ends(unevaluated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = _capture_figures(monkeypatch)
+    plot_run(unevaluated)
+    info = json.loads((unevaluated / "config.json").read_text())
+    assert (info["config"]["epochs"], info["config"]["snapshots"]) == (2, 2)
+    assert plot_module.snapshot_epochs(info) == [1.0, 2.0]
+    assert plot_module.snapshot_epochs({"config": {"epochs": 3, "snapshots": 2}}, steps_per_epoch=3) == [
+        5 / 3, 3.0]  # 9 steps in cycles of 5 + 4: the first ends after step 5, in epoch 2
+    for ax in drawn["training_curves.png"].axes:
+        marks = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+        assert [line.get_xdata()[0] for line in marks] == [1.0, 2.0]
+        assert "cycle end (snapshot)" in [t.get_text() for t in ax.get_legend().get_texts()]

@@ -83,3 +83,26 @@ def test_table_shows_a_diverged_run_as_nan() -> None:
     }
     line = format_reproduce(result).splitlines()[2]
     assert line.split()[-5:] == ["nan", "+-", "nan", "nan", "-"]
+
+
+def test_reproduce_takes_the_download_flag_its_error_suggests(tmp_path: Path, cli_error,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "a" / "repro"
+    data = tmp_path / "data"
+    data.mkdir()
+    message = cli_error("reproduce", "--dataset", "cifar10", "--data-dir", data, "--out", out, "--quiet")
+    assert "pass --download" in message
+    assert not (tmp_path / "a").exists()  # no empty folder left by the failure
+    # The flag the message suggests is accepted and reaches the download (to a closed local port here).
+    monkeypatch.setenv("SNAPENS_CIFAR_URL", "http://127.0.0.1:9/")
+    message = cli_error("reproduce", "--dataset", "cifar10", "--data-dir", data, "--download", "--out", out,
+                        "--quiet")
+    assert message.startswith("could not download http://127.0.0.1:9/") and "unrecognized" not in message
+    assert not (tmp_path / "a").exists()
+
+
+def test_reproduce_failure_keeps_folders_that_were_there(tmp_path: Path, cli_error) -> None:
+    out = tmp_path / "existing"
+    out.mkdir()
+    cli_error("reproduce", "--model", "nonsense", "--out", out, "--quiet")
+    assert out.is_dir() and not any(out.iterdir())

@@ -104,6 +104,41 @@ def test_small_run_writes_the_run_folder(finished_run: tuple[Path, str]) -> None
     assert "ensemble" in out and "error %" in out  # the evaluation table was printed
 
 
+def test_one_epoch_run_says_each_thing_once_in_the_singular(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    argv = ["train", "--epochs", "1", "--snapshots", "1", "--threads", "1", "--device", "cpu", "--precision", "fp32",
+            "--run-dir", str(run_dir)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert text.count("dataset digits:") == 1, text  # not again when the run is evaluated at the end
+    assert "dataset digits: 1294 train, 144 val, 359 test images, 10 classes" in captured.err
+    assert "snapens train: digits, cnn-small, 1 epoch, M=1 snapshot (cosine-cycles" in captured.out
+    assert "1 member (choices made on 144 validation images)" in captured.out
+    assert "epochs" not in captured.out.split("\n")[0] and "members" not in captured.out
+
+
+def test_unknown_model_is_a_short_error_that_says_how_to_list_them(tmp_path: Path, cli_error) -> None:
+    message = cli_error("train", "--model", "resnet-x", "--run-dir", tmp_path / "run")
+    assert len(message) < 250, message
+    assert message.startswith("unknown model name 'resnet-x'; expected wrn-D-K,")
+    assert "e.g. wrn-16-4" in message and message.endswith("`snapens train --list-models` lists them all")
+    assert not (tmp_path / "run").exists()
+
+
+def test_list_models_names_every_form_and_example(capsys: pytest.CaptureFixture[str]) -> None:
+    from snapens.models import build_model, list_models
+
+    assert main(["train", "--list-models"]) == 0
+    out = capsys.readouterr().out
+    for form in ("wrn-D-K:", "densenet-D-K:", "densenet-bc-D-K:", "resnet-D:", "cnn-small:"):
+        assert form in out
+    examples = out.split("examples: ")[1].strip().split(", ")
+    assert examples == list_models() and len(examples) > 5
+    build_model(examples[0], num_classes=10)  # the names listed build
+
+
 @pytest.mark.slow
 def test_true_default_run(tmp_path: Path) -> None:
     """`snapens train` with no arguments at all: the embedded default, evaluated, in runs/<...>."""

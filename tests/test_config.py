@@ -32,6 +32,8 @@ def test_paper_presets_follow_the_paper():
     (dict(batch_size=0), "batch"), (dict(schedule="linear"), "linear"), (dict(precision="int8"), "int8"),
     (dict(lr=0.1, lr_min=0.2), "lr_min"), (dict(momentum=float("nan")), "nan"), (dict(weight_decay=-1.0), "-1.0"),
     (dict(lr=float("inf")), "inf"), (dict(val_size=-5), "-5"),
+    (dict(limit_train=0), "limit_train must be a positive image count, got 0"),
+    (dict(limit_test=True), "limit_test must be a positive image count, got True"),
 ])
 def test_bad_values_raise(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -48,3 +50,9 @@ def test_unknown_preset_and_field():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         TrainConfig().epochs = 3  # type: ignore[misc]
+
+
+def test_limits_default_to_every_image_and_are_recorded():
+    assert (TrainConfig().limit_train, TrainConfig().limit_test) == (None, None)
+    cfg = resolve_config(limit_train=5000, limit_test=1000)
+    assert cfg.to_dict()["limit_train"] == 5000 and cfg.to_dict()["limit_test"] == 1000

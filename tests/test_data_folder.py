@@ -208,3 +208,31 @@ def test_cache_file_mode_follows_the_umask(tmp_path) -> None:
         os.umask(old)
     (cache_file,) = (tmp_path / "cache" / "folders").glob("*.npz")
     assert cache_file.stat().st_mode & 0o777 == 0o644
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path) -> None:
+    root = make_tree(tmp_path / "g16", gray=True)
+    # A 12-bit-style image in a 16-bit container (values 0..3999, mostly above 255) and one spanning 0..65535.
+    deep = (np.arange(H * W).reshape(H, W) * 133).astype(np.uint16)
+    assert deep.max() == 3857 and (deep > 255).mean() > 0.9
+    full = np.resize(np.array([0, 256, 257, 385, 386, 32767, 32768, 65535], dtype=np.uint16), (H, W))
+    Image.fromarray(deep).save(root / "train" / "ant" / "deep.png")
+    Image.fromarray(full).save(root / "train" / "ant" / "full.tiff")
+    assert Image.open(root / "train" / "ant" / "deep.png").mode == "I;16"
+    ds = load_folder(root, val_size=0)
+    assert ds.train.images.shape == (14, 1, H, W)  # still one channel
+    images = {name: ds.train.images[i, 0] for i, name in ((0, "000"), (4, "deep"), (5, "full"))}
+    expected_deep = np.floor(deep.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    assert np.array_equal(images["deep"].numpy(), expected_deep) and images["deep"].max().item() == 15
+    assert np.array_equal(images["full"].numpy(), np.resize(np.array([0, 1, 1, 1, 2, 127, 128, 255]), (H, W)))
+    assert images["000"][0, 0].item() == 0  # 8-bit images of the same folder are untouched
+    assert ds.train.images[1, 0, 0, 0].item() == 1
+
+
+def test_float_and_out_of_range_32_bit_images_are_refused(tmp_path) -> None:
+    for name, arr in (("float.tiff", np.full((H, W), 0.5, dtype=np.float32)),
+                      ("wide.tiff", np.full((H, W), 70000, dtype=np.int32))):
+        root = make_tree(tmp_path / name, gray=True)
+        Image.fromarray(arr).save(root / "test" / "bee" / name)
+        with pytest.raises(ValueError, match=rf"cannot decode image .*{name}: (32-bit float|its 32-bit integer)"):
+            load_folder(root, val_size=0, cache=False)

@@ -122,3 +122,39 @@ def test_load_dataset_rejects_bad_specs(tmp_path) -> None:
     with pytest.raises(ValueError, match="val_size"):
         load_dataset("digits", val_size=1.5)
     assert "folder:PATH" in list_datasets() and "cifar100" in list_datasets()
+
+
+def test_limit_splits_are_stratified_seeded_and_keep_validation_honest() -> None:
+    from snapens.data import limit_splits
+
+    full = load_dataset("digits", seed=3)
+    small = load_dataset("digits", seed=3, limit_train=400, limit_test=100)
+    assert (len(small.train), len(small.test)) == (400, 100)
+    # Validation, carved from the full training set first, shrinks in the training split's proportion.
+    assert len(small.val) == round(len(full.val) * 400 / len(full.train)) == 45
+    # Per-class counts are the largest-remainder quotas of each split's own class counts.
+    for part, n in (("train", 400), ("val", 45), ("test", 100)):
+        counts = torch.bincount(getattr(full, part).labels, minlength=10).double()
+        exact = n * counts / counts.sum()
+        got = torch.bincount(getattr(small, part).labels, minlength=10).double()
+        assert float(got.sum()) == n and bool(((got - exact).abs() < 1).all()), (part, got, exact)
+
+    def rows(split: Split) -> set[bytes]:
+        return {bytes(img.numpy().tobytes()) + bytes([int(y)]) for img, y in zip(split.images, split.labels)}
+
+    # Subsets of the full splits: validation images stay out of training, test images stay test images.
+    assert rows(small.train) <= rows(full.train) and rows(small.val) <= rows(full.val)
+    assert rows(small.test) <= rows(full.test) and not rows(small.train) & rows(small.val)
+    # Deterministic; the training subset follows the seed, the test subset does not.
+    again = load_dataset("digits", seed=3, limit_train=400, limit_test=100)
+    assert torch.equal(again.train.images, small.train.images) and torch.equal(again.test.labels, small.test.labels)
+    other = load_dataset("digits", seed=4, limit_train=400, limit_test=100)
+    assert not torch.equal(other.train.images, small.train.images)
+    assert torch.equal(other.test.images, small.test.images)
+    # Statistics are those of the images trained on.
+    assert small.mean == channel_stats(small.train.images)[0] and small.mean != full.mean
+    # A limit at or above a split's size keeps it whole; bad limits are refused before anything is read.
+    assert limit_splits(full, limit_train=10**6, limit_test=len(full.test), seed=3) is full
+    for bad in (0, -5, True, 2.5):
+        with pytest.raises(ValueError, match="limit_train must be a positive image count"):
+            load_dataset("digits", limit_train=bad)

@@ -259,3 +259,29 @@ def test_non_finite_numbers_become_null_in_strict_json():
 def test_to_json_rejects_what_json_cannot_hold():
     with pytest.raises(ValueError, match="cannot write"):
         to_json({"x": object()})
+
+
+def test_temperature_not_identifiable_on_validation_is_kept_at_1_and_said():
+    # Two members, both right on every validation image with confident probabilities (a digits run): the
+    # validation NLL cannot identify a temperature, so the report keeps T = 1 and says why.
+    g = torch.Generator().manual_seed(5)
+    val_y, test_y = torch.arange(60) % 3, torch.arange(30) % 3
+
+    def members(labels: torch.Tensor, boost: float) -> torch.Tensor:
+        logits = torch.randn(2, labels.shape[0], 3, generator=g, dtype=torch.float64)
+        logits[:, torch.arange(labels.shape[0]), labels] += boost
+        return logits.softmax(dim=-1)
+
+    val_mp, test_mp = members(val_y, 8.0), members(test_y, 1.0)
+    test_y = test_y.clone()
+    test_y[0] = 1 - test_y[0] if test_y[0] < 2 else 0  # the test split has a mistake the validation split lacks
+    summary = summarize(val_mp, val_y, test_mp, test_y, member_names=["snapshot-01", "snapshot-02"])
+    row = summary["ensemble_temperature"]
+    assert row["temperature"] == 1.0 and row["temperature_fitted"] is False
+    equal_like = summary["ensemble_weighted"]
+    assert row["nll"] == pytest.approx(equal_like["nll"], rel=1e-9)  # T = 1 leaves the probabilities alone
+    assert any("temperature not fitted, T=1 kept: every one of the 60 validation predictions is correct" in n
+               for n in summary["notes"])
+    text = format_summary(summary)
+    assert "ensemble + temperature (T=1.000 not fitted, fitted weights)" in text
+    assert "Note: temperature not fitted, T=1 kept" in text

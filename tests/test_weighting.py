@@ -206,8 +206,53 @@ def test_temperature_validation(caplog: pytest.LogCaptureFixture) -> None:
         fit_temperature(p, torch.tensor([0]), bounds=(2.0, 1.0))
     with pytest.raises(ValueError, match=r"\[N, C\].*\(2, 2, 2\)"):
         fit_temperature(TWO, TWO_LABELS)
-    # every prediction right: sharper is always better, the fit runs into its lower bound and says so
+
+
+
+def _confident_digits_like(n: int = 144, n_classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation probabilities as a well-trained digits ensemble gives them: every image right, mostly with
+    p(true) > 0.99, a few less sure."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % n_classes
+    logits = torch.randn(n, n_classes, generator=g, dtype=torch.float64)
+    logits[torch.arange(n), labels] += 4.0 + 6.0 * torch.rand(n, generator=g, dtype=torch.float64)
+    return logits.softmax(dim=1), labels
+
+
+def test_temperature_is_kept_at_1_when_every_validation_prediction_is_right(caplog: pytest.LogCaptureFixture) -> None:
+    probs, labels = _confident_digits_like()
+    assert bool((probs.argmax(dim=1) == labels).all())  # 100 % validation accuracy
+    reasons: list[str] = []
     with caplog.at_level(logging.WARNING, logger="snapens.weighting"):
-        t = fit_temperature(torch.tensor([[0.8, 0.2], [0.3, 0.7]]), torch.tensor([0, 1]), bounds=(0.1, 10.0))
-    assert t == pytest.approx(0.1, rel=1e-3)
-    assert "search bound" in caplog.text
+        t = fit_temperature(probs, labels, explain=reasons)
+    # The NLL falls towards 0 as T -> 0: no minimum to find. The old fit returned a T of a few hundredths.
+    assert metrics.nll(apply_temperature(probs, 0.05), labels) < metrics.nll(probs, labels)
+    assert t == 1.0
+    assert len(reasons) == 1 and "every one of the 144 validation predictions is correct" in reasons[0]
+    assert "T=1 kept" in caplog.text
+    # Without a list to explain to, the same answer.
+    assert fit_temperature(probs, labels) == 1.0
+
+
+def test_temperature_is_kept_at_1_when_the_minimum_is_outside_the_bounds() -> None:
+    # labels drawn from softmax(z), the model reports softmax(z * 4): the NLL's minimum is at T = 4
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(5000, 5, generator=g, dtype=torch.float64)
+    labels = torch.multinomial(z.softmax(dim=1), 1, generator=g).squeeze(1)
+    probs = (z * 4.0).softmax(dim=1)
+    assert fit_temperature(probs, labels) == pytest.approx(4.0, rel=0.1)
+    reasons: list[str] = []
+    assert fit_temperature(probs, labels, bounds=(0.1, 2.0), explain=reasons) == 1.0
+    assert len(reasons) == 1 and "no minimum inside the search bounds 0.1 <= T <= 2" in reasons[0]
+
+
+def test_one_validation_mistake_is_enough_to_fit_a_temperature() -> None:
+    probs, labels = _confident_digits_like()
+    labels = labels.clone()
+    labels[0] = (labels[0] + 1) % 10  # one confident mistake
+    reasons: list[str] = []
+    t = fit_temperature(probs, labels, explain=reasons)
+    assert reasons == [] and 0.01 < t < 100 and t != 1.0
+    f = metrics.nll(apply_temperature(probs, t), labels)  # a true interior minimum
+    assert f <= metrics.nll(apply_temperature(probs, t * 1.02), labels)
+    assert f <= metrics.nll(apply_temperature(probs, t / 1.02), labels)

@@ -41,6 +41,11 @@ class TrainConfig:
     val_size: int | float | None = None
     #: None: the dataset's default augmentation; False: none.
     augment: bool | None = None
+    #: Train on a stratified subset of this many training images, seeded by ``seed`` (None: all of them). The
+    #: validation split is carved from the full training set first and shrinks in proportion.
+    limit_train: int | None = None
+    #: Evaluate on a stratified subset of this many test images, the same for every seed (None: all of them).
+    limit_test: int | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -76,6 +81,10 @@ class TrainConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.val_size is not None and not self.val_size >= 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        for name in ("limit_train", "limit_test"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive image count, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-serialisable dict (what ``config.json`` stores)."""

@@ -199,10 +199,13 @@ def summarize(
     ensemble_temperature = None
     if has_val:
         base = "equal" if ensemble_weighted is None else ensemble_weighted["source"]
-        temperature = float(weighting.fit_temperature(weighting.weighted_average(val_mp, chosen), val_y))
+        not_fitted: list[str] = []
+        temperature = float(weighting.fit_temperature(weighting.weighted_average(val_mp, chosen), val_y,
+                                                      explain=not_fitted))
         scaled = weighting.apply_temperature(weighting.weighted_average(test_mp, chosen), temperature)
         ensemble_temperature = _row("ensemble + temperature", scaled, test_y, temperature=temperature,
-                                    base_weights=base)
+                                    base_weights=base, temperature_fitted=not not_fitted)
+        notes.extend(not_fitted)
     else:
         notes.append("no validation split: temperature not fitted")
 
@@ -257,7 +260,9 @@ def _table_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         rows.append((summary["ensemble_weighted"]["name"], summary["ensemble_weighted"]))
     if summary.get("ensemble_temperature"):
         t = summary["ensemble_temperature"]
-        rows.append((f"ensemble + temperature (T={_num(t['temperature'], '.3f')}, {t['base_weights']} weights)", t))
+        kept = "" if t.get("temperature_fitted", True) else " not fitted"
+        rows.append((f"ensemble + temperature (T={_num(t['temperature'], '.3f')}{kept}, {t['base_weights']} weights)",
+                     t))
     return rows
 
 
@@ -272,7 +277,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     chosen = (f"choices made on {summary['num_val']} validation images" if summary["num_val"]
               else "no validation split")
     lines = [f"Test split: {summary['num_test']} images, {summary['num_classes']} classes, "
-             f"{summary['num_members']} members ({chosen})",
+             f"{summary['num_members']} member{'' if summary['num_members'] == 1 else 's'} ({chosen})",
              header, "-" * len(header)]
     for label, row in rows:
         cells = "".join(" " + _num(row[key], spec) for key, _, spec in _METRIC_COLUMNS)

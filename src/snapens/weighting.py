@@ -313,21 +313,30 @@ def fit_temperature(
     val_labels: Any,
     *,
     bounds: tuple[float, float] = _TEMPERATURE_BOUNDS,
+    explain: list[str] | None = None,
 ) -> float:
-    """Fit one temperature ``T`` on VALIDATION data (never the test set).
+    """Fit one temperature ``T`` on VALIDATION data (never the test set), or keep ``T = 1`` where it cannot.
 
     Minimises ``NLL(T) = (1/N) sum_n [logsumexp_c(z_{n,c} / T) - z_{n,y_n} / T]`` with ``z = log(max(p, EPS))``,
     i.e. the NLL of :func:`apply_temperature`. As a function of ``beta = 1/T`` it is convex (a log-sum-exp of
     functions linear in ``beta``), so it is unimodal in ``log T`` and a bounded Brent search on ``log T`` finds the
-    minimiser. A warning is logged when it lands on a bound (e.g. every prediction is already correct).
+    minimiser.
+
+    With ``m = mean_n (max_c z_{n,c} - z_{n,y_n}) >= 0``, ``NLL -> beta m + const`` as ``beta -> inf``: a minimum
+    exists only when ``m > 0``, i.e. when some validation image's true class is not a top class. When every
+    validation prediction is right, the NLL keeps falling as ``T -> 0`` (a fit would return whatever tiny ``T`` the
+    floating-point plateau stops at, which ruins the test NLL of the first mistake), so ``T = 1`` is kept. The
+    same when the minimiser lies outside ``bounds`` (it lands on one): the data do not pin ``T`` down there. Both
+    are logged as a warning and, when ``explain`` is a list, appended to it as one sentence.
 
     Args:
         val_probs: ``[N, C]`` ensemble probabilities on the validation split.
         val_labels: ``[N]`` validation labels.
         bounds: search interval ``(T_min, T_max)``, ``0 < T_min < T_max``.
+        explain: receives the reason when ``T = 1`` is kept instead of a fitted value.
 
     Returns:
-        The temperature ``T``.
+        The temperature ``T`` (exactly 1.0 when it was not fitted).
 
     Raises:
         ValueError: bad bounds, shapes, probabilities or labels.
@@ -344,13 +353,24 @@ def fit_temperature(
     z_max = z.max(axis=1)
     d = z - z_max[:, None]
     margin_true = float((z_max - z[np.arange(z.shape[0]), y.cpu().numpy()]).mean())
+
+    def keep_one(reason: str) -> float:
+        logger.warning("Temperature not fitted, T=1 kept: %s", reason)
+        if explain is not None:
+            explain.append(f"temperature not fitted, T=1 kept: {reason}")
+        return 1.0
+
+    if not margin_true > 0:
+        return keep_one(f"every one of the {z.shape[0]} validation predictions is correct, so the validation NLL "
+                        "falls without limit as T -> 0 and cannot identify T")
     res = minimize_scalar(
         _temperature_nll, bounds=(math.log(lo), math.log(hi)), args=(d, margin_true), method="bounded",
         options={"xatol": 1e-7},
     )
     t = math.exp(float(res.x))
     if min(abs(res.x - math.log(lo)), abs(res.x - math.log(hi))) < 1e-4:
-        logger.warning("Fitted temperature %.4g is at the search bound %s", t, bounds)
+        return keep_one(f"the validation NLL has no minimum inside the search bounds {lo:g} <= T <= {hi:g} "
+                        f"(the search stopped at T={t:.4g})")
     logger.debug("Temperature %.6g: NLL %.6f -> %.6f", t, _temperature_nll(0.0, d, margin_true), res.fun)
     return t
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -28,8 +29,26 @@ def fail(message: str) -> int:
     return 2
 
 
+_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
+_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def plain_text(text: str) -> str:
+    """``text`` (a docstring) without its reST markup, for a terminal.
+
+    Double-backtick literals lose their backticks; roles such as ``:class:`~snapens.config.TrainConfig``` become
+    the bare name (its last component with ``~``, as Sphinx shows it).
+    """
+    text = _ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    return _LITERAL.sub(r"\1", text)
+
+
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line on stderr (exit 2), like every other user error."""
+    """An argument parser whose usage errors are one line on stderr (exit 2), like every other user error, and
+    whose help is plain text (the subcommands' descriptions are their module docstrings, written in reST)."""
+
+    def format_help(self) -> str:
+        return plain_text(super().format_help())
 
     def error(self, message: str) -> NoReturn:
         sub = self.prog.removeprefix(PROG).strip()
@@ -58,8 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
+        parser.print_usage(sys.stderr)
+        return fail("choose a command: train, evaluate, plot, export or reproduce (snapens COMMAND --help)")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

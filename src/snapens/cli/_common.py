@@ -25,6 +25,7 @@ __all__ = [
     "set_threads",
     "environment_info",
     "format_table",
+    "plural",
     "default_run_dir",
     "build_loaders",
     "DistContext",
@@ -34,10 +35,25 @@ __all__ = [
 ]
 
 
+class _ProgressAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes each line through ``tqdm.write``: a progress bar open on the same stream is cleared first and
+    redrawn below the line, instead of the line being glued to the end of the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # logging's contract: a failing handler reports itself, never raises
+            self.handleError(record)
+
+
 def configure_logging(quiet: bool = False, *, debug: bool | None = None, rank: int = 0) -> None:
     """Send snapens' log lines to stderr: INFO normally, WARNING with ``--quiet``, DEBUG with SNAPENS_DEBUG.
 
     Under torchrun, ranks other than 0 log at WARNING (or DEBUG), their lines prefixed with ``[rank N]``.
+    Lines are written around any open progress bar, never onto it.
     """
     if debug is None:
         debug = bool(os.environ.get("SNAPENS_DEBUG"))
@@ -45,7 +61,7 @@ def configure_logging(quiet: bool = False, *, debug: bool | None = None, rank: i
     logger = logging.getLogger("snapens")
     logger.setLevel(level)
     if not any(getattr(h, "_snapens_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _ProgressAwareHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
         handler._snapens_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
@@ -108,6 +124,11 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
         parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 epoch"``, ``"2 epochs"``: a count with its noun, in the singular for one."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def default_run_dir(dataset: str, model: str, now: _dt.datetime | None = None, root: str = "runs") -> Path:

@@ -136,7 +136,7 @@ def _short(names: list[Any]) -> str:
 
 
 def load_run_dataset(info: dict[str, Any], *, data_dir: str | os.PathLike[str] | None = None) -> Any:
-    """The run's dataset, split exactly as in training (same dataset, val_size and seed), checked against it.
+    """The run's dataset, split exactly as in training (same dataset, val_size, seed and limits), checked against it.
 
     Args:
         info: the run's config.json (:func:`read_run_info`).
@@ -155,8 +155,10 @@ def load_run_dataset(info: dict[str, Any], *, data_dir: str | os.PathLike[str] |
     where = f"at {root}" if root is not None else "(default location)"
     hint = "pass --data-dir with the folder the run was trained on"
     try:
+        # Older config.json files have no limits: every image.
         data = load_dataset(cfg["dataset"], data_dir=root, download=bool(cfg.get("download", False)),
-                            val_size=cfg["val_size"], seed=int(cfg["seed"]))
+                            val_size=cfg["val_size"], seed=int(cfg["seed"]), limit_train=cfg.get("limit_train"),
+                            limit_test=cfg.get("limit_test"))
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{exc} (the run's dataset {cfg['dataset']!r} {where}; {hint})") from exc
     trained = info["dataset"]

@@ -203,7 +203,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``snapens export``: write OUT, check it against the ensemble, print one line; returns 0."""
-    from snapens.cli._common import configure_logging
+    from snapens.cli._common import configure_logging, plural
 
     configure_logging(args.quiet)
     from snapens._lock import run_lock
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         result = export_run(args.run_dir, args.out, fmt=args.fmt, weights=args.weights, last=args.last,
                             include_best=args.include_best, data_dir=args.data_dir)
     if not args.quiet:
-        print(f"wrote {args.out}: {len(result['members'])} members, {result['weights_source']} weights, input "
-              f"{result['input_shape']}, checked against the ensemble (max |diff| {result['max_abs_diff']:.1e})",
+        print(f"wrote {args.out}: {plural(len(result['members']), 'member')}, {result['weights_source']} weights, "
+              f"input {result['input_shape']}, checked against the ensemble (max |diff| {result['max_abs_diff']:.1e})",
               file=sys.stderr)
     return 0

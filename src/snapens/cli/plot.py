@@ -1,13 +1,13 @@
 """``snapens plot RUN_DIR``: PNG figures of a run into ``RUN_DIR/plots/``.
 
 - ``lr_schedule.png``: the learning rate at every optimizer step (recomputed from config.json), snapshots marked;
-- ``training_curves.png``: train / validation loss and accuracy per epoch (from metrics.csv);
+- ``training_curves.png``: train / validation loss and accuracy per epoch (from metrics.csv), the snapshots
+  (the cycle ends) marked;
 - ``ensemble_size.png``: test error of the ensemble of the last m snapshots, m = 1..M (from summary.json; the
   run is evaluated first when it has none);
-- ``snapshot_correlation.png``: correlation of the ensemble members' test predictions, labelled by member
-  name (from summary.json).
-
-Needs matplotlib: ``pip install snapshot-ensembles[plot]``.
+- ``snapshot_correlation.png``: 1 - correlation of the ensemble members' test predictions, labelled by member
+  name (from summary.json): snapshots of one run are often more than 99% correlated, and 1 - correlation
+  shows how much they differ.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any
 from snapens._io import atomic_path, read_json
 from snapens.cli import CLIError
 
-__all__ = ["PLOT_FILES", "plot_run", "lr_curve", "read_metrics_csv", "correlation_labels", "register", "run"]
+__all__ = ["PLOT_FILES", "plot_run", "lr_curve", "snapshot_epochs", "read_metrics_csv", "correlation_labels",
+           "register", "run"]
 
 PLOT_FILES = ("lr_schedule.png", "training_curves.png", "ensemble_size.png", "snapshot_correlation.png")
 
@@ -33,7 +34,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError as exc:
-        raise CLIError("plotting needs matplotlib: pip install snapshot-ensembles[plot]") from exc
+        raise CLIError("plotting needs matplotlib: pip install matplotlib") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -83,11 +84,14 @@ def _save(fig: Any, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def _plot_lr(plt: Any, info: dict[str, Any], rows: list[dict[str, float | None]], out: Path) -> None:
+def _measured_steps_per_epoch(info: dict[str, Any], rows: list[dict[str, float | None]]) -> int | None:
     # metrics.csv's cumulative step count is exact whatever the loader did with a short last batch.
     epochs, last_step = len(rows), rows[-1].get("step") if rows else None
-    spe = int(last_step) // epochs if last_step and epochs == int(info["config"]["epochs"]) else None
-    lrs, bounds = lr_curve(info, spe)
+    return int(last_step) // epochs if last_step and epochs == int(info["config"]["epochs"]) else None
+
+
+def _plot_lr(plt: Any, info: dict[str, Any], rows: list[dict[str, float | None]], out: Path) -> None:
+    lrs, bounds = lr_curve(info, _measured_steps_per_epoch(info, rows))
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.plot(range(len(lrs)), lrs, lw=1.2)
     ax.scatter(bounds, [lrs[b] for b in bounds], color="C3", zorder=3, label="snapshot")
@@ -98,7 +102,17 @@ def _plot_lr(plt: Any, info: dict[str, Any], rows: list[dict[str, float | None]]
     plt.close(fig)
 
 
-def _plot_curves(plt: Any, rows: list[dict[str, float | None]], out: Path) -> None:
+def snapshot_epochs(info: dict[str, Any], steps_per_epoch: int | None = None) -> list[float]:
+    """Where the snapshots (the cycle ends) fall, in epochs: ``(step + 1) / steps_per_epoch`` for each
+    0-based last step of a cycle (:func:`snapens.schedule.cycle_bounds`); epoch ``e`` of metrics.csv ends at ``e``."""
+    from snapens.schedule import cycle_bounds
+
+    cfg = info["config"]
+    spe = steps_per_epoch if steps_per_epoch is not None else _steps_per_epoch(info)
+    return [(b + 1) / spe for b in cycle_bounds(int(cfg["epochs"]) * spe, int(cfg["snapshots"]))]
+
+
+def _plot_curves(plt: Any, info: dict[str, Any], rows: list[dict[str, float | None]], out: Path) -> None:
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
     for key, ax, label in (("train_loss", ax_loss, "train"), ("val_loss", ax_loss, "validation"),
@@ -108,7 +122,11 @@ def _plot_curves(plt: Any, rows: list[dict[str, float | None]], out: Path) -> No
             ax.plot(*zip(*points), marker=".", label=label)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    # The step baseline has no cycles; its snapshots are taken where the cyclic run's cycles end.
+    marker = "snapshot" if info["config"].get("schedule") == "step" else "cycle end (snapshot)"
     for ax in (ax_loss, ax_acc):
+        for k, x in enumerate(snapshot_epochs(info, _measured_steps_per_epoch(info, rows))):
+            ax.axvline(x, color="0.6", ls=":", lw=1, label=marker if k == 0 else None)
         ax.legend()
     _save(fig, out)
     plt.close(fig)
@@ -131,18 +149,26 @@ def _plot_size(plt: Any, summary: dict[str, Any], out: Path) -> None:
 
 
 def _plot_correlation(plt: Any, summary: dict[str, Any], out: Path) -> None:
-    corr = [[_nan(v) for v in row] for row in summary["diversity"]["correlation"]]
+    # Snapshots of one run are typically 0.99+ correlated: a map of the correlation itself is uniformly "1.00".
+    # 1 - correlation, on a scale from 0 to the largest pair's value, shows which members differ and by how much.
+    from matplotlib.ticker import FormatStrFormatter
+
+    apart = [[1.0 - _nan(v) for v in row] for row in summary["diversity"]["correlation"]]
     names = correlation_labels(summary)
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.8 * len(names)), max(3.8, 1.2 + 0.8 * len(names))))
-    finite = [v for row in corr for v in row if math.isfinite(v)]
-    im = ax.imshow(corr, vmin=min(finite, default=0.0), vmax=1.0, cmap="viridis")
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.8 * len(names)), max(3.8, 1.2 + 0.8 * len(names))))
+    finite = [v for row in apart for v in row if math.isfinite(v)]
+    top = max(finite, default=0.0)
+    im = ax.imshow(apart, vmin=0.0, vmax=top if top > 0 else 1.0, cmap="viridis")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
-    for i, row in enumerate(corr):
+    for i, row in enumerate(apart):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.9 else "k")
-    ax.set(xlabel="member", ylabel="member", title="correlation of member predictions (test)")
-    fig.colorbar(im, ax=ax)
+            text = "0" if v == 0 else f"{v:.2g}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if v < 0.6 * top else "k")
+    ax.set(xlabel="member", ylabel="member")
+    ax.set_title("1 - correlation of member predictions (test)", fontsize=10)
+    # Plain tick labels: the default formatter adds an offset or exponent label above the bar, over the title.
+    fig.colorbar(im, ax=ax, format=FormatStrFormatter("%.2g"))
     _save(fig, out)
     plt.close(fig)
 
@@ -194,7 +220,7 @@ def plot_run(
     out_dir.mkdir(exist_ok=True)
     paths = [out_dir / name for name in PLOT_FILES]
     _plot_lr(plt, info, rows, paths[0])
-    _plot_curves(plt, rows, paths[1])
+    _plot_curves(plt, info, rows, paths[1])
     _plot_size(plt, summary, paths[2])
     _plot_correlation(plt, summary, paths[3])
     return paths

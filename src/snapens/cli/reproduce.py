@@ -117,17 +117,28 @@ def reproduce(
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise CLIError(f"--seeds must be a positive integer, got {seeds!r}")
     out_dir = Path(out_dir)
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first
     out_dir.mkdir(parents=True, exist_ok=True)
     schedules = ["step", "cosine-cycles"] + (["single-cycle"] if with_single_cycle else [])
     seed_list = [config.seed + k for k in range(seeds)]
     runs = []
-    for seed in seed_list:
-        for schedule in schedules:
-            cfg = dataclasses.replace(config, schedule=schedule, seed=seed)
-            run_dir = out_dir / f"{schedule}-seed{seed}"
-            train_run(cfg, run_dir, resume=False, progress=progress)
-            summary = evaluate_run(run_dir, optimize=1, device=cfg.device, progress=progress)
-            runs.append({"schedule": schedule, "seed": seed, "run_dir": str(run_dir), "summary": summary})
+    try:
+        for seed in seed_list:
+            for schedule in schedules:
+                cfg = dataclasses.replace(config, schedule=schedule, seed=seed)
+                run_dir = out_dir / f"{schedule}-seed{seed}"
+                train_run(cfg, run_dir, resume=False, progress=progress)
+                summary = evaluate_run(run_dir, optimize=1, device=cfg.device, progress=progress)
+                runs.append({"schedule": schedule, "seed": seed, "run_dir": str(run_dir), "summary": summary})
+    except BaseException:
+        # A failure before anything was trained (missing data, a bad model) leaves no empty folder behind;
+        # finished or interrupted runs stay where they are.
+        for folder in created:
+            try:
+                folder.rmdir()  # only succeeds on an empty folder
+            except OSError:
+                break
+        raise
 
     paper = paper_errors(config.model, config.dataset, config.lr)
     rows = []
@@ -158,9 +169,11 @@ def reproduce(
 def format_reproduce(result: dict[str, Any]) -> str:
     """The reproduce table: our test error (mean +- std over seeds) next to the paper's (``nan`` for a
     number that is not finite, ``None`` in the JSON)."""
+    from snapens.cli._common import plural
+
     cfg = result["config"]
     n = len(result["seeds"])
-    lines = [f"Table 1 comparison: {cfg['model']} on {cfg['dataset']}, {cfg['epochs']} epochs, "
+    lines = [f"Table 1 comparison: {cfg['model']} on {cfg['dataset']}, {plural(cfg['epochs'], 'epoch')}, "
              f"M={cfg['snapshots']}, lr0={cfg['lr']:g}, {n} seed{'s' if n > 1 else ''}"]
     width = max(len(r["name"]) for r in result["rows"])
     ours = "test error %" + (" (mean +- std)" if n > 1 else "")
@@ -188,6 +201,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", default=None, help=f"architecture (default: {d.model})")
     p.add_argument("--dataset", default=None, help=f"dataset (default: {d.dataset})")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset files")
+    p.add_argument("--download", action="store_true", default=None, help="download CIFAR archives if missing")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="stratified subset of N training images (see snapens train; default: all)")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N",
+                   help="stratified subset of N test images (default: all)")
     p.add_argument("--epochs", type=int, default=None, help=f"budget in epochs (default: {d.epochs})")
     p.add_argument("--snapshots", "--M", type=int, default=None,
                    help=f"M, cycles and snapshots (default: {d.snapshots})")
@@ -214,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(args.quiet)
     config = resolve_config(args.preset, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
+                            download=args.download, limit_train=args.limit_train, limit_test=args.limit_test,
                             epochs=args.epochs, snapshots=args.snapshots, lr=args.lr, batch_size=args.batch_size,
                             seed=args.seed, device=args.device, threads=args.threads)
     safe_dataset = config.dataset.replace(":", "-").replace("/", "-")

@@ -22,7 +22,15 @@ from snapens.data.digits import load_digits
 from snapens.data.download import user_cache_dir
 from snapens.data.folder import load_folder
 from snapens.data.loader import BatchLoader, augment_batch, epoch_permutation
-from snapens.data.splits import AugmentSpec, DatasetSplits, Split, channel_stats, stratified_split
+from snapens.data.splits import (
+    AugmentSpec,
+    DatasetSplits,
+    Split,
+    _check_limit,
+    channel_stats,
+    limit_splits,
+    stratified_split,
+)
 from snapens.data.svhn import load_svhn
 
 __all__ = [
@@ -37,6 +45,7 @@ __all__ = [
     "load_folder",
     "load_svhn",
     "stratified_split",
+    "limit_splits",
     "channel_stats",
     "epoch_permutation",
     "augment_batch",
@@ -65,6 +74,8 @@ def load_dataset(
     download: bool = False,
     val_size: int | float | None = None,
     seed: int = 0,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
 ) -> DatasetSplits:
     """Load a dataset by name into train / val / test splits of uint8 tensors.
 
@@ -76,6 +87,9 @@ def load_dataset(
         val_size: images held out of the training set for validation: ``None`` for the dataset's default
             (5,000 CIFAR, 6,000 SVHN, 10 % digits and folders), an int count, a float fraction, or 0.
         seed: seeds the validation split (the test split never depends on it).
+        limit_train, limit_test: keep stratified, seeded subsets of that many training / test images
+            (:func:`~snapens.data.splits.limit_splits`; the validation split is carved first and shrinks with
+            the training split). ``None`` keeps every image.
 
     Returns:
         The :class:`DatasetSplits`, with mean/std of the training split and the default augmentation.
@@ -84,6 +98,15 @@ def load_dataset(
         ValueError: an unknown spec or a bad argument, naming it.
         FileNotFoundError: missing files; the message says which file to place where.
     """
+    _check_limit(limit_train, "limit_train")  # before a long decode or download
+    _check_limit(limit_test, "limit_test")
+    data = _load(spec, data_dir=data_dir, download=download, val_size=val_size, seed=seed)
+    return limit_splits(data, limit_train=limit_train, limit_test=limit_test, seed=seed)
+
+
+def _load(
+    spec: str, *, data_dir: str | os.PathLike[str] | None, download: bool, val_size: int | float | None, seed: int
+) -> DatasetSplits:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):

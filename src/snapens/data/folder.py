@@ -2,7 +2,9 @@
 
 Layout: ``ROOT/train/<class>/*``, ``ROOT/test/<class>/*`` and optionally ``ROOT/val/<class>/*``. Class names are
 the sorted sub-folder names of ``train/``; every image must have the same height and width. Images are RGB,
-or single-channel when every image in the folder is grayscale.
+or single-channel when every image in the folder is grayscale. 16-bit grayscale images (Pillow modes ``I;16*``
+and ``I``, e.g. 16-bit PNG or TIFF) are read at their depth and scaled to 8 bits over the full 16-bit range,
+``round(v * 255 / 65535)``; 32-bit float images are refused.
 
 The decoded arrays are cached in ``<user cache dir>/folders/`` under a key hashed from the folder's absolute
 path and each file's relative path, size and modification time, so any change to the folder decodes it again.
@@ -31,8 +33,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 _EXTENSION_SUFFIXES = tuple(IMAGE_EXTENSIONS)
-_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
-_CACHE_FORMAT = "snapens-folder-cache-v1"
+_GRAY_MODES = frozenset({"1", "L", "LA"})
+# v2: 16-bit images are scaled to 8 bits (v1 clipped them at 255), so v1 caches of such folders are wrong.
+_CACHE_FORMAT = "snapens-folder-cache-v2"
 _SPLITS = ("train", "val", "test")
 
 #: One scanned file: (split, class index, path relative to the root, size in bytes, mtime in ns).
@@ -98,8 +101,17 @@ def folder_cache_path(root: str | os.PathLike[str], entries: list[FileEntry], ca
     return (cache_dir or user_cache_dir()) / "folders" / f"{path_hash}-{content}.npz"
 
 
+def _sixteen_bit_to_uint8(values: np.ndarray) -> np.ndarray:
+    """16-bit values to uint8 over the full range: ``round(v * 255 / 65535)`` (= ``v / 257``, rounded)."""
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi > 65535:
+        raise ValueError(f"its 32-bit integer values {lo}..{hi} do not fit 16 bits; save it as an 8- or 16-bit "
+                         "image")
+    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
 def _decode_image(path: str) -> tuple[np.ndarray, bool]:
-    """One image as ``[H, W]`` (grayscale, flag True) or ``[H, W, 3]`` uint8."""
+    """One image as ``[H, W]`` (grayscale, flag True) or ``[H, W, 3]`` uint8; 16-bit grayscale is scaled."""
     from PIL import Image, UnidentifiedImageError
     from PIL.Image import DecompressionBombError
 
@@ -107,9 +119,14 @@ def _decode_image(path: str) -> tuple[np.ndarray, bool]:
         with open(path, "rb") as f:
             data = f.read()  # one read call; Pillow's many small reads on the file cost more for tiny images
         with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode == "I" or im.mode.startswith("I;16"):
+                # Pillow's conversion to L clips these at 255 instead of scaling them.
+                return _sixteen_bit_to_uint8(np.asarray(im)), True
+            if im.mode == "F":
+                raise ValueError("32-bit float images are not supported; save it as an 8- or 16-bit image")
             gray = im.mode in _GRAY_MODES
             target = "L" if gray else "RGB"
-            im.load()
             return np.asarray(im if im.mode == target else im.convert(target)), gray
     except (UnidentifiedImageError, DecompressionBombError, OSError, ValueError) as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from exc

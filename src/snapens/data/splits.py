@@ -19,6 +19,7 @@ __all__ = [
     "stratified_split",
     "channel_stats",
     "make_splits",
+    "limit_splits",
 ]
 
 log = logging.getLogger(__name__)
@@ -215,5 +216,54 @@ def make_splits(
     if len(train) == 0:
         raise ValueError(f"dataset {name!r} has no training images")
     mean, std = channel_stats(train.images)
-    log.info("dataset %s: %d train, %d val, %d test, %d classes", name, len(train), len(val), len(test), len(classes))
+    # DEBUG: `snapens train` reads the dataset again to evaluate; its CLI says what it loaded, once.
+    log.debug("dataset %s: %d train, %d val, %d test, %d classes", name, len(train), len(val), len(test),
+              len(classes))
     return DatasetSplits(name, train, val, test, list(classes), mean, std, augment)
+
+
+def _check_limit(value: int | None, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+        raise ValueError(f"{name} must be a positive image count, got {value!r}")
+
+
+def _stratified_subset(split: Split, keep: int, seed: int) -> Split:
+    if keep >= len(split):
+        return split
+    _, kept = stratified_split(split.labels, keep, seed)  # `keep` images with the class proportions of `split`
+    return split.subset(kept)
+
+
+def limit_splits(
+    data: DatasetSplits, *, limit_train: int | None = None, limit_test: int | None = None, seed: int = 0
+) -> DatasetSplits:
+    """Stratified, seeded subsets of a dataset's splits, for trying a big dataset quickly.
+
+    ``limit_train`` keeps that many training images. The validation split, already carved from the full
+    training set, shrinks in the same proportion, ``round(len(val) * limit_train / len(train))`` (at least one
+    image when it had any): choices are still made on held-out training images, never on test images.
+    ``limit_test`` keeps that many test images. Each subset has its split's class proportions
+    (:func:`stratified_split`'s quotas). Training and validation subsets are seeded by ``seed``; the test subset
+    by a fixed seed, so every run with the same ``limit_test`` is evaluated on the same images whatever its seed.
+    A limit at or above a split's size keeps the split whole. Mean and std are those of the kept training images.
+
+    Raises:
+        ValueError: a limit that is not a positive integer.
+    """
+    from snapens.data.loader import derive_seed  # lazy: loader imports this module
+
+    _check_limit(limit_train, "limit_train")
+    _check_limit(limit_test, "limit_test")
+    train, val, test = data.train, data.val, data.test
+    if limit_train is not None and limit_train < len(train):
+        if len(val):
+            n_val = max(1, int(round(len(val) * limit_train / len(train))))
+            val = _stratified_subset(val, n_val, derive_seed("limit-val", seed))
+        train = _stratified_subset(train, limit_train, derive_seed("limit-train", seed))
+    if limit_test is not None:
+        test = _stratified_subset(test, limit_test, derive_seed("limit-test"))
+    if train is data.train and val is data.val and test is data.test:
+        return data
+    mean, std = channel_stats(train.images) if train is not data.train else (data.mean, data.std)
+    log.debug("dataset %s limited to %d train, %d val, %d test", data.name, len(train), len(val), len(test))
+    return DatasetSplits(data.name, train, val, test, list(data.classes), mean, std, data.augment)

@@ -45,7 +45,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a test by hiding keras
     if exc.name == "keras" or importlib.util.find_spec("keras") is None:
         raise ImportError(
-            "snapens.integrations.keras needs Keras 3: pip install snapshot-ensembles[keras]"
+            "snapens.integrations.keras needs Keras 3: pip install keras h5py (or pip install -e '.[keras]' in a clone)"
         ) from exc
     raise ImportError(
         f"Keras is installed but failed to import ({exc}); set KERAS_BACKEND to an installed backend "

@@ -139,7 +139,10 @@ def list_models() -> list[str]:
 
 
 def _forms_message() -> str:
-    return "valid forms: " + "; ".join(model_forms()) + " (e.g. " + ", ".join(list_models()) + ")"
+    # Short enough for one terminal line: the forms and one example each; model_forms() describes them.
+    forms = [family.form for family in _FAMILIES]
+    examples = [family.examples[0] for family in _FAMILIES if family.examples[0] not in forms]
+    return f"expected {', '.join(forms[:-1])} or {forms[-1]} (e.g. {', '.join(examples)})"
 
 
 def build_model(name: str, *, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
