@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from snapens import checkpoint, engine
-from snapens.schedule import SnapshotLR, cosine_snapshot_lr, cycle_bounds, step_decay_lr
+from snapens.schedule import SnapshotLR, cosine_snapshot_lr, cycle_bounds, fge_lr, step_decay_lr, swa_lr
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -140,6 +140,39 @@ def test_snapshots_at_cycle_bounds_with_the_lr_each_step_used(tmp_path: Path, sc
         # Snapshot k holds the weights right after optimizer step b (BatchNorm buffers included).
         assert_same_tensors(snapshot_tensors(tmp_path)[k], {**weights_after[b]})
     assert result.steps == total
+
+
+@pytest.mark.parametrize("schedule,options,snaps", [
+    # 8 epochs of 3 steps: FGE from step round(0.5 * 24) = 12, cycles of 2 epochs = 6 steps, lows at 14 and 20.
+    ("fge", {"fge_start": 0.5, "cycle_epochs": 2}, [14, 20]),
+    # SWA from step 18: a model at each epoch end of the phase, steps 20 and 23.
+    ("swa", {"swa_start": 0.75, "swa_lr": 0.05}, [20, 23]),
+])
+def test_fit_snapshots_wherever_the_fge_and_swa_schedules_say(tmp_path: Path, schedule: str, options: dict,
+                                                              snaps: list[int]) -> None:
+    x, y = toy_data(24)
+    model = toy_model()
+    opt = sgd(model, lr=0.2)
+    loader = ToyLoader(x, y, 8)
+    sched = engine.make_scheduler(schedule, opt, total_steps=24, n_cycles=5, steps_per_epoch=3, **options)
+    assert sched.snapshot_steps == snaps  # n_cycles=5 is ignored: the count follows from the budget
+    used_lr: list[float] = []
+    weights_after: list[dict[str, torch.Tensor]] = []
+    opt.register_step_pre_hook(lambda o, a, k: used_lr.append(o.param_groups[0]["lr"]))
+    opt.register_step_post_hook(lambda o, a, k: weights_after.append(checkpoint.unwrap_state_dict(model)))
+    result = engine.fit(model=model, optimizer=opt, scheduler=sched, train_loader=loader, epochs=8,
+                        run_dir=tmp_path, model_name="toy", channels_last=False)
+    if schedule == "fge":
+        expected = [fge_lr(t, 24, 6, 0.2) for t in range(24)]
+        assert expected[14] == expected[20] == pytest.approx(0.2 * 0.005)  # snapshots at the lowest rate
+    else:
+        expected = [swa_lr(t, 24, 0.2, 0.75, 0.25) for t in range(24)]
+        assert expected[18:] == [0.05] * 6
+    assert used_lr == pytest.approx(expected, abs=1e-12)
+    assert [s.step for s in result.snapshots] == [b + 1 for b in snaps]
+    for k, b in enumerate(snaps):
+        assert_same_tensors(snapshot_tensors(tmp_path)[k], {**weights_after[b]})
+    assert result.steps == 24
 
 
 def test_fit_equals_a_hand_written_loop(tmp_path: Path) -> None:
