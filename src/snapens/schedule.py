@@ -245,7 +245,9 @@ def fge_cycles(total_steps: int, cycle_steps: int, fge_start: float = 0.5) -> tu
     The first ``start_step = round(fge_start * T)`` steps train conventionally; the remaining ``R = T - start_step``
     steps hold ``R // c`` cycles of ``c = cycle_steps`` steps. A remainder ``R mod c`` that cannot fill a cycle is
     folded into the last cycle (its triangle is stretched over ``c + R mod c`` steps), so every step of the budget
-    belongs to a cycle whose snapshot is taken.
+    belongs to a cycle whose snapshot is taken. As in the paper, each cycle's model is collected at its middle:
+    the second half of the last cycle (about ``c / 2`` steps back up to ``a1``) is trained but not collected, so
+    the run's final weights are not a snapshot.
 
     Example:
         >>> fge_cycles(100, 10)
