@@ -175,6 +175,31 @@ def test_fit_snapshots_wherever_the_fge_and_swa_schedules_say(tmp_path: Path, sc
     assert result.steps == 24
 
 
+@pytest.mark.parametrize("schedule,kwargs,match", [
+    ("step", {"cycle_mult": 2.0}, "cycle_mult do not apply to the 'step' schedule"),
+    ("cosine-cycles", {"swa_lr": 0.1}, "swa_lr do not apply"),
+    ("fge", {"cycle_epochs": 2}, "needs steps_per_epoch >= 1, got None"),
+    ("fge", {"steps_per_epoch": 3}, "needs cycle_epochs"),
+    ("swa", {"steps_per_epoch": 3, "lr_min": 0.01}, "lr_min=0.01 applies to the cosine schedules"),
+    ("fge", {"steps_per_epoch": 3, "cycle_epochs": 5}, "cycle_epochs=5 (15 steps of 3 per epoch), epochs=8"),
+    ("nope", {}, "unknown schedule 'nope'"),
+])
+def test_make_scheduler_rejects_bad_options(schedule: str, kwargs: dict, match: str) -> None:
+    opt = sgd(toy_model())
+    with pytest.raises(ValueError) as info:
+        engine.make_scheduler(schedule, opt, total_steps=24, n_cycles=2, **kwargs)
+    assert match in str(info.value)
+
+
+def test_make_scheduler_shapes_the_cosine_cycles() -> None:
+    sched = engine.make_scheduler("cosine-cycles", sgd(toy_model()), total_steps=70, n_cycles=3, cycle_mult=2.0,
+                                  cycle_decay=0.5)
+    assert sched.snapshot_steps == [9, 29, 69] and (sched.cycle_mult, sched.cycle_decay) == (2.0, 0.5)
+    swa = engine.make_scheduler("swa", sgd(toy_model(), lr=0.2), total_steps=24, n_cycles=2, steps_per_epoch=3,
+                                swa_lr=0.05)
+    assert swa.swa_factor == 0.25 and swa.snapshot_steps == [20, 23]
+
+
 def test_fit_equals_a_hand_written_loop(tmp_path: Path) -> None:
     """Same data, same schedule, momentum kept across restarts: bit-identical weights; validation and
     snapshots do not disturb the RNG stream (the model has dropout)."""
@@ -480,6 +505,46 @@ def test_sigkill_and_sigterm_then_resume_is_bit_identical(tmp_path: Path) -> Non
     assert len(strip(run / "metrics.csv")) == 5  # header + 4 epochs, none duplicated
     assert not list(run.rglob(".*.tmp"))  # stale temp files were cleaned on resume
     assert checkpoint.load_training_state(run / "state.pt")["finished"]
+
+
+def _run_fge(run_dir: Path, *, resume: bool = False) -> engine.FitResult:
+    """8 epochs of 5 steps with FGE from step 20, cycles of 2 epochs: snapshots after steps 24 and 34."""
+    torch.manual_seed(0)
+    x, y = toy_data()
+    model = toy_model()
+    opt = sgd(model)
+    loader = ToyLoader(x, y, 8)
+    sched = engine.make_scheduler("fge", opt, total_steps=8 * len(loader), n_cycles=1, steps_per_epoch=len(loader),
+                                  fge_start=0.5, cycle_epochs=2)
+    val = ToyLoader(*toy_data(24, seed=7), 8, shuffle=False, noise=0.0)
+    return engine.fit(model=model, optimizer=opt, scheduler=sched, train_loader=loader, epochs=8, run_dir=run_dir,
+                      model_name="toy", val_loader=val, resume=resume)
+
+
+def test_fge_interrupted_mid_cycle_then_resumed_is_bit_identical(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapens.schedule import FGELR
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert [s.step for s in _run_fge(ref).snapshots] == [25, 35]
+    real_step = FGELR.step
+
+    def step(self, *a, **k):
+        real_step(self, *a, **k)
+        if self.last_epoch == 28:  # mid-epoch, in the second cycle, after the first snapshot
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by fit: the state is saved, TrainingInterrupted raised
+
+    monkeypatch.setattr(FGELR, "step", step)
+    with pytest.raises(engine.TrainingInterrupted):
+        _run_fge(run)
+    monkeypatch.setattr(FGELR, "step", real_step)
+    state = checkpoint.load_training_state(run / "state.pt")
+    assert state["step"] == 28 and not state["finished"] and state["snapshot_steps"] == [24, 34]
+    _run_fge(run, resume=True)
+    ref_snaps, run_snaps = snapshot_tensors(ref), snapshot_tensors(run)
+    assert len(ref_snaps) == len(run_snaps) == 2
+    for a, b in zip(ref_snaps, run_snaps):
+        assert_same_tensors(a, b)
 
 
 # ------------------------------------------------------------------------------------------ many processes

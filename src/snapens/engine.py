@@ -259,8 +259,8 @@ def make_scheduler(
     * ``step``: :class:`~snapens.schedule.StepDecayLR` with snapshots at the same steps (the paper's NoCycle).
     * ``single-cycle``: ``M`` cosine cycles too; :func:`fit` re-initialises the model at each cycle start when
       given ``reinit_factory`` (``M`` independent models, each trained for ``T / M`` steps).
-    * ``fge``: :class:`~snapens.schedule.FGELR`; ``options`` ``fge_start``, ``cycle_epochs`` (converted to
-      ``cycle_epochs * steps_per_epoch`` steps), ``fge_lr1`` and ``fge_lr2`` (multiples of lr0).
+    * ``fge``: :class:`~snapens.schedule.FGELR`; ``options`` ``cycle_epochs`` (required; converted to
+      ``cycle_epochs * steps_per_epoch`` steps), ``fge_start``, ``fge_lr1`` and ``fge_lr2`` (multiples of lr0).
     * ``swa``: :class:`~snapens.schedule.SWAScheduleLR`, a snapshot every ``steps_per_epoch`` steps of the SWA
       phase; ``options`` ``swa_start`` and ``swa_lr`` (the first param group's SWA rate; the others scale with
       their lr).
@@ -290,7 +290,9 @@ def make_scheduler(
                              "by 10x at 50% and again at 75% of the budget")
         return StepDecayLR(optimizer, total_steps=total_steps, n_cycles=n_cycles)
     if schedule == "fge":
-        cycle_epochs = given.pop("cycle_epochs", 2)
+        if "cycle_epochs" not in given:
+            raise ValueError("the fge schedule needs cycle_epochs (the length of a cycle in epochs)")
+        cycle_epochs = given.pop("cycle_epochs")
         renamed = {"fge_start": "fge_start", "fge_lr1": "lr1_factor", "fge_lr2": "lr2_factor"}
         cycle_steps = int(cycle_epochs) * steps_per_epoch
         try:

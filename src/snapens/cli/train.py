@@ -197,7 +197,11 @@ def explicit_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then ``--preset``, then explicit flags: the resolved :class:`TrainConfig`."""
-    return resolve_config(args.preset, **explicit_overrides(args))
+    overrides = explicit_overrides(args)
+    if overrides["snapshots"] is not None and overrides["schedule"] not in (None, *M_SCHEDULES):
+        raise CLIError(f"--snapshots applies to {', '.join(M_SCHEDULES)}; the {overrides['schedule']} schedule "
+                       "takes as many snapshots as its budget holds (see --cycle-epochs, --swa-start)")
+    return resolve_config(args.preset, **overrides)
 
 
 def _read_run_info(run_dir: Path) -> dict[str, Any]:
