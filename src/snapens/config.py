@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "PRESETS", "SCHEDULES", "M_SCHEDULES", "PRECISIONS", "resolve_config"]
+__all__ = ["TrainConfig", "PRESETS", "SCHEDULES", "M_SCHEDULES", "SCHEDULE_OPTIONS", "PRECISIONS",
+           "resolve_config"]
 
 #: Schedules the engine knows: the snapshot ensemble, the paper's single-model step baseline (its snapshots at
 #: the same steps give the "NoCycle" ensemble), M independently initialised models trained one cycle each, Fast
@@ -20,6 +21,10 @@ __all__ = ["TrainConfig", "PRESETS", "SCHEDULES", "M_SCHEDULES", "PRECISIONS", "
 SCHEDULES = ("cosine-cycles", "step", "single-cycle", "fge", "swa")
 #: The schedules whose number of snapshots is M (``snapshots``).
 M_SCHEDULES = ("cosine-cycles", "step", "single-cycle")
+#: The TrainConfig fields that only one family of schedules reads: ``schedule -> fields``.
+SCHEDULE_OPTIONS = {"cosine-cycles": ("cycle_decay", "cycle_mult"), "single-cycle": ("cycle_decay", "cycle_mult"),
+                    "step": (), "fge": ("fge_start", "cycle_epochs", "fge_lr1", "fge_lr2"),
+                    "swa": ("swa_start", "swa_lr")}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -115,11 +120,9 @@ class TrainConfig:
         if self.swa_lr is not None and not 0 < self.swa_lr < float("inf"):
             raise ValueError(f"swa_lr must be > 0 and finite, got {self.swa_lr}")
         # An option of another schedule would be silently ignored: refuse it instead.
-        owners = {"cycle_decay": ("cosine-cycles", "single-cycle"), "cycle_mult": ("cosine-cycles", "single-cycle"),
-                  "fge_start": ("fge",), "cycle_epochs": ("fge",), "fge_lr1": ("fge",), "fge_lr2": ("fge",),
-                  "swa_start": ("swa",), "swa_lr": ("swa",)}
         default = {f.name: f.default for f in dataclasses.fields(self)}
-        for name, schedules in owners.items():
+        for name in sorted({n for names in SCHEDULE_OPTIONS.values() for n in names}):
+            schedules = [k for k, names in SCHEDULE_OPTIONS.items() if name in names]
             if self.schedule not in schedules and getattr(self, name) != default[name]:
                 raise ValueError(f"{name}={getattr(self, name)} applies to the {' and '.join(schedules)} "
                                  f"schedule{'s' if len(schedules) > 1 else ''}, not to {self.schedule}")

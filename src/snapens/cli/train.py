@@ -56,7 +56,15 @@ from snapens.cli._common import (
     progress_enabled,
     set_threads,
 )
-from snapens.config import M_SCHEDULES, PRECISIONS, PRESETS, SCHEDULES, TrainConfig, resolve_config
+from snapens.config import (
+    M_SCHEDULES,
+    PRECISIONS,
+    PRESETS,
+    SCHEDULE_OPTIONS,
+    SCHEDULES,
+    TrainConfig,
+    resolve_config,
+)
 
 __all__ = ["register", "run", "train_run", "config_from_args", "legacy_model_name"]
 
@@ -257,9 +265,7 @@ def run_header(cfg: TrainConfig, run_dir: Path, device: torch.device, precision:
 
 def schedule_options(cfg: TrainConfig) -> dict[str, Any]:
     """The options of ``cfg.schedule`` for :func:`engine.make_scheduler` (those of other schedules left out)."""
-    names = {"cosine-cycles": ("cycle_decay", "cycle_mult"), "single-cycle": ("cycle_decay", "cycle_mult"),
-             "fge": ("fge_start", "cycle_epochs", "fge_lr1", "fge_lr2"), "swa": ("swa_start", "swa_lr")}
-    return {name: getattr(cfg, name) for name in names.get(cfg.schedule, ())}
+    return {name: getattr(cfg, name) for name in SCHEDULE_OPTIONS[cfg.schedule]}
 
 
 def _absolute_data_paths(cfg: TrainConfig) -> TrainConfig:
