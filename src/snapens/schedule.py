@@ -1,8 +1,10 @@
 """Learning-rate schedules for snapshot ensembles, counted in optimizer steps.
 
-The pure functions (:func:`cosine_snapshot_lr`, :func:`step_decay_lr`, :func:`seed_epoch_lr`) map a step to a
-learning rate; the :class:`~torch.optim.lr_scheduler.LRScheduler` subclasses around them are thin, set the rate
-*before* the optimizer step it applies to, and resume exactly from ``state_dict()``.
+The pure functions (:func:`cosine_snapshot_lr`, :func:`step_decay_lr`, :func:`seed_epoch_lr`, and for the
+rest of the cheap-ensemble family :func:`fge_lr` and :func:`swa_lr`) map a step to a learning rate; the
+:class:`~torch.optim.lr_scheduler.LRScheduler` subclasses around them are thin, set the rate *before* the
+optimizer step it applies to, and resume exactly from ``state_dict()``. Each says after which steps a snapshot
+is taken (``snapshot_steps``, ``is_cycle_end()``); for FGE and SWA their number follows from the budget.
 
 Paper (Huang et al. 2017, Eq. 2), with 1-based iteration ``t``, budget ``T`` and ``M`` cycles::
 
