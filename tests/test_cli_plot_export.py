@@ -72,6 +72,31 @@ def test_lr_curve_recomputes_the_schedule() -> None:
     assert lrs[3] == pytest.approx(0.2) and lrs[4] == pytest.approx(0.02) and lrs[7] == pytest.approx(0.002)
 
 
+@pytest.mark.parametrize("options", [
+    {"schedule": "fge", "fge_start": 0.5, "cycle_epochs": 2},
+    {"schedule": "swa", "swa_start": 0.6, "swa_lr": 0.03},
+    {"schedule": "cosine-cycles", "cycle_decay": 0.5, "cycle_mult": 2.0, "snapshots": 3},
+])
+def test_lr_curve_follows_the_new_schedules(options: dict) -> None:
+    from snapens import engine
+    from snapens.cli.train import schedule_options
+    from snapens.config import TrainConfig
+
+    cfg = TrainConfig(epochs=10, lr=0.2, batch_size=10, **options)
+    info = {"config": cfg.to_dict(), "dataset": {"num_train": 25}}  # 3 steps per epoch, T = 30
+    lrs, marks = lr_curve(info)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.2)
+    sched = engine.make_scheduler(cfg.schedule, opt, total_steps=30, n_cycles=cfg.snapshots, steps_per_epoch=3,
+                                  **schedule_options(cfg))
+    expected = []
+    for _ in range(30):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == expected and marks == sched.snapshot_steps
+
+
 def test_plot_without_matplotlib_says_how_to_install(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(CLIError, match=r"plotting needs matplotlib: pip install matplotlib$"):

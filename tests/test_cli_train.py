@@ -212,6 +212,38 @@ def _error_case(argv: list[str], folder: Path, capsys: pytest.CaptureFixture[str
     assert folder_hash(folder) == before
 
 
+@pytest.mark.parametrize("extra,spec", [
+    # 4 epochs: the step shape for 2, then cycles of 1 epoch with a snapshot at each middle
+    (["--schedule", "fge", "--cycle-epochs", "1"], "fge"),
+    # the SWA rate from the start of epoch 3: a snapshot at the end of epochs 3 and 4
+    (["--schedule", "swa", "--swa-start", "0.5", "--swa-lr", "0.02"], "swa"),
+    (["--cycle-decay", "0.5", "--cycle-mult", "2"], "shaped"),
+])
+def test_new_schedules_train_on_digits(tmp_path: Path, extra: list[str], spec: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from snapens.schedule import cycle_bounds, fge_snapshot_steps, swa_snapshot_steps
+
+    run_dir = tmp_path / "run"
+    small = SMALL if spec == "shaped" else [a for a in SMALL if a not in ("--snapshots", "2")]  # M: cosine only
+    assert main(["train", *small, *extra, "--run-dir", str(run_dir), "--quiet", "--no-eval"]) == 0
+    cfg = json.loads((run_dir / "config.json").read_text())
+    spe = -(-cfg["dataset"]["num_train"] // 64)
+    total = 4 * spe
+    expected = {"fge": fge_snapshot_steps(total, spe, 0.5), "swa": swa_snapshot_steps(total, spe, 0.5),
+                "shaped": cycle_bounds(total, 2, 2.0)}[spec]
+    infos = checkpoint.SnapshotStore(run_dir / "snapshots").list()
+    assert [i.step for i in infos] == [s + 1 for s in expected]
+    if spec == "fge":
+        assert len(infos) == 2 and cfg["config"]["cycle_epochs"] == 1
+    if spec == "swa":
+        assert [i.step for i in infos] == [3 * spe, 4 * spe] and cfg["config"]["swa_lr"] == 0.02
+        assert [i.lr for i in infos] == pytest.approx([0.02] * 2)
+    if spec == "shaped":
+        assert cfg["config"]["cycle_decay"] == 0.5 and cfg["config"]["cycle_mult"] == 2.0
+    out = capsys.readouterr().out
+    assert f"{len(infos)} snapshots" in out if spec != "shaped" else "M=2 snapshots" in out
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--model", "nope-3"], "nope-3"),
     (["--dataset", "nope"], "nope"),
@@ -225,6 +257,14 @@ def _error_case(argv: list[str], folder: Path, capsys: pytest.CaptureFixture[str
     (["--threads", "0"], "threads"),
     (["--precision", "fp16", "--device", "cpu"], "fp16"),
     (["--schedule", "step", "--lr-min", "0.01"], "lr_min"),
+    (["--schedule", "fge", "--fge-start", "1.2"], "fge_start must be a fraction of the budget in (0, 1), got 1.2"),
+    # found once the data is read (its INFO line goes to stderr unless --quiet): longer than the 2 epochs left
+    (["--schedule", "fge", "--epochs", "4", "--cycle-epochs", "3", "--quiet"], "cycle_epochs=3 ("),
+    (["--cycle-mult", "0.5"], "cycle_mult must be >= 1"),
+    (["--cycle-mult", "30", "--quiet"], "every cycle needs at least one step"),
+    (["--schedule", "swa", "--swa-start", "1.5"], "got 1.5"),
+    (["--fge-start", "0.3"], "applies to the fge schedule"),
+    (["--schedule", "swa", "--snapshots", "3"], "the swa schedule takes as many snapshots as its budget holds"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                         extra: list[str], match: str) -> None:

@@ -40,6 +40,34 @@ def test_bad_values_raise(bad, match):
         resolve_config(None, **bad)
 
 
+@pytest.mark.parametrize("bad,match", [
+    (dict(schedule="fge", fge_start=1.2), "fge_start must be a fraction of the budget in \\(0, 1\\), got 1.2"),
+    (dict(schedule="swa", swa_start=0.0), "swa_start .* got 0.0"),
+    (dict(cycle_mult=0.5), "cycle_mult must be >= 1 .* got 0.5"),
+    (dict(cycle_decay=1.5), "cycle_decay must be in \\(0, 1\\], got 1.5"),
+    (dict(schedule="fge", cycle_epochs=0), "cycle_epochs must be a positive integer, got 0"),
+    (dict(schedule="swa", swa_lr=-0.01), "swa_lr must be > 0 and finite, got -0.01"),
+    (dict(schedule="fge", lr_min=0.01), "lr_min=0.01 applies to the cosine schedules, not to fge"),
+    # an option of another schedule is refused rather than silently ignored
+    (dict(fge_start=0.3), "fge_start=0.3 applies to the fge schedule, not to cosine-cycles"),
+    (dict(schedule="step", cycle_decay=0.5), "cycle_decay=0.5 applies to the cosine-cycles and single-cycle"),
+    (dict(schedule="fge", swa_lr=0.05), "swa_lr=0.05 applies to the swa schedule, not to fge"),
+])
+def test_bad_schedule_options_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_config(None, **bad)
+
+
+def test_schedule_option_defaults_and_m_free_schedules():
+    cfg = TrainConfig()
+    assert (cfg.cycle_decay, cfg.cycle_mult, cfg.fge_start, cfg.cycle_epochs, cfg.fge_lr1, cfg.fge_lr2,
+            cfg.swa_start, cfg.swa_lr) == (1.0, 1.0, 0.5, 2, 0.5, 0.005, 0.75, None)
+    # fge and swa take as many snapshots as the budget holds: M > epochs is not an error there
+    assert resolve_config(None, schedule="fge", epochs=4).snapshots == 5
+    with pytest.raises(ValueError, match="exceed"):
+        resolve_config(None, schedule="cosine-cycles", epochs=4)
+
+
 def test_unknown_preset_and_field():
     with pytest.raises(ValueError, match="nope"):
         resolve_config("nope")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from snapens import checkpoint, engine
-from snapens.schedule import SnapshotLR, cosine_snapshot_lr, cycle_bounds, step_decay_lr
+from snapens.schedule import SnapshotLR, cosine_snapshot_lr, cycle_bounds, fge_lr, step_decay_lr, swa_lr
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -140,6 +140,64 @@ def test_snapshots_at_cycle_bounds_with_the_lr_each_step_used(tmp_path: Path, sc
         # Snapshot k holds the weights right after optimizer step b (BatchNorm buffers included).
         assert_same_tensors(snapshot_tensors(tmp_path)[k], {**weights_after[b]})
     assert result.steps == total
+
+
+@pytest.mark.parametrize("schedule,options,snaps", [
+    # 8 epochs of 3 steps: FGE from step round(0.5 * 24) = 12, cycles of 2 epochs = 6 steps, lows at 14 and 20.
+    ("fge", {"fge_start": 0.5, "cycle_epochs": 2}, [14, 20]),
+    # SWA from step 18: a model at each epoch end of the phase, steps 20 and 23.
+    ("swa", {"swa_start": 0.75, "swa_lr": 0.05}, [20, 23]),
+])
+def test_fit_snapshots_wherever_the_fge_and_swa_schedules_say(tmp_path: Path, schedule: str, options: dict,
+                                                              snaps: list[int]) -> None:
+    x, y = toy_data(24)
+    model = toy_model()
+    opt = sgd(model, lr=0.2)
+    loader = ToyLoader(x, y, 8)
+    sched = engine.make_scheduler(schedule, opt, total_steps=24, n_cycles=5, steps_per_epoch=3, **options)
+    assert sched.snapshot_steps == snaps  # n_cycles=5 is ignored: the count follows from the budget
+    used_lr: list[float] = []
+    weights_after: list[dict[str, torch.Tensor]] = []
+    opt.register_step_pre_hook(lambda o, a, k: used_lr.append(o.param_groups[0]["lr"]))
+    opt.register_step_post_hook(lambda o, a, k: weights_after.append(checkpoint.unwrap_state_dict(model)))
+    result = engine.fit(model=model, optimizer=opt, scheduler=sched, train_loader=loader, epochs=8,
+                        run_dir=tmp_path, model_name="toy", channels_last=False)
+    if schedule == "fge":
+        expected = [fge_lr(t, 24, 6, 0.2) for t in range(24)]
+        assert expected[14] == expected[20] == pytest.approx(0.2 * 0.005)  # snapshots at the lowest rate
+    else:
+        expected = [swa_lr(t, 24, 0.2, 0.75, 0.25) for t in range(24)]
+        assert expected[18:] == [0.05] * 6
+    assert used_lr == pytest.approx(expected, abs=1e-12)
+    assert [s.step for s in result.snapshots] == [b + 1 for b in snaps]
+    for k, b in enumerate(snaps):
+        assert_same_tensors(snapshot_tensors(tmp_path)[k], {**weights_after[b]})
+    assert result.steps == 24
+
+
+@pytest.mark.parametrize("schedule,kwargs,match", [
+    ("step", {"cycle_mult": 2.0}, "cycle_mult do not apply to the 'step' schedule"),
+    ("cosine-cycles", {"swa_lr": 0.1}, "swa_lr do not apply"),
+    ("fge", {"cycle_epochs": 2}, "needs steps_per_epoch >= 1, got None"),
+    ("fge", {"steps_per_epoch": 3}, "needs cycle_epochs"),
+    ("swa", {"steps_per_epoch": 3, "lr_min": 0.01}, "lr_min=0.01 applies to the cosine schedules"),
+    ("fge", {"steps_per_epoch": 3, "cycle_epochs": 5}, "cycle_epochs=5 (15 steps of 3 per epoch), epochs=8"),
+    ("nope", {}, "unknown schedule 'nope'"),
+])
+def test_make_scheduler_rejects_bad_options(schedule: str, kwargs: dict, match: str) -> None:
+    opt = sgd(toy_model())
+    with pytest.raises(ValueError) as info:
+        engine.make_scheduler(schedule, opt, total_steps=24, n_cycles=2, **kwargs)
+    assert match in str(info.value)
+
+
+def test_make_scheduler_shapes_the_cosine_cycles() -> None:
+    sched = engine.make_scheduler("cosine-cycles", sgd(toy_model()), total_steps=70, n_cycles=3, cycle_mult=2.0,
+                                  cycle_decay=0.5)
+    assert sched.snapshot_steps == [9, 29, 69] and (sched.cycle_mult, sched.cycle_decay) == (2.0, 0.5)
+    swa = engine.make_scheduler("swa", sgd(toy_model(), lr=0.2), total_steps=24, n_cycles=2, steps_per_epoch=3,
+                                swa_lr=0.05)
+    assert swa.swa_factor == 0.25 and swa.snapshot_steps == [20, 23]
 
 
 def test_fit_equals_a_hand_written_loop(tmp_path: Path) -> None:
@@ -494,6 +552,46 @@ def test_a_second_signal_during_a_state_write_does_not_cut_it_short(tmp_path: Pa
     assert info.value.signum == signal.SIGINT
     state = checkpoint.load_training_state(tmp_path / "run" / "state.pt")
     assert (state["step"], state["epoch"], state["batch"]) == (7, 1, 2)
+
+
+def _run_fge(run_dir: Path, *, resume: bool = False) -> engine.FitResult:
+    """8 epochs of 5 steps with FGE from step 20, cycles of 2 epochs: snapshots after steps 24 and 34."""
+    torch.manual_seed(0)
+    x, y = toy_data()
+    model = toy_model()
+    opt = sgd(model)
+    loader = ToyLoader(x, y, 8)
+    sched = engine.make_scheduler("fge", opt, total_steps=8 * len(loader), n_cycles=1, steps_per_epoch=len(loader),
+                                  fge_start=0.5, cycle_epochs=2)
+    val = ToyLoader(*toy_data(24, seed=7), 8, shuffle=False, noise=0.0)
+    return engine.fit(model=model, optimizer=opt, scheduler=sched, train_loader=loader, epochs=8, run_dir=run_dir,
+                      model_name="toy", val_loader=val, resume=resume)
+
+
+def test_fge_interrupted_mid_cycle_then_resumed_is_bit_identical(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapens.schedule import FGELR
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert [s.step for s in _run_fge(ref).snapshots] == [25, 35]
+    real_step = FGELR.step
+
+    def step(self, *a, **k):
+        real_step(self, *a, **k)
+        if self.last_epoch == 28:  # mid-epoch, in the second cycle, after the first snapshot
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by fit: the state is saved, TrainingInterrupted raised
+
+    monkeypatch.setattr(FGELR, "step", step)
+    with pytest.raises(engine.TrainingInterrupted):
+        _run_fge(run)
+    monkeypatch.setattr(FGELR, "step", real_step)
+    state = checkpoint.load_training_state(run / "state.pt")
+    assert state["step"] == 28 and not state["finished"] and state["snapshot_steps"] == [24, 34]
+    _run_fge(run, resume=True)
+    ref_snaps, run_snaps = snapshot_tensors(ref), snapshot_tensors(run)
+    assert len(ref_snaps) == len(run_snaps) == 2
+    for a, b in zip(ref_snaps, run_snaps):
+        assert_same_tensors(a, b)
 
 
 # ------------------------------------------------------------------------------------------ many processes

@@ -4,13 +4,20 @@ import pytest
 import torch
 
 from snapens.schedule import (
+    FGELR,
     SnapshotLR,
     StepDecayLR,
+    SWAScheduleLR,
     cosine_snapshot_lr,
     cycle_bounds,
     cycle_lengths,
+    fge_cycles,
+    fge_lr,
+    fge_snapshot_steps,
     seed_epoch_lr,
     step_decay_lr,
+    swa_lr,
+    swa_snapshot_steps,
 )
 
 BUDGETS = [(100, 5), (13, 4), (7, 7), (10, 1), (1, 1), (301, 6), (20, 3)]
@@ -186,3 +193,210 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(snapens.schedule)
     assert result.attempted >= 5 and result.failed == 0
+
+
+# ------------------------------------------------------------------------------------- cosine cycle shaping
+
+
+def test_shaping_defaults_reproduce_plain_schedule_bit_exact():
+    for total, m in BUDGETS:
+        plain = SnapshotLR(_optimizer((0.1, 0.03)), total_steps=total, n_cycles=m, lr_min=0.001)
+        shaped = SnapshotLR(_optimizer((0.1, 0.03)), total_steps=total, n_cycles=m, lr_min=0.001,
+                            cycle_decay=1.0, cycle_mult=1.0)
+        assert shaped.snapshot_steps == plain.snapshot_steps == cycle_bounds(total, m)
+        for step in range(total):
+            base, extra = divmod(total, m)
+            lengths = [base + 1 if k < extra else base for k in range(m)]
+            start = 0
+            for length in lengths:
+                if step < start + length:
+                    break
+                start += length
+            expected = 0.001 + (0.1 - 0.001) * 0.5 * (1.0 + math.cos(math.pi * (step - start) / length))
+            assert cosine_snapshot_lr(step, total, m, 0.1, 0.001, 1.0, 1.0) == expected  # bit-exact
+
+
+def test_cycle_mult_lengths_hand_computed():
+    assert cycle_lengths(70, 3, cycle_mult=2.0) == [10, 20, 40]
+    # ideal 20/7 * (1, 2, 4) = 2.86, 5.71, 11.43: floors 2, 5, 11, the 2 steps left to the largest fractions.
+    assert cycle_lengths(20, 3, cycle_mult=2.0) == [3, 6, 11]
+    assert cycle_bounds(20, 3, cycle_mult=2.0) == [2, 8, 19]
+    # ideal (1, 1.5, 2.25) * 10 / 4.75 = 2.11, 3.16, 4.74: floors 2, 3, 4, the step left to the third cycle.
+    assert cycle_lengths(10, 3, cycle_mult=1.5) == [2, 3, 5]
+    for total, m, mult in [(100, 4, 1.3), (37, 5, 2.0), (1000, 6, 1.7), (9, 3, 1.01)]:
+        assert sum(cycle_lengths(total, m, mult)) == total
+
+
+@pytest.mark.parametrize("total,m,mult,decay", [(70, 3, 2.0, 0.5), (20, 3, 2.0, 0.8), (100, 5, 1.0, 0.7),
+                                                 (37, 4, 1.5, 1.0)])
+def test_shaped_values_and_snapshots(total, m, mult, decay):
+    lengths = cycle_lengths(total, m, mult)
+    expected, step = [], 0
+    for k, length in enumerate(lengths):
+        for pos in range(length):
+            expected.append(0.2 * decay**k / 2 * (1 + math.cos(math.pi * pos / length)))
+            step += 1
+    opt = _optimizer((0.2,))
+    sched = SnapshotLR(opt, total_steps=total, n_cycles=m, cycle_decay=decay, cycle_mult=mult)
+    seen, snaps = _run(sched, opt, total)
+    assert [lr for (lr,) in seen] == pytest.approx(expected, abs=1e-15)
+    assert snaps == [(b, k) for k, b in enumerate(cycle_bounds(total, m, mult))]
+    assert snaps[-1][0] == total - 1
+
+
+def test_shaped_hand_values():
+    # T=70, M=3, mult 2, decay 0.5: cycles [0, 9], [10, 29], [30, 69]; peaks 0.1, 0.05, 0.025.
+    assert cosine_snapshot_lr(10, 70, 3, 0.1, cycle_decay=0.5, cycle_mult=2.0) == pytest.approx(0.05)
+    assert cosine_snapshot_lr(20, 70, 3, 0.1, cycle_decay=0.5, cycle_mult=2.0) == pytest.approx(0.025)
+    assert cosine_snapshot_lr(30, 70, 3, 0.1, cycle_decay=0.5, cycle_mult=2.0) == pytest.approx(0.025)
+    assert cosine_snapshot_lr(50, 70, 3, 0.1, cycle_decay=0.5, cycle_mult=2.0) == pytest.approx(0.0125)
+
+
+# ----------------------------------------------------------------------------------------------------- FGE
+
+
+def fge_paper(i: int, c: int, a1: float, a2: float) -> float:
+    """Garipov et al. 2018, the cycle's rate at 1-based iteration i, verbatim."""
+    t = ((i - 1) % c + 1) / c
+    return (1 - 2 * t) * a1 + 2 * t * a2 if t <= 0.5 else (2 - 2 * t) * a2 + (2 * t - 1) * a1
+
+
+@pytest.mark.parametrize("total,c,start", [(100, 10, 0.5), (60, 4, 0.6), (48, 8, 0.5), (200, 20, 0.8)])
+def test_fge_matches_paper_formula_when_divisible(total, c, start):
+    s0 = round(start * total)
+    assert (total - s0) % c == 0
+    for step in range(total):
+        got = fge_lr(step, total, c, 0.1, fge_start=start)
+        if step < s0:
+            assert got == pytest.approx(step_decay_lr(step, s0, 0.1), abs=1e-15)
+        else:
+            assert got == pytest.approx(fge_paper(step - s0 + 1, c, 0.05, 0.0005), abs=1e-15)
+    assert fge_snapshot_steps(total, c, start) == list(range(s0 + c // 2 - 1, total, c))
+
+
+def test_fge_hand_values():
+    # T=100, c=10: step schedule over the first 50 steps (x0.1 at 25 and at round(37.5) = 38), then cycles.
+    lrs = [fge_lr(s, 100, 10, 0.1) for s in range(100)]
+    assert lrs[24] == 0.1 and lrs[25] == pytest.approx(0.01) and lrs[37] == pytest.approx(0.01)
+    assert lrs[38] == pytest.approx(0.001) and lrs[49] == pytest.approx(0.001)
+    assert lrs[50] == pytest.approx(0.8 * 0.05 + 0.2 * 0.0005)  # t = 0.1
+    assert lrs[54] == pytest.approx(0.0005)  # t = 0.5: the lowest rate, a snapshot
+    assert lrs[57] == pytest.approx(0.4 * 0.0005 + 0.6 * 0.05)  # t = 0.8
+    assert lrs[59] == pytest.approx(0.05) and lrs[99] == pytest.approx(0.05)
+    assert fge_snapshot_steps(100, 10) == [54, 64, 74, 84, 94]
+    # scaled with lr0: a1 = lr0 / 2, a2 = lr0 / 200
+    assert fge_lr(54, 100, 10, 0.2) == pytest.approx(0.001) and fge_lr(59, 100, 10, 0.2) == pytest.approx(0.1)
+
+
+def test_fge_remainder_folds_into_last_cycle():
+    # T=103: start round(51.5) = 52, 51 steps left = 4 cycles of 10 and a last one of 11.
+    assert fge_cycles(103, 10) == (52, [10, 10, 10, 10, 11])
+    snaps = fge_snapshot_steps(103, 10)
+    assert snaps == [56, 66, 76, 86, 96]
+    lrs = [fge_lr(s, 103, 10, 0.1) for s in range(103)]
+    a1, a2 = 0.05, 0.0005
+    # the last cycle (steps 92..102, L = 11): i = 5 and 6 are the two lowest, t = 5/11 and 6/11.
+    low = a1 / 11 + 10 * a2 / 11
+    assert lrs[96] == pytest.approx(low) and lrs[97] == pytest.approx(low)
+    assert min(lrs[92:]) == pytest.approx(low) and lrs[102] == pytest.approx(a1)
+    for k, snap in enumerate(snaps):  # every snapshot sits at its cycle's minimum
+        lo, hi = (52 + 10 * k, 52 + 10 * (k + 1) if k < 4 else 103)
+        assert lrs[snap] == pytest.approx(min(lrs[lo:hi]))
+    # every step of the budget belongs to a cycle: nothing after the last cycle
+    start, lengths = fge_cycles(103, 10)
+    assert start + sum(lengths) == 103
+
+
+def test_fge_scheduler_runs_formula_and_marks_snapshots():
+    opt = _optimizer((0.1, 0.04))
+    sched = FGELR(opt, total_steps=103, cycle_steps=10)
+    seen, snaps = _run(sched, opt, 103)
+    assert [a for a, _ in seen] == pytest.approx([fge_lr(s, 103, 10, 0.1) for s in range(103)], abs=1e-15)
+    assert [b for _, b in seen] == pytest.approx([fge_lr(s, 103, 10, 0.04) for s in range(103)], abs=1e-15)
+    assert snaps == [(s, k) for k, s in enumerate([56, 66, 76, 86, 96])]
+    assert sched.n_cycles == 5 and sched.snapshot_steps == [56, 66, 76, 86, 96]
+
+
+# ----------------------------------------------------------------------------------------------------- SWA
+
+
+def test_swa_hand_values():
+    # T=40, swa_start 0.75: S = 30, t = step / 30.
+    assert swa_lr(15, 40, 0.1) == 0.1  # t = 0.5
+    assert swa_lr(16, 40, 0.1) == pytest.approx(0.1 * (1 - 0.5 * (16 / 30 - 0.5) / 0.4))
+    assert swa_lr(21, 40, 0.1) == pytest.approx(0.075)  # t = 0.7: half-way down
+    assert swa_lr(27, 40, 0.1) == pytest.approx(0.05)  # t = 0.9: at the SWA rate
+    assert [swa_lr(s, 40, 0.1) for s in range(28, 40)] == [0.05] * 12
+    assert swa_lr(39, 40, 0.2, swa_factor=0.25) == 0.05
+    assert swa_snapshot_steps(40, 4) == [31, 35, 39]
+
+
+@pytest.mark.parametrize("total,every,start", [(40, 4, 0.75), (50, 4, 0.75), (100, 7, 0.6), (13, 1, 0.5)])
+def test_swa_values_and_snapshots(total, every, start):
+    s0 = round(start * total)
+    for step in range(total):
+        t = step / s0
+        factor = 1.0 if t <= 0.5 else (1 - 0.5 * (t - 0.5) / 0.4 if t <= 0.9 else 0.5)
+        assert swa_lr(step, total, 0.1, swa_start=start) == pytest.approx(0.1 * factor, abs=1e-15)
+    snaps = swa_snapshot_steps(total, every, start)
+    assert snaps[-1] == total - 1 and snaps[0] >= s0 and snaps[0] - every < s0
+    assert all(b - a == every for a, b in zip(snaps, snaps[1:]))
+    opt = _optimizer()
+    sched = SWAScheduleLR(opt, total_steps=total, every=every, swa_start=start)
+    seen, marked = _run(sched, opt, total)
+    assert [s for s, _ in marked] == snaps and [k for _, k in marked] == list(range(len(snaps)))
+    assert [lr for (lr,) in seen[s0:]] == [0.05] * (total - s0)
+
+
+def test_swa_budget_not_divisible_by_interval():
+    # T=50: S = round(37.5) = 38, phase 38..49 (12 steps), models every 4 counted back from the last step.
+    assert swa_snapshot_steps(50, 4) == [41, 45, 49]
+    # T=45: S = round(33.75) = 34, phase 34..44 (11 steps): 44, 40, 36 (32 is before the phase).
+    assert swa_snapshot_steps(45, 4) == [36, 40, 44]
+
+
+# ------------------------------------------------------------------------------------ resume and bad input
+
+
+@pytest.mark.parametrize("make,total,cut", [
+    (lambda o: FGELR(o, total_steps=103, cycle_steps=10), 103, 58),  # mid-cycle, after its snapshot
+    (lambda o: SWAScheduleLR(o, total_steps=50, every=4), 50, 43),
+    (lambda o: SnapshotLR(o, total_steps=70, n_cycles=3, cycle_decay=0.5, cycle_mult=2.0), 70, 21),
+])
+def test_new_schedules_resume_mid_cycle_bit_exact(make, total, cut):
+    opt = _optimizer((0.1, 0.05))
+    full, full_snaps = _run(make(opt), opt, total)
+    opt1 = _optimizer((0.1, 0.05))
+    sched1 = make(opt1)
+    head, head_snaps = _run(sched1, opt1, cut)
+    opt_state, sched_state = opt1.state_dict(), sched1.state_dict()
+    opt2 = _optimizer((0.7, 0.7))
+    sched2 = make(opt2)
+    opt2.load_state_dict(opt_state)
+    sched2.load_state_dict(sched_state)
+    tail, tail_snaps = _run(sched2, opt2, total - cut)
+    assert head + tail == full  # exact equality: bit-exact rates
+    assert head_snaps + tail_snaps == full_snaps and len(full_snaps) >= 3
+
+
+@pytest.mark.parametrize("build,bad", [
+    (lambda: FGELR(_optimizer(), total_steps=100, cycle_steps=10, fge_start=1.2), "got 1.2"),
+    (lambda: FGELR(_optimizer(), total_steps=100, cycle_steps=10, fge_start=0), "got 0"),
+    (lambda: FGELR(_optimizer(), total_steps=20, cycle_steps=12), "12 steps is longer than the 10 steps left"),
+    (lambda: FGELR(_optimizer(), total_steps=100, cycle_steps=1), "got 1"),
+    (lambda: FGELR(_optimizer(), total_steps=100, cycle_steps=10, lr2_factor=-1.0), "got -1.0"),
+    (lambda: SWAScheduleLR(_optimizer(), total_steps=100, every=5, swa_start=1.2), "got 1.2"),
+    (lambda: SWAScheduleLR(_optimizer(), total_steps=4, every=1, swa_start=0.9), "leaves 0 steps of SWA"),
+    (lambda: SWAScheduleLR(_optimizer(), total_steps=100, every=0), "got 0"),
+    (lambda: SWAScheduleLR(_optimizer(), total_steps=100, every=5, swa_factor=float("nan")), "got nan"),
+    (lambda: SnapshotLR(_optimizer(), total_steps=100, n_cycles=4, cycle_mult=0.5), "cycle_mult >= 1 "),
+    (lambda: SnapshotLR(_optimizer(), total_steps=10, n_cycles=4, cycle_mult=10.0), "cycle lengths [0, 0, 1, 9]"),
+    (lambda: SnapshotLR(_optimizer(), total_steps=100, n_cycles=4, cycle_decay=1.5), "got 1.5"),
+    (lambda: SnapshotLR(_optimizer(), total_steps=100, n_cycles=4, cycle_decay=0.0), "got 0.0"),
+    (lambda: SnapshotLR(_optimizer(), total_steps=100, n_cycles=4, lr_min=0.05, cycle_decay=0.5),
+     "peak to 0.0125"),
+])
+def test_new_schedules_reject_bad_arguments(build, bad):
+    with pytest.raises(ValueError) as info:
+        build()
+    assert bad in str(info.value)

@@ -11,11 +11,20 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "PRESETS", "SCHEDULES", "PRECISIONS", "resolve_config"]
+__all__ = ["TrainConfig", "PRESETS", "SCHEDULES", "M_SCHEDULES", "SCHEDULE_OPTIONS", "PRECISIONS",
+           "resolve_config"]
 
 #: Schedules the engine knows: the snapshot ensemble, the paper's single-model step baseline (its snapshots at
-#: the same steps give the "NoCycle" ensemble), and M independently initialised models trained one cycle each.
-SCHEDULES = ("cosine-cycles", "step", "single-cycle")
+#: the same steps give the "NoCycle" ensemble), M independently initialised models trained one cycle each, Fast
+#: Geometric Ensembling (Garipov et al. 2018) and the SWA recipe (Izmailov et al. 2018). fge and swa take as
+#: many snapshots as their budget holds (M does not apply).
+SCHEDULES = ("cosine-cycles", "step", "single-cycle", "fge", "swa")
+#: The schedules whose number of snapshots is M (``snapshots``).
+M_SCHEDULES = ("cosine-cycles", "step", "single-cycle")
+#: The TrainConfig fields that only one family of schedules reads: ``schedule -> fields``.
+SCHEDULE_OPTIONS = {"cosine-cycles": ("cycle_decay", "cycle_mult"), "single-cycle": ("cycle_decay", "cycle_mult"),
+                    "step": (), "fge": ("fge_start", "cycle_epochs", "fge_lr1", "fge_lr2"),
+                    "swa": ("swa_start", "swa_lr")}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -33,6 +42,21 @@ class TrainConfig:
     schedule: str = "cosine-cycles"
     lr: float = 0.1
     lr_min: float = 0.0
+    #: cosine schedules (timm's --lr-cycle-decay / --lr-cycle-mul): each restart's peak times cycle_decay, each
+    #: cycle cycle_mult times longer than the last (lengths still sum to the budget). 1.0: the paper's cycles.
+    cycle_decay: float = 1.0
+    cycle_mult: float = 1.0
+    #: fge: the fraction of the budget trained with the step schedule's shape before the first cycle; cycles of
+    #: cycle_epochs epochs from fge_lr1 down to fge_lr2 and back (multiples of lr: the paper's 0.05 and 0.0005
+    #: for lr 0.1), a snapshot at each cycle's lowest rate.
+    fge_start: float = 0.5
+    cycle_epochs: int = 2
+    fge_lr1: float = 0.5
+    fge_lr2: float = 0.005
+    #: swa: the fraction of the budget before the constant SWA rate swa_lr (None: lr / 2, the SWA repository's
+    #: 0.05 for lr 0.1); a snapshot at each epoch end of the SWA phase.
+    swa_start: float = 0.75
+    swa_lr: float | None = None
     batch_size: int = 64
     momentum: float = 0.9
     nesterov: bool = True
@@ -60,7 +84,7 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.snapshots < 1:
             raise ValueError(f"snapshots (M) must be >= 1, got {self.snapshots}")
-        if self.snapshots > self.epochs:
+        if self.snapshots > self.epochs and self.schedule in M_SCHEDULES:
             raise ValueError(f"snapshots (M={self.snapshots}) must not exceed epochs ({self.epochs})")
         if not 0 < self.lr < float("inf"):
             raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
@@ -75,6 +99,9 @@ class TrainConfig:
         if self.schedule == "step" and self.lr_min:
             raise ValueError(f"lr_min={self.lr_min} applies to the cosine schedules; the step schedule decays lr0 "
                              "by 10x at 50% and again at 75% of the budget")
+        if self.schedule in ("fge", "swa") and self.lr_min:
+            raise ValueError(f"lr_min={self.lr_min} applies to the cosine schedules, not to {self.schedule}")
+        self._check_schedule_options()
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
@@ -85,6 +112,30 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive image count, got {value!r}")
+
+    def _check_schedule_options(self) -> None:
+        if not 0 < self.cycle_decay <= 1:
+            raise ValueError(f"cycle_decay must be in (0, 1], got {self.cycle_decay}")
+        if not 1 <= self.cycle_mult < float("inf"):
+            raise ValueError(f"cycle_mult must be >= 1 (each cycle at least as long as the last), got "
+                             f"{self.cycle_mult}")
+        for name in ("fge_start", "swa_start"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a fraction of the budget in (0, 1), got {getattr(self, name)}")
+        if isinstance(self.cycle_epochs, bool) or not isinstance(self.cycle_epochs, int) or self.cycle_epochs < 1:
+            raise ValueError(f"cycle_epochs must be a positive integer, got {self.cycle_epochs!r}")
+        for name in ("fge_lr1", "fge_lr2"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} (a multiple of lr) must be > 0, got {getattr(self, name)}")
+        if self.swa_lr is not None and not 0 < self.swa_lr < float("inf"):
+            raise ValueError(f"swa_lr must be > 0 and finite, got {self.swa_lr}")
+        # An option of another schedule would be silently ignored: refuse it instead.
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in sorted({n for names in SCHEDULE_OPTIONS.values() for n in names}):
+            schedules = [k for k, names in SCHEDULE_OPTIONS.items() if name in names]
+            if self.schedule not in schedules and getattr(self, name) != default[name]:
+                raise ValueError(f"{name}={getattr(self, name)} applies to the {' and '.join(schedules)} "
+                                 f"schedule{'s' if len(schedules) > 1 else ''}, not to {self.schedule}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-serialisable dict (what ``config.json`` stores)."""

@@ -58,12 +58,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``snapens`` parser with every subcommand registered."""
-    from snapens.cli import evaluate, export, plot, reproduce, train
+    from snapens.cli import average, evaluate, export, plot, reproduce, train
 
     parser = _Parser(prog=PROG, description=snapens.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"{PROG} {snapens.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (train, evaluate, plot, export, reproduce):
+    for module in (train, evaluate, average, plot, export, reproduce):
         module.register(sub)
     return parser
 

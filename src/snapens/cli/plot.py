@@ -54,19 +54,30 @@ def lr_curve(info: dict[str, Any], steps_per_epoch: int | None = None) -> tuple[
 
     Cyclic and single-cycle runs follow :func:`snapens.schedule.cosine_snapshot_lr` over the whole budget (a
     single-cycle run trains M models one cycle each, the same curve); the step baseline follows
-    :func:`snapens.schedule.step_decay_lr`.
+    :func:`snapens.schedule.step_decay_lr`, fge :func:`~snapens.schedule.fge_lr` and swa
+    :func:`~snapens.schedule.swa_lr`. Options missing from an older config.json take today's defaults.
     """
-    from snapens.schedule import cosine_snapshot_lr, cycle_bounds, step_decay_lr
+    from snapens import schedule as sch
+    from snapens.config import TrainConfig
 
-    cfg = info["config"]
+    cfg = {**TrainConfig().to_dict(), **info["config"]}
     spe = steps_per_epoch if steps_per_epoch is not None else _steps_per_epoch(info)
     total, m = int(cfg["epochs"]) * spe, int(cfg["snapshots"])
     lr, lr_min = float(cfg["lr"]), float(cfg.get("lr_min", 0.0))
-    if cfg.get("schedule") == "step":
-        lrs = [step_decay_lr(s, total, lr) for s in range(total)]
-    else:
-        lrs = [cosine_snapshot_lr(s, total, m, lr, lr_min) for s in range(total)]
-    return lrs, cycle_bounds(total, m)
+    kind = cfg.get("schedule")
+    if kind == "step":
+        return [sch.step_decay_lr(s, total, lr) for s in range(total)], sch.cycle_bounds(total, m)
+    if kind == "fge":
+        args = (total, int(cfg["cycle_epochs"]) * spe)
+        lrs = [sch.fge_lr(s, *args, lr, cfg["fge_start"], cfg["fge_lr1"], cfg["fge_lr2"]) for s in range(total)]
+        return lrs, sch.fge_snapshot_steps(*args, cfg["fge_start"])
+    if kind == "swa":
+        factor = {} if cfg["swa_lr"] is None else {"swa_factor": float(cfg["swa_lr"]) / lr}
+        lrs = [sch.swa_lr(s, total, lr, cfg["swa_start"], **factor) for s in range(total)]
+        return lrs, sch.swa_snapshot_steps(total, spe, cfg["swa_start"])
+    decay, mult = float(cfg["cycle_decay"]), float(cfg["cycle_mult"])
+    lrs = [sch.cosine_snapshot_lr(s, total, m, lr, lr_min, decay, mult) for s in range(total)]
+    return lrs, sch.cycle_bounds(total, m, mult)
 
 
 def read_metrics_csv(path: Path) -> list[dict[str, float | None]]:
@@ -96,7 +107,7 @@ def _plot_lr(plt: Any, info: dict[str, Any], rows: list[dict[str, float | None]]
     ax.plot(range(len(lrs)), lrs, lw=1.2)
     ax.scatter(bounds, [lrs[b] for b in bounds], color="C3", zorder=3, label="snapshot")
     ax.set(xlabel="optimizer step", ylabel="learning rate",
-           title=f"{info['config'].get('schedule')} schedule, M={info['config']['snapshots']}")
+           title=f"{info['config'].get('schedule')} schedule, {len(bounds)} snapshots")
     ax.legend()
     _save(fig, out)
     plt.close(fig)

@@ -60,7 +60,15 @@ from snapens.cli._common import (
     progress_enabled,
     set_threads,
 )
-from snapens.config import PRECISIONS, PRESETS, SCHEDULES, TrainConfig, resolve_config
+from snapens.config import (
+    M_SCHEDULES,
+    PRECISIONS,
+    PRESETS,
+    SCHEDULE_OPTIONS,
+    SCHEDULES,
+    TrainConfig,
+    resolve_config,
+)
 
 __all__ = ["register", "run", "train_run", "config_from_args", "legacy_model_name"]
 
@@ -100,6 +108,20 @@ def register(subparsers: Any) -> None:
     g.add_argument("--schedule", choices=SCHEDULES, help=f"(default: {d.schedule})")
     g.add_argument("--lr", type=float, help=f"restart learning rate lr0 (default: {d.lr})")
     g.add_argument("--lr-min", type=float, help=f"learning rate at the end of each cycle (default: {d.lr_min})")
+    g.add_argument("--cycle-decay", type=float,
+                   help=f"cosine schedules: each restart's peak is the previous one's times this (default: "
+                        f"{d.cycle_decay})")
+    g.add_argument("--cycle-mult", type=float,
+                   help=f"cosine schedules: each cycle this many times longer than the last, lengths summing to "
+                        f"the budget (default: {d.cycle_mult})")
+    g.add_argument("--fge-start", type=float, metavar="F",
+                   help=f"fge: fraction of the budget trained before the first cycle (default: {d.fge_start})")
+    g.add_argument("--cycle-epochs", type=int,
+                   help=f"fge: epochs per triangular cycle, a snapshot at its middle (default: {d.cycle_epochs})")
+    g.add_argument("--swa-start", type=float, metavar="F",
+                   help=f"swa: fraction of the budget before the constant SWA rate (default: {d.swa_start})")
+    g.add_argument("--swa-lr", type=float,
+                   help="swa: the constant SWA learning rate, a snapshot at each epoch end (default: lr / 2)")
     g.add_argument("--batch-size", type=int,
                    help=f"per process under torchrun: the global batch is this times the process count, the "
                         f"LR is not rescaled (default: {d.batch_size})")
@@ -185,7 +207,9 @@ def explicit_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": _merge(args.epochs, args.legacy_nb_epoch, "--epochs", "--nb_epoch"),
         "snapshots": _merge(args.snapshots, args.legacy_M, "--snapshots", "--M"),
         "schedule": args.schedule, "lr": _merge(args.lr, args.legacy_alpha_zero, "--lr", "--alpha_zero"),
-        "lr_min": args.lr_min, "batch_size": args.batch_size, "momentum": args.momentum,
+        "lr_min": args.lr_min, "cycle_decay": args.cycle_decay, "cycle_mult": args.cycle_mult,
+        "fge_start": args.fge_start, "cycle_epochs": args.cycle_epochs, "swa_start": args.swa_start,
+        "swa_lr": args.swa_lr, "batch_size": args.batch_size, "momentum": args.momentum,
         "nesterov": args.nesterov, "weight_decay": args.weight_decay, "val_size": args.val_size,
         "augment": args.augment, "limit_train": args.limit_train, "limit_test": args.limit_test,
         "seed": args.seed, "device": args.device, "precision": args.precision,
@@ -195,7 +219,11 @@ def explicit_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then ``--preset``, then explicit flags: the resolved :class:`TrainConfig`."""
-    return resolve_config(args.preset, **explicit_overrides(args))
+    overrides = explicit_overrides(args)
+    if overrides["snapshots"] is not None and overrides["schedule"] not in (None, *M_SCHEDULES):
+        raise CLIError(f"--snapshots applies to {', '.join(M_SCHEDULES)}; the {overrides['schedule']} schedule "
+                       "takes as many snapshots as its budget holds (see --cycle-epochs, --swa-start)")
+    return resolve_config(args.preset, **overrides)
 
 
 def _read_run_info(run_dir: Path) -> dict[str, Any]:
@@ -234,15 +262,24 @@ def _seed_everything(seed: int) -> None:
 
 
 def run_header(cfg: TrainConfig, run_dir: Path, device: torch.device, precision: str, threads: int,
-               resume: bool = False, world_size: int = 1) -> str:
-    """The lines printed before training: what is trained, on what hardware, and where it goes."""
+               resume: bool = False, world_size: int = 1, n_snapshots: int | None = None) -> str:
+    """The lines printed before training: what is trained, on what hardware, and where it goes.
+
+    ``n_snapshots``: the scheduler's count, shown for the schedules whose count is not M (fge, swa).
+    """
     procs = (f", {world_size} processes (batch {cfg.batch_size} each, global batch {cfg.batch_size * world_size})"
              if world_size > 1 else "")
-    return (f"snapens train: {cfg.dataset}, {cfg.model}, {plural(cfg.epochs, 'epoch')}, "
-            f"M={plural(cfg.snapshots, 'snapshot')} ({cfg.schedule}, lr {cfg.lr:g} -> {cfg.lr_min:g}), "
-            f"batch {cfg.batch_size}, seed {cfg.seed}\n"
+    snaps = (f"M={plural(cfg.snapshots, 'snapshot')}" if cfg.schedule in M_SCHEDULES or n_snapshots is None
+             else plural(n_snapshots, "snapshot"))
+    return (f"snapens train: {cfg.dataset}, {cfg.model}, {plural(cfg.epochs, 'epoch')}, {snaps} "
+            f"({cfg.schedule}, lr {cfg.lr:g} -> {cfg.lr_min:g}), batch {cfg.batch_size}, seed {cfg.seed}\n"
             f"device {device}, precision {precision}, threads {threads}{procs}\n"
             f"run dir: {run_dir}{' (resuming)' if resume else ''}")
+
+
+def schedule_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The options of ``cfg.schedule`` for :func:`engine.make_scheduler` (those of other schedules left out)."""
+    return {name: getattr(cfg, name) for name in SCHEDULE_OPTIONS[cfg.schedule]}
 
 
 def _absolute_data_paths(cfg: TrainConfig) -> TrainConfig:
@@ -366,11 +403,13 @@ def train_run(
                                 nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
     # len(train_loader) is batches per epoch *per rank*, the same on every rank: every rank takes T steps.
     scheduler = engine.make_scheduler(cfg.schedule, optimizer, total_steps=cfg.epochs * len(train_loader),
-                                      n_cycles=cfg.snapshots, lr_min=cfg.lr_min)
+                                      n_cycles=cfg.snapshots, lr_min=cfg.lr_min, steps_per_epoch=len(train_loader),
+                                      **schedule_options(cfg))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if ctx.is_main:
-        (announce or logger.info)(run_header(cfg, run_dir, device, precision, threads, resume, ctx.world_size))
+        (announce or logger.info)(run_header(cfg, run_dir, device, precision, threads, resume, ctx.world_size,
+                                             n_snapshots=len(scheduler.snapshot_steps)))
     if start_over and ctx.is_main:
         logger.info("%s has no training state yet (stopped before its first step): starting it from step 0",
                     run_dir)

@@ -1,0 +1,157 @@
+"""Tests for ``snapens average``: the averaged model's file and numbers, member choice, one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from snapens import checkpoint, metrics
+from snapens.averaging import average_state_dicts
+from snapens.cli import main
+from snapens.cli.average import format_result
+from snapens.cli.evaluate import load_run_dataset, make_loader, read_run_info
+from snapens.models import build_model
+
+
+@pytest.fixture(scope="module")
+def swa_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits run with the swa schedule: 4 epochs, the SWA rate from epoch 2, three snapshots."""
+    from snapens.cli.train import train_run
+    from snapens.config import resolve_config
+
+    before = torch.get_num_threads()
+    cfg = resolve_config(epochs=4, schedule="swa", swa_start=0.25, batch_size=128, device="cpu", precision="fp32",
+                         channels_last=False, threads=1)
+    try:
+        return Path(train_run(cfg, tmp_path_factory.mktemp("swa-run") / "run", resume=False, progress=False))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _snapshot_states(run: Path) -> list[dict[str, torch.Tensor]]:
+    store = checkpoint.SnapshotStore(run / "snapshots")
+    return [store.load_state_dict(i.index) for i in store.list()]
+
+
+def test_average_writes_the_mean_model_evaluated_like_a_member(swa_run: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    run = _copy(swa_run, tmp_path)
+    states = _snapshot_states(run)
+    assert len(states) == 3
+    assert main(["average", str(run), "--device", "cpu", "--bn-batches", "4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    state, meta = checkpoint.load_weights(run / "average.safetensors")
+    info = read_run_info(run)
+    assert meta["model"] == info["model"] and meta["kind"] == "average"
+    assert meta["members"] == ["snapshot-01", "snapshot-02", "snapshot-03"] and meta["bn_batches"] == 4
+    mean = average_state_dicts(states)
+    for key, value in state.items():
+        if "running_" in key or "num_batches_tracked" in key:
+            continue  # recomputed below
+        assert torch.equal(value, mean[key]), key
+    bn_keys = [k for k in state if k.endswith("running_mean")]
+    assert bn_keys and not all(torch.equal(state[k], mean[k]) for k in bn_keys)  # statistics recomputed
+    assert all(int(state[k]) == 4 for k in state if k.endswith("num_batches_tracked"))
+
+    # Evaluated like a member: the file, loaded into the architecture, gives the printed test numbers.
+    model = build_model(info["model"]["name"], **info["model"]["kwargs"])
+    model.load_state_dict(state)
+    model.eval()
+    data = load_run_dataset(info)
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(model(x), 1) for x, *_ in make_loader(data.test, info, "cpu")])
+    test = metrics.evaluate_probs(probs, data.test.labels)
+    result = json.loads((run / "average.json").read_text())
+    assert result["test"]["error"] == pytest.approx(test["error"], abs=1e-9)
+    assert result["test"]["nll"] == pytest.approx(test["nll"], rel=1e-5)
+    assert f"average on test: error {test['error']:.2f} %" in out
+    # compared with the best member on validation
+    best = result["best_member"]
+    assert best["name"] in meta["members"]
+    assert result["worse_than_best_member_on_val"] == (
+        (result["val"]["error"], result["val"]["nll"]) > (best["val"]["error"], best["val"]["nll"]))
+    assert "on validation: average error" in out and f"best member {best['name']}" in out
+    assert ("WORSE on validation" in out) == result["worse_than_best_member_on_val"]
+
+
+def test_last_and_members_choose_the_snapshots(swa_run: Path, tmp_path: Path) -> None:
+    run = _copy(swa_run, tmp_path)
+    states = _snapshot_states(run)
+    assert main(["average", str(run), "--device", "cpu", "--last", "1", "--quiet"]) == 0
+    one, meta = checkpoint.load_weights(run / "average.safetensors")
+    assert meta["members"] == ["snapshot-03"]
+    for key in one:  # the mean of one snapshot is that snapshot (up to the recomputed statistics)
+        if "running_" not in key and "num_batches_tracked" not in key:
+            assert torch.equal(one[key], states[2][key]), key
+    assert main(["average", str(run), "--device", "cpu", "--members", "1", "3", "--quiet"]) == 0
+    two, meta = checkpoint.load_weights(run / "average.safetensors")
+    assert meta["members"] == ["snapshot-01", "snapshot-03"]
+    mean = average_state_dicts([states[0], states[2]])
+    assert all(torch.equal(two[k], mean[k]) for k in two if "running_" not in k and "num_batches" not in k)
+
+
+def test_the_note_when_the_average_is_worse() -> None:
+    row = {"error": 10.0, "nll": 0.5, "ece": 0.05}
+    result = {"members": ["snapshot-01", "snapshot-02"], "bn_batches": 50, "test": row,
+              "val": {"error": 30.0, "nll": 1.2, "ece": 0.1},
+              "best_member": {"name": "snapshot-02", "val": {"error": 8.0, "nll": 0.3}, "test": row},
+              "worse_than_best_member_on_val": True}
+    text = format_result(result, Path("RUN"))
+    assert "WORSE on validation than the best member snapshot-02" in text
+    assert "average error 30.00 %" in text and "snapshot-02 error 8.00 %" in text
+    result["worse_than_best_member_on_val"] = False
+    assert "WORSE" not in format_result(result, Path("RUN"))
+    result["best_member"] = result["val"] = None
+    assert "no validation split" in format_result(result, Path("RUN"))
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--last", "4"], "--last must be in [1, 3]"),
+    (["--last", "0"], "--last must be in [1, 3]"),
+    (["--members", "7"], "--members 7: the run has snapshots [1, 2, 3]"),
+    (["--members", "1", "1"], "lists a snapshot twice"),
+    (["--bn-batches", "0"], "--bn-batches must be a positive integer, got 0"),
+    (["--device", "tpu"], "tpu"),
+])
+def test_bad_input_is_one_line_and_touches_nothing(swa_run: Path, cli_error, args: list[str], match: str) -> None:
+    before = _hashes(swa_run)
+    assert match in cli_error("average", str(swa_run), "--quiet", *args)
+    assert _hashes(swa_run) == before and not (swa_run / "average.safetensors").exists()
+
+
+def test_last_and_members_together_is_a_usage_error(swa_run: Path, capsys: pytest.CaptureFixture[str],
+                                                    assert_one_line_error) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["average", str(swa_run), "--last", "1", "--members", "1"])
+    assert info.value.code == 2
+    assert "--members: not allowed with argument --last" in assert_one_line_error(capsys.readouterr().err)
+
+
+def test_not_a_run_folder(tmp_path: Path, cli_error) -> None:
+    assert "is not a directory" in cli_error("average", str(tmp_path / "missing"))
+    assert "not a snapens run folder" in cli_error("average", str(tmp_path))
+
+
+def test_snapshots_of_another_architecture_are_refused(swa_run: Path, tmp_path: Path, cli_error) -> None:
+    run = _copy(swa_run, tmp_path)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"]["kwargs"]["num_classes"] = 7  # config.json now names another architecture than the snapshots
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert "snapshots of different architectures cannot be averaged" in cli_error("average", str(run), "--quiet")
+    assert not (run / "average.safetensors").exists()
