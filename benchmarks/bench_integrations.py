@@ -1,0 +1,170 @@
+"""Overhead of the Lightning and transformers SnapshotCallbacks per training step, against the same trainer without.
+
+Goal: throughput ratio (steps/s with the callback over steps/s without) >= 0.98.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_integrations.py
+    OMP_NUM_THREADS=1 python benchmarks/bench_integrations.py --frameworks lightning --rounds 7 --epochs 20
+
+For each framework, ``--rounds`` rounds each train the same MLP on random data (``--samples`` rows of 64 features,
+``--batch-size``, SGD with momentum, one thread) twice, once with and once without the callback, in alternating
+order. A timing callback, present in both, records the wall time between consecutive optimizer steps; each run's
+median step time is kept, and the whole fit time (which includes the ``M`` snapshot writes). Printed: the medians
+over rounds and the ratios ``without / with`` (1.0 = no overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frameworks", nargs="+", default=["lightning", "transformers"],
+                    choices=["lightning", "transformers"])
+    ap.add_argument("--rounds", type=int, default=5, help="paired runs per framework (medians reported)")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--samples", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--snapshots", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    return ap.parse_args()
+
+
+def _mlp(hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def _data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+# ------------------------------------------------------------------------------------------------ lightning
+
+
+def _lightning_run(args: argparse.Namespace, with_callback: bool, folder: Path) -> tuple[float, float]:
+    import lightning.pytorch as L
+
+    from snapens.integrations.lightning import SnapshotCallback
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp(args.hidden)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    stamps: list[float] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, *a: Any) -> None:
+            stamps.append(time.perf_counter())
+
+    callbacks: list[L.Callback] = [Timer()]
+    if with_callback:
+        callbacks.insert(0, SnapshotCallback(args.snapshots, folder))
+    x, y = _data(args.samples)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch_size)
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=folder)
+    start = time.perf_counter()
+    trainer.fit(Module(), loader)
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------- transformers
+
+
+def _transformers_run(args: argparse.Namespace, with_callback: bool, folder: Path) -> tuple[float, float]:
+    import transformers
+
+    from snapens.integrations.transformers import SnapshotCallback
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp(args.hidden)
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"loss": nn.functional.cross_entropy(self.net(x), labels)}
+
+    class Data(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.x, self.y = _data(args.samples)
+
+        def __len__(self) -> int:
+            return len(self.y)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"x": self.x[i], "labels": self.y[i]}
+
+    stamps: list[float] = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            stamps.append(time.perf_counter())
+
+    callbacks: list[Any] = [Timer()]
+    if with_callback:
+        callbacks.insert(0, SnapshotCallback(args.snapshots, folder / "snapshots"))
+    torch.manual_seed(0)
+    model = Net()
+    training_args = transformers.TrainingArguments(
+        output_dir=str(folder / "out"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        learning_rate=0.1, lr_scheduler_type="constant", max_grad_norm=0.0, save_strategy="no",
+        logging_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trainer = transformers.Trainer(model=model, args=training_args, train_dataset=Data(), callbacks=callbacks,
+                                   optimizers=(optimizer, None))
+    trainer.remove_callback(transformers.PrinterCallback)
+    start = time.perf_counter()
+    trainer.train()
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), time.perf_counter() - start
+
+
+def main() -> None:
+    args = _parse()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    runs = {"lightning": _lightning_run, "transformers": _transformers_run}
+    steps = args.epochs * -(-args.samples // args.batch_size)
+    print(f"torch {torch.__version__}, {args.threads} thread(s); MLP 64-{args.hidden}-{args.hidden}-10, "
+          f"batch {args.batch_size}, {steps} steps per fit, M={args.snapshots}, {args.rounds} paired rounds")
+    print(f"{'framework':<13} {'step ms (without)':>17} {'step ms (with)':>14} {'step ratio':>10} "
+          f"{'fit s (without)':>15} {'fit s (with)':>12} {'fit ratio':>9}")
+    for name in args.frameworks:
+        run = runs[name]
+        with tempfile.TemporaryDirectory() as tmp:
+            run(args, True, Path(tmp) / "warmup")  # imports, first-call costs
+            results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+            for r in range(args.rounds):
+                for with_callback in ((True, False) if r % 2 == 0 else (False, True)):
+                    results[with_callback].append(run(args, with_callback, Path(tmp) / f"r{r}-{with_callback}"))
+        step = {k: statistics.median(s for s, _ in v) for k, v in results.items()}
+        fit = {k: statistics.median(f for _, f in v) for k, v in results.items()}
+        print(f"{name:<13} {1e3 * step[False]:>17.3f} {1e3 * step[True]:>14.3f} {step[False] / step[True]:>10.3f} "
+              f"{fit[False]:>15.2f} {fit[True]:>12.2f} {fit[False] / fit[True]:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
