@@ -8,8 +8,17 @@ Goal: throughput ratio (steps/s with the callback over steps/s without) >= 0.98.
 For each framework, ``--rounds`` rounds each train the same MLP on random data (``--samples`` rows of 64 features,
 ``--batch-size``, SGD with momentum, one thread) twice, once with and once without the callback, in alternating
 order. A timing callback, present in both, records the wall time between consecutive optimizer steps; each run's
-median step time is kept, and the whole fit time (which includes the ``M`` snapshot writes). Printed: the medians
-over rounds and the ratios ``without / with`` (1.0 = no overhead).
+median step time is kept, and the whole fit time (which includes the ``M`` snapshot writes). Printed: medians over
+rounds, and the median over rounds of each round's ratio ``without / with`` (1.0 = no overhead). On a shared
+machine these side-by-side ratios carry the noise of the other load, so the time spent inside the callback's own
+hooks is also measured (every hook call timed): the snapshot writes (``M`` per run, whatever its length: ms per
+snapshot) apart from the rest (per step: us per step, and ``1 - that time / fit time``).
+
+Denormal floats are flushed to zero by default (``torch.set_flush_denormal``): the callback changes the learning
+rate, and with it the numbers the arithmetic sees. Near the end of a cycle the rate is close to 0 and momentum
+buffers of parameters that stop getting gradients decay into the denormal range, where x86 CPUs are many times
+slower; that slowdown comes from the schedule, not from the callback (a built-in scheduler with the same rates
+shows it too). ``--keep-denormals`` measures with them.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -38,7 +48,34 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--snapshots", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--keep-denormals", action="store_true", help="do not flush denormal floats to zero")
     return ap.parse_args()
+
+
+_HOOK_SECONDS: list[float] = [0.0]
+_SAVE_SECONDS: list[float] = [0.0]
+
+
+def _timed(fn: Any, total: list[float]) -> Any:
+    def timed(*a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            total[0] += time.perf_counter() - start
+
+    return timed
+
+
+def _time_hooks(callback: Any, names: tuple[str, ...]) -> Any:
+    """Time ``callback``'s hooks (into ``_HOOK_SECONDS``) and its module's snapshot writes (``_SAVE_SECONDS``)."""
+    for name in names:
+        setattr(callback, name, _timed(getattr(callback, name), _HOOK_SECONDS))
+    module = sys.modules[type(callback).__module__]
+    if not hasattr(module.save_snapshot, "__wrapped_by_bench__"):
+        module.save_snapshot = _timed(module.save_snapshot, _SAVE_SECONDS)
+        module.save_snapshot.__wrapped_by_bench__ = True
+    return callback
 
 
 def _mlp(hidden: int) -> nn.Sequential:
@@ -78,7 +115,9 @@ def _lightning_run(args: argparse.Namespace, with_callback: bool, folder: Path) 
 
     callbacks: list[L.Callback] = [Timer()]
     if with_callback:
-        callbacks.insert(0, SnapshotCallback(args.snapshots, folder))
+        callbacks.insert(0, _time_hooks(SnapshotCallback(args.snapshots, folder), (
+            "on_fit_start", "on_train_start", "on_train_batch_start", "on_before_optimizer_step",
+            "on_train_batch_end", "on_train_end")))
     x, y = _data(args.samples)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch_size)
     torch.manual_seed(0)
@@ -124,7 +163,8 @@ def _transformers_run(args: argparse.Namespace, with_callback: bool, folder: Pat
 
     callbacks: list[Any] = [Timer()]
     if with_callback:
-        callbacks.insert(0, SnapshotCallback(args.snapshots, folder / "snapshots"))
+        callbacks.insert(0, _time_hooks(SnapshotCallback(args.snapshots, folder / "snapshots"), (
+            "on_train_begin", "on_pre_optimizer_step", "on_step_end", "on_train_end")))
     torch.manual_seed(0)
     model = Net()
     training_args = transformers.TrainingArguments(
@@ -144,26 +184,39 @@ def _transformers_run(args: argparse.Namespace, with_callback: bool, folder: Pat
 def main() -> None:
     args = _parse()
     torch.set_num_threads(args.threads)
+    flushing = not args.keep_denormals and torch.set_flush_denormal(True)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     runs = {"lightning": _lightning_run, "transformers": _transformers_run}
     steps = args.epochs * -(-args.samples // args.batch_size)
     print(f"torch {torch.__version__}, {args.threads} thread(s); MLP 64-{args.hidden}-{args.hidden}-10, "
-          f"batch {args.batch_size}, {steps} steps per fit, M={args.snapshots}, {args.rounds} paired rounds")
-    print(f"{'framework':<13} {'step ms (without)':>17} {'step ms (with)':>14} {'step ratio':>10} "
-          f"{'fit s (without)':>15} {'fit s (with)':>12} {'fit ratio':>9}")
+          f"batch {args.batch_size}, {steps} steps per fit, M={args.snapshots}, {args.rounds} paired rounds, "
+          f"denormals {'flushed' if flushing else 'kept'}")
+    print(f"{'framework':<13} {'step ms without':>15} {'with':>6} {'ratio':>6} {'fit s without':>13} {'with':>6} "
+          f"{'ratio':>6} {'hooks us/step':>13} {'1 - hooks/fit':>13} {'ms/snapshot':>11}")
     for name in args.frameworks:
         run = runs[name]
         with tempfile.TemporaryDirectory() as tmp:
             run(args, True, Path(tmp) / "warmup")  # imports, first-call costs
             results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+            hook_fraction = []
             for r in range(args.rounds):
                 for with_callback in ((True, False) if r % 2 == 0 else (False, True)):
-                    results[with_callback].append(run(args, with_callback, Path(tmp) / f"r{r}-{with_callback}"))
+                    _HOOK_SECONDS[0] = _SAVE_SECONDS[0] = 0.0
+                    step_s, fit_s = run(args, with_callback, Path(tmp) / f"r{r}-{with_callback}")
+                    results[with_callback].append((step_s, fit_s))
+                    if with_callback:
+                        per_step = _HOOK_SECONDS[0] - _SAVE_SECONDS[0]
+                        hook_fraction.append((per_step / steps, per_step / fit_s, _SAVE_SECONDS[0] / args.snapshots))
         step = {k: statistics.median(s for s, _ in v) for k, v in results.items()}
         fit = {k: statistics.median(f for _, f in v) for k, v in results.items()}
-        print(f"{name:<13} {1e3 * step[False]:>17.3f} {1e3 * step[True]:>14.3f} {step[False] / step[True]:>10.3f} "
-              f"{fit[False]:>15.2f} {fit[True]:>12.2f} {fit[False] / fit[True]:>9.3f}")
+        step_ratio = statistics.median(a[0] / b[0] for a, b in zip(results[False], results[True]))
+        fit_ratio = statistics.median(a[1] / b[1] for a, b in zip(results[False], results[True]))
+        hook_us = 1e6 * statistics.median(h for h, _, _ in hook_fraction)
+        hook_ratio = 1 - statistics.median(f for _, f, _ in hook_fraction)
+        save_ms = 1e3 * statistics.median(m for _, _, m in hook_fraction)
+        print(f"{name:<13} {1e3 * step[False]:>15.3f} {1e3 * step[True]:>6.3f} {step_ratio:>6.3f} "
+              f"{fit[False]:>13.2f} {fit[True]:>6.2f} {fit_ratio:>6.3f} {hook_us:>13.1f} {hook_ratio:>13.4f} {save_ms:>11.1f}")
 
 
 if __name__ == "__main__":

@@ -94,15 +94,23 @@ def _fit(tmp_path: Path, folder: str = "run/snapshots", **kwargs) -> tuple[TinyM
     return module, callback
 
 
-def test_rate_at_every_step_and_snapshots_at_cycle_ends(tmp_path: Path) -> None:
-    module, callback = _fit(tmp_path)
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TinyModule, SnapshotCallback]:
+    """One uninterrupted run: ``<run>/snapshots`` from the callback."""
+    run = tmp_path_factory.mktemp("full")
+    module, callback = _fit(run, "snapshots")
+    return run, module, callback
+
+
+def test_rate_at_every_step_and_snapshots_at_cycle_ends(full_run) -> None:
+    run, module, callback = full_run
     opt = module.optimizer
     assert callback.plan is not None and callback.plan.total_steps == T
     assert opt.seen_lrs == pytest.approx([cosine_snapshot_lr(s, T, M, LR0) for s in range(T)], abs=1e-12)
     bounds = cycle_bounds(T, M)
     assert bounds == [2, 5, 7, 9, 11]
 
-    store = SnapshotStore(tmp_path / "run" / "snapshots")
+    store = SnapshotStore(run / "snapshots")
     infos = store.list()
     assert [i.index for i in infos] == list(range(1, M + 1))
     assert [i.step for i in infos] == [b + 1 for b in bounds]
@@ -119,7 +127,7 @@ def test_rate_at_every_step_and_snapshots_at_cycle_ends(tmp_path: Path) -> None:
     assert callback.saved == list(range(1, M + 1))
 
     # The existing ensemble API reads the folder; its members are the snapshots.
-    ens = SnapshotEnsemble.from_run(tmp_path / "run", lambda name, **kw: TinyModule())
+    ens = SnapshotEnsemble.from_run(run, lambda name, **kw: TinyModule())
     x = torch.randn(5, 6)
     probs = ens.member_probs(x)
     last = TinyModule().eval()
@@ -146,9 +154,8 @@ class _CrashAfter(L.Callback):
 
 
 @pytest.mark.parametrize("crash_step", [4, 6], ids=["epoch-end-mid-cycle", "right-after-snapshot-2"])
-def test_resume_from_checkpoint_gives_the_same_snapshots(tmp_path: Path, crash_step: int) -> None:
-    _fit(tmp_path, "full")
-    full = SnapshotStore(tmp_path / "full")
+def test_resume_from_checkpoint_gives_the_same_snapshots(tmp_path: Path, crash_step: int, full_run) -> None:
+    full = SnapshotStore(full_run[0] / "snapshots")
 
     ckpt = tmp_path / "mid.ckpt"
     torch.manual_seed(0)
@@ -220,6 +227,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_one_copy_by_rank_zero(tmp_path: Path) -> None:
     # The two processes are started here, side by side, as torchrun would (Lightning sees LOCAL_RANK and does
     # not launch them itself): their slow imports overlap. Traffic stays on the loopback interface.

@@ -85,15 +85,24 @@ def _trainer(out: Path, callbacks, *, optimizer=None, args=None) -> tuple[transf
     return trainer, optimizer
 
 
-def test_rate_at_every_step_and_snapshots_at_cycle_ends(tmp_path: Path) -> None:
-    callback = SnapshotCallback(M, tmp_path / "run" / "snapshots")
-    trainer, opt = _trainer(tmp_path / "out", [callback])
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, transformers.Trainer, RecordingSGD,
+                                                                SnapshotCallback]:
+    """One uninterrupted run: ``<run>/snapshots`` from the callback."""
+    run = tmp_path_factory.mktemp("full")
+    callback = SnapshotCallback(M, run / "snapshots")
+    trainer, opt = _trainer(run / "out", [callback])
     trainer.train()
+    return run, trainer, opt, callback
+
+
+def test_rate_at_every_step_and_snapshots_at_cycle_ends(full_run) -> None:
+    run, trainer, opt, callback = full_run
     assert trainer.state.max_steps == T and callback.plan.total_steps == T
     assert opt.seen_lrs == pytest.approx([cosine_snapshot_lr(s, T, M, LR0) for s in range(T)], abs=1e-12)
 
     bounds = cycle_bounds(T, M)
-    store = SnapshotStore(tmp_path / "run" / "snapshots")
+    store = SnapshotStore(run / "snapshots")
     infos = store.list()
     assert [(i.index, i.step) for i in infos] == [(k, b + 1) for k, b in enumerate(bounds, start=1)]
     assert sorted(p.name for p in store.folder.iterdir()) == ["manifest.json"] + [
@@ -106,7 +115,7 @@ def test_rate_at_every_step_and_snapshots_at_cycle_ends(tmp_path: Path) -> None:
         assert all(torch.equal(saved[k], expected[k]) for k in expected), info.index
     assert callback.saved == list(range(1, M + 1))
 
-    ens = SnapshotEnsemble.from_run(tmp_path / "run", lambda name, **kw: TinyNet())
+    ens = SnapshotEnsemble.from_run(run, lambda name, **kw: TinyNet())
     x = torch.randn(5, 6)
     last = TinyNet().eval()
     last.load_state_dict(opt.weights_after[bounds[-1]])
@@ -147,10 +156,8 @@ class _CrashAfterSave(transformers.TrainerCallback):
 
 
 @pytest.mark.parametrize("crash_step", [5, 6], ids=["mid-cycle", "right-after-snapshot-2"])
-def test_resume_from_checkpoint_gives_the_same_snapshots(tmp_path: Path, crash_step: int) -> None:
-    full_cb = SnapshotCallback(M, tmp_path / "full")
-    _trainer(tmp_path / "out-full", [full_cb])[0].train()
-    full = SnapshotStore(tmp_path / "full")
+def test_resume_from_checkpoint_gives_the_same_snapshots(tmp_path: Path, crash_step: int, full_run) -> None:
+    full = SnapshotStore(full_run[0] / "snapshots")
 
     args = _args(tmp_path / "out", save_strategy="steps", save_steps=crash_step)
     first = SnapshotCallback(M, tmp_path / "resumed")
@@ -176,6 +183,18 @@ def test_resume_from_checkpoint_gives_the_same_snapshots(tmp_path: Path, crash_s
 def test_refuses_a_schedule_that_changes_the_rate(tmp_path: Path, kwargs: dict) -> None:
     trainer, _ = _trainer(tmp_path, [SnapshotCallback(M, tmp_path / "s")], args=_args(tmp_path, **kwargs))
     with pytest.raises(ValueError, match="lr_scheduler_type='constant'"):
+        trainer.train()
+    assert not (tmp_path / "s").exists()
+
+
+def test_refuses_a_scheduler_passed_to_the_trainer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=LR0)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=DictDataset(),
+                                   callbacks=[SnapshotCallback(M, tmp_path / "s")],
+                                   optimizers=(opt, torch.optim.lr_scheduler.StepLR(opt, 4)))
+    with pytest.raises(ValueError, match="StepLR"):
         trainer.train()
 
 

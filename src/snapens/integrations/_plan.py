@@ -8,6 +8,7 @@ step ``cycle_bounds(T, M)[k - 1]``.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from snapens.checkpoint import SnapshotStore
-from snapens.schedule import cosine_snapshot_lr, cycle_bounds
+from snapens.schedule import cycle_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,17 @@ class SnapshotPlan:
         self.bounds = cycle_bounds(self.total_steps, self.n_snapshots)
 
     def lrs(self, step: int) -> list[float]:
-        """The rate of every param group for the 0-based optimizer ``step``."""
-        return [cosine_snapshot_lr(step, self.total_steps, self.n_snapshots, p, self.lr_min) for p in self.peaks]
+        """The rate of every param group for the 0-based optimizer ``step``: ``cosine_snapshot_lr`` of each peak.
+
+        Computed here from the cached cycle bounds, with the same expression, because it runs before every
+        optimizer step (``cosine_snapshot_lr`` re-derives and re-checks the cycles on each call).
+        """
+        cycle = min(bisect.bisect_left(self.bounds, step), self.n_snapshots - 1)
+        start = self.bounds[cycle - 1] + 1 if cycle else 0
+        length = self.bounds[cycle] - start + 1
+        pos = min(max(step - start, 0), length - 1)  # past the budget: stay at the last step
+        shape = 0.5 * (1.0 + math.cos(math.pi * pos / length))
+        return [self.lr_min + (peak - self.lr_min) * shape for peak in self.peaks]
 
     def apply(self, optimizer: Any, step: int) -> None:
         """Set every param group's ``lr`` for the optimizer step ``step`` (0-based) that is about to run."""

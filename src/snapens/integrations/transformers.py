@@ -67,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 def _check_constant_schedule(lr_scheduler: Any, args: Any, total_steps: int) -> None:
     """ValueError unless the Trainer's scheduler keeps every rate at its initial value for the whole budget."""
+    if lr_scheduler is None:
+        return
     inner = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's AcceleratedScheduler wraps one
     probes = sorted({0, 1, total_steps // 2, total_steps - 1})
     constant = isinstance(inner, LambdaLR) and all(
