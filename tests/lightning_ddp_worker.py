@@ -46,8 +46,8 @@ def main(out: Path) -> None:
     module = Module()
     callback = SnapshotCallback(M, out / "snapshots")
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, callbacks=[callback], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, callbacks=[callback], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
     )
     trainer.fit(module, loader)
     report = {
