@@ -93,10 +93,14 @@ class SnapshotCallback(pl.Callback):
         self.taken = 0
         self.saved: list[int] = []
         self._restored: dict[str, Any] | None = None
+        self._state_key: str | None = None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(n_snapshots=self.n_snapshots)
+        # Lightning reads this around every hook call (profiler labels): build the string once.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(n_snapshots=self.n_snapshots)
+        return self._state_key
 
     # -------------------------------------------------------------------------------------------- set-up
 
@@ -179,12 +183,14 @@ class SnapshotCallback(pl.Callback):
             if bound + 1 != trainer.global_step:
                 logger.warning("snapshot %d belongs after step %d but is taken after step %d", index, bound + 1,
                                trainer.global_step)
-            if trainer.is_global_zero:
-                name, kwargs = model_identity(pl_module, self.model_name, self.model_kwargs)
-                batches = trainer.num_training_batches
-                epoch = trainer.current_epoch + (batches_done / batches if 0 < batches < float("inf") else 0.0)
-                save_snapshot(self.store, self.plan, index, unwrap_state_dict(state), epoch=epoch,
-                              model_name=name, model_kwargs=kwargs)
+        if trainer.is_global_zero:
+            weights = unwrap_state_dict(state)
+            name, kwargs = model_identity(pl_module, self.model_name, self.model_kwargs)
+            batches = trainer.num_training_batches
+            epoch = trainer.current_epoch + (batches_done / batches if 0 < batches < float("inf") else 0.0)
+            for index in range(self.taken + 1, due + 1):
+                save_snapshot(self.store, self.plan, index, weights, epoch=epoch, model_name=name,
+                              model_kwargs=kwargs)
                 self.saved.append(index)
         self.taken = due
 
