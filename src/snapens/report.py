@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from snapens import metrics, weighting
+from snapens import _checks, metrics, weighting
 from snapens.checkpoint import json_safe, to_json
 
 __all__ = ["FORMAT_VERSION", "OPTIMIZE_MODES", "summarize", "format_summary", "json_safe", "to_json"]
@@ -49,10 +49,7 @@ _METRIC_COLUMNS = (("error", "error %", "8.2f"), ("nll", "NLL", "8.4f"), ("ece",
 
 
 def _as_tensor(x: Any, name: str, ndim: int) -> Tensor:
-    t = x if isinstance(x, Tensor) else torch.as_tensor(x)
-    if t.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    return t.detach().cpu()
+    return _checks.as_tensor(x, name, ndim).cpu()
 
 
 def _metrics(probs: Tensor, labels: Tensor) -> dict[str, float]:
