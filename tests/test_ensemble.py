@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -348,3 +349,114 @@ def test_tensor_input_loads_each_member_once_and_matches_batches(monkeypatch):
     batch_major = ens.member_probs([x[:4], x[4:8], x[8:]])
     assert torch.allclose(member_major, batch_major, atol=1e-6)
     assert torch.allclose(ens.predict_proba(x, batch_size=4), ens.predict_proba([x[:4], x[4:8], x[8:]]), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- members refused (issue 9, item 4)
+@pytest.mark.parametrize("poison, message", [
+    (lambda t: t.long(), r"member 1: tensor conv\.weight has dtype torch\.int64.*not a snapshot"),
+    (lambda t: t > 0, r"member 1: tensor conv\.weight has dtype torch\.bool"),
+    (lambda t: t.index_fill(0, torch.tensor([0]), math.nan), r"member 1: tensor conv\.weight holds \d+ non-finite"),
+    (lambda t: t.index_fill(0, torch.tensor([0]), math.inf), r"member 1: tensor conv\.weight holds \d+ non-finite"),
+])
+def test_integer_or_non_finite_member_is_refused_naming_member_and_tensor(nets, poison, message):
+    states = [unwrap_state_dict(n) for n in nets]
+    states[1]["conv.weight"] = poison(states[1]["conv.weight"])
+    with pytest.raises(SnapshotError, match=message):
+        SnapshotEnsemble(TinyNet, states)
+
+
+def test_a_module_where_a_state_dict_belongs_is_a_type_error(nets):
+    with pytest.raises(TypeError, match=r"member 0 is a TinyNet module, not a state dict: pass module\.state_dict"):
+        SnapshotEnsemble(TinyNet, nets)
+    with pytest.raises(TypeError, match=r"sequence of state dicts.*a single state dict: wrap it in a list"):
+        SnapshotEnsemble(TinyNet, nets[0].state_dict())
+    with pytest.raises(TypeError, match=r"sequence of state dicts.*a TinyNet module: pass \[module\.state_dict\(\)\]"):
+        SnapshotEnsemble(TinyNet, nets[0])
+    bad = unwrap_state_dict(nets[0])
+    bad["fc.bias"] = bad["fc.bias"].numpy()
+    with pytest.raises(TypeError, match=r"member 0: fc\.bias is a ndarray, not a tensor"):
+        SnapshotEnsemble(TinyNet, [bad])
+
+
+# ------------------------------------------------------------------------ the ensemble's own preprocessing (item 6)
+MEAN, STD = (0.2, 0.5, 0.4), (0.3, 0.25, 0.2)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randint(0, 256, (9, 3, 6, 6), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+
+
+def test_images_in_0_1_or_uint8_are_normalised_by_the_ensemble(nets, images):
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    by_hand = make(nets).predict_proba((images.float() / 255 - mean) / std)  # the caller normalises
+    ens = make(nets, mean=MEAN, std=STD)
+    assert ens.normalizes_inputs and not make(nets).normalizes_inputs
+    torch.testing.assert_close(ens.predict_proba(images.float() / 255), by_hand, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ens.predict_proba(images), by_hand, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ens.materialize()(images.float() / 255), by_hand, rtol=0, atol=1e-6)
+    # the uint8 path computes u8 * (1 / (255 std)) - mean / std in float32, exactly as BatchLoader does
+    from snapens.data import BatchLoader, Split
+
+    loader = BatchLoader(Split(images, torch.zeros(9, dtype=torch.long)), 4, shuffle=False, augment=None,
+                         mean=MEAN, std=STD)
+    assert torch.equal(ens.member_probs(images, batch_size=4), make(nets).member_probs(loader))
+
+
+def test_images_out_of_range_are_refused(nets, images):
+    ens = make(nets, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match=r"expected images in \[0, 1\].*\[0, 255\].*inputs='normalized'"):
+        ens.predict_proba(images.float())  # 0..255 floats: the classic mistake
+    with pytest.raises(ValueError, match=r"expected images in \[0, 1\]"):
+        ens.member_probs([torch.randn(4, 3, 6, 6)])  # already normalised, given to an image ensemble
+    with pytest.raises(ValueError, match="both mean and std"):
+        make(nets, mean=MEAN)
+
+
+def test_from_run_takes_raw_images_by_default_and_normalized_on_request(tmp_path, images):
+    snaps, _ = fake_run(tmp_path, n_snapshots=2)
+    with pytest.raises(SnapshotError, match=r"config\.json is missing.*inputs='normalized'"):
+        SnapshotEnsemble.from_run(tmp_path, builder)
+    (tmp_path / "config.json").write_text(json.dumps({"dataset": {"mean": list(MEAN), "std": list(STD)}}))
+    raw = SnapshotEnsemble.from_run(tmp_path, builder, precision="fp32")
+    x = images.float() / 255
+    normalized = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(raw.predict_proba(x), hand_probs(snaps, [0.5, 0.5], normalized), rtol=0, atol=1e-6)
+    old = SnapshotEnsemble.from_run(tmp_path, builder, precision="fp32", inputs="normalized")
+    torch.testing.assert_close(old.predict_proba(normalized), raw.predict_proba(x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        SnapshotEnsemble.from_run(tmp_path, builder, inputs="raw")
+
+
+# ----------------------------------------------------------------------------------- precision (issue 13)
+def test_auto_precision_is_bf16_where_native_and_agrees_with_fp32(nets, x):
+    from snapens._precision import cpu_supports_bf16
+
+    fp32 = make(nets, precision="fp32")
+    auto = make(nets, precision="auto")
+    assert fp32.precision == "fp32"
+    assert auto.precision == ("bf16" if cpu_supports_bf16() else "fp32")
+    bf16 = make(nets, precision="bf16")
+    exact, low = fp32.predict_proba(x), bf16.predict_proba(x)
+    assert low.dtype == torch.float32  # softmax and the mean in fp32
+    assert 0 < float((low - exact).abs().max()) < 2e-2  # bf16 really ran, and is close
+    assert bf16.model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fp32.model.conv.weight.is_contiguous()  # fp32 keeps the layout, so its numbers do not move
+    mat = bf16.materialize()
+    assert mat.precision == "bf16"
+    torch.testing.assert_close(mat(x), low, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bf16.predict_proba([x[:4], x[4:]]), low, rtol=0, atol=1e-6)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(nets, x, monkeypatch, caplog):
+    import snapens._precision
+
+    monkeypatch.setattr(snapens._precision, "cpu_supports_bf16", lambda *a: False)
+    assert make(nets, precision="auto").precision == "fp32"
+    with caplog.at_level("WARNING"):
+        assert make(nets, precision="bf16").precision == "bf16"
+    assert any("emulated" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="fp16' needs a CUDA device"):
+        make(nets, precision="fp16").predict_proba(x)
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        make(nets, precision="fp8")

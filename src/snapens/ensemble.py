@@ -431,9 +431,12 @@ class SnapshotEnsemble(_Ensemble):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        if isinstance(state_dicts, (Mapping, nn.Module)):
-            raise TypeError(f"state_dicts must be a sequence of state dicts, one per member, got one "
-                            f"{type(state_dicts).__name__}: wrap it in a list")
+        if isinstance(state_dicts, Mapping):
+            raise TypeError("state_dicts must be a sequence of state dicts, one per member, got a single state "
+                            "dict: wrap it in a list")
+        if isinstance(state_dicts, nn.Module):
+            raise TypeError(f"state_dicts must be a sequence of state dicts, one per member, got a "
+                            f"{type(state_dicts).__name__} module: pass [module.state_dict()]")
         state_dicts = list(state_dicts)
         super().__init__(len(state_dicts), weights, precision=precision, channels_last=channels_last, mean=mean,
                          std=std)
@@ -509,12 +512,14 @@ class SnapshotEnsemble(_Ensemble):
         return F.softmax(logits.float(), dim=-1)  # fp32 softmax, outside autocast
 
     @torch.inference_mode()
-    def member_probs(self, x_or_batches: Inputs, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
+    def member_probs(self, x_or_batches: Inputs, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                     progress: Any = None) -> Tensor:
         """Every member's softmax probabilities, on CPU: [M, N, C] (see :meth:`_Ensemble.member_probs`).
 
         A tensor input is traversed once per member, so each member is copied into the working model once
         rather than once per slice; an iterable of batches is traversed once, loading every member per batch.
         Results stay on the device until the end: no host synchronisation per member or per slice.
+        ``progress``: an object with ``update(n)`` (a tqdm bar), told of every ``n`` images run through a member.
         """
         if not isinstance(x_or_batches, (Tensor, np.ndarray)):
             return super().member_probs(x_or_batches, batch_size=batch_size)
@@ -528,9 +533,13 @@ class SnapshotEnsemble(_Ensemble):
         per_member = []
         for m in range(self.n_members):
             self._load_member(m)
-            per_member.append(torch.cat([
-                self._run_loaded(self._model_input(x.to(self.device, non_blocking=True), channels_last), autocast)
-                for x in slices]))
+            chunks = []
+            for x in slices:
+                chunks.append(self._run_loaded(self._model_input(x.to(self.device, non_blocking=True), channels_last),
+                                               autocast))
+                if progress is not None:
+                    progress.update(len(x))
+            per_member.append(torch.cat(chunks))
         return torch.stack(per_member).cpu()
 
     @torch.inference_mode()

@@ -268,8 +268,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     header = f"{'':<{width}}" + "".join(f"{title:>9}" for _, title, _ in _METRIC_COLUMNS)
     chosen = (f"choices made on {summary['num_val']} validation images" if summary["num_val"]
               else "no validation split")
+    precision = (summary.get("run") or {}).get("precision")
     lines = [f"Test split: {summary['num_test']} images, {summary['num_classes']} classes, "
-             f"{summary['num_members']} members ({chosen})",
+             f"{summary['num_members']} members ({chosen})" + (f", precision {precision}" if precision else ""),
              header, "-" * len(header)]
     for label, row in rows:
         cells = "".join(" " + _num(row[key], spec) for key, _, spec in _METRIC_COLUMNS)
