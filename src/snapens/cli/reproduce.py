@@ -126,7 +126,8 @@ def reproduce(
             cfg = dataclasses.replace(config, schedule=schedule, seed=seed)
             run_dir = out_dir / f"{schedule}-seed{seed}"
             train_run(cfg, run_dir, resume=False, progress=progress)
-            summary = evaluate_run(run_dir, optimize=1, device=cfg.device, progress=progress)
+            summary = evaluate_run(run_dir, optimize=1, device=cfg.device, progress=progress,
+                                   precision=cfg.precision)
             runs.append({"schedule": schedule, "seed": seed, "run_dir": str(run_dir), "summary": summary})
 
     paper = paper_errors(config.model, config.dataset, config.lr)
@@ -197,6 +198,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="number of seeds, reported as mean +- std")
     p.add_argument("--device", default=None, help=f"cpu, cuda, ... (default: {d.device})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                   help=f"training and evaluation precision: auto = bf16 where the hardware runs it natively, else "
+                        f"fp32 (default: {d.precision})")
     p.add_argument("--with-single-cycle", action="store_true",
                    help="also train M independent models for one cycle each")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -215,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.quiet)
     config = resolve_config(args.preset, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
                             epochs=args.epochs, snapshots=args.snapshots, lr=args.lr, batch_size=args.batch_size,
-                            seed=args.seed, device=args.device, threads=args.threads)
+                            seed=args.seed, device=args.device, threads=args.threads, precision=args.precision)
     safe_dataset = config.dataset.replace(":", "-").replace("/", "-")
     out = args.out or Path("runs") / f"reproduce-{config.model}-{safe_dataset}"
     if (out / "reproduce.json").exists():
