@@ -348,3 +348,21 @@ def test_auto_precision_agrees_with_fp32_and_is_recorded(run_copy: Path, cli_jso
 def test_fp16_on_cpu_is_a_one_line_error(run_dir: Path, cli_error) -> None:
     assert "precision 'fp16' needs a CUDA device" in cli_error("evaluate", run_dir, "--device", "cpu",
                                                                  "--precision", "fp16")
+
+
+def test_evaluate_loads_each_member_once_per_split(run_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Members run over a whole split each (member-major), not reloaded for every batch."""
+    from snapens.ensemble import SnapshotEnsemble
+
+    loads: list[int] = []
+    original = SnapshotEnsemble._load_member
+
+    def counting(self, m: int) -> None:
+        if self._loaded != m:
+            loads.append(m)
+        original(self, m)
+
+    monkeypatch.setattr(SnapshotEnsemble, "_load_member", counting)
+    got = evaluate_run(run_copy, optimize=-1, precision="fp32")
+    assert got["num_test"] > 256  # more than one batch, so batch-major would reload members
+    assert loads == [0, 1, 2, 0, 1, 2]  # best + 2 snapshots, once for validation and once for test

@@ -460,3 +460,17 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(nets, x, monkeypatch, caplog):
         make(nets, precision="fp16").predict_proba(x)
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         make(nets, precision="fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp16"])
+def test_cuda_reduced_precision_is_close_to_fp32(nets, x, precision):
+    exact = make(nets).predict_proba(x)
+    ens = make(nets, precision=precision).to("cuda")
+    expected = {"auto": "bf16" if torch.cuda.is_bf16_supported() else "fp32"}.get(precision, precision)
+    assert ens.precision == expected
+    probs = ens.predict_proba(x)
+    assert probs.device.type == "cpu" and probs.dtype == torch.float32
+    torch.testing.assert_close(probs, exact, rtol=0, atol=2e-2)
+    torch.testing.assert_close(ens.materialize()(x.cuda()).cpu(), probs, rtol=0, atol=1e-3)

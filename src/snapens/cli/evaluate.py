@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from snapens.cli import CLIError
+from snapens.config import PRECISIONS
 
 __all__ = [
     "REQUIRED_KEYS", "evaluate_run", "read_run_info", "load_run_dataset", "load_saved_weights", "make_loader",
@@ -270,7 +271,7 @@ def register(subparsers: Any) -> None:
                    help="accepted for compatibility with the old predict script and ignored: the NLL fit is "
                         "convex, one exact solve replaces the random restarts")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="inference precision: auto = bf16 where the hardware runs it natively (numbers then differ "
                         "from fp32 in the last digits), else fp32; fp32 gives the exact fp32 numbers; fp16 needs "
                         "CUDA (default: auto)")

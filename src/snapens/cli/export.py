@@ -4,8 +4,8 @@ The exported module takes float images in [0, 1], shaped ``[N, C, H, W]`` like t
 divided by 255), normalises them with the training set's mean and std, runs every snapshot in the precision
 chosen at export (``--precision``, recorded in the file: auto = bf16 where the exporting machine runs it
 natively, else fp32) and returns the ensemble's probabilities ``[N, num_classes]`` = sum_m w_m softmax(f_m(x)):
-the same numbers as ``snapens evaluate`` with that precision. The weights are equal (the paper), or with ``--weights fitted`` the ones saved in
-RUN_DIR/ensemble_weights.json by ``snapens evaluate --optimize 1``.
+the same numbers as ``snapens evaluate`` with that precision. The weights are equal (the paper), or with
+``--weights fitted`` the ones saved in RUN_DIR/ensemble_weights.json by ``snapens evaluate --optimize 1``.
 
 Formats (the default follows OUT's suffix: .pt is torchscript, anything else export):
   --format export (.pt2):       program = torch.export.load("ens.pt2"); probs = program.module()(x)
@@ -13,8 +13,8 @@ Formats (the default follows OUT's suffix: .pt is torchscript, anything else exp
 TorchScript is deprecated by PyTorch (it still loads, also from C++ with libtorch); it is kept for existing
 deployments. Both files accept any batch size N.
 
-Both files carry a JSON description (members, weights, classes, mean, std, input shape, precision) as the extra file
-"snapens.json": torch.jit.load(path, _extra_files=d) or torch.export.load(path, extra_files=d) with
+Both files carry a JSON description (members, weights, classes, mean, std, input shape, precision) as the extra
+file "snapens.json": torch.jit.load(path, _extra_files=d) or torch.export.load(path, extra_files=d) with
 d = {"snapens.json": ""} fills it in. Needs only torch to load, not snapens.
 """
 
@@ -86,7 +86,7 @@ def export_run(
     data_dir: str | os.PathLike[str] | None = None,
     precision: str = "auto",
 ) -> dict[str, Any]:
-    """Export a run's snapshot ensemble (on CPU, float32) to ``out`` and check the file against the ensemble.
+    """Export a run's snapshot ensemble (on CPU, at ``precision``) to ``out`` and check the file against it.
 
     Args:
         run_dir: a folder written by ``snapens train``.

@@ -180,7 +180,7 @@ def format_reproduce(result: dict[str, Any]) -> str:
 
 def register(subparsers: Any) -> None:
     """Add the ``reproduce`` subcommand to ``subparsers``."""
-    from snapens.config import PRESETS, TrainConfig
+    from snapens.config import PRECISIONS, PRESETS, TrainConfig
 
     d = TrainConfig()
     p = subparsers.add_parser("reproduce", help="train step / cyclic runs and compare with the paper's Table 1",
@@ -198,7 +198,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="number of seeds, reported as mean +- std")
     p.add_argument("--device", default=None, help=f"cpu, cuda, ... (default: {d.device})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help=f"training and evaluation precision: auto = bf16 where the hardware runs it natively, else "
                         f"fp32 (default: {d.precision})")
     p.add_argument("--with-single-cycle", action="store_true",
