@@ -409,6 +409,8 @@ def test_images_out_of_range_are_refused(nets, images):
         ens.predict_proba(images.float())  # 0..255 floats: the classic mistake
     with pytest.raises(ValueError, match=r"expected images in \[0, 1\]"):
         ens.member_probs([torch.randn(4, 3, 6, 6)])  # already normalised, given to an image ensemble
+    with pytest.raises(ValueError, match="got uint8 images, but this ensemble takes normalised inputs"):
+        make(nets).predict_proba(images)
     with pytest.raises(ValueError, match="both mean and std"):
         make(nets, mean=MEAN)
 

@@ -223,7 +223,11 @@ class _Ensemble(nn.Module):
 
     def check_images(self, x: Tensor) -> None:
         """Refuse floating images outside [0, 1] when the ensemble normalises (a 0..255 float tensor would
-        otherwise give confident nonsense); uint8 and pre-normalised inputs are not checked."""
+        otherwise give confident nonsense), and uint8 images when it does not; pre-normalised input is not
+        range-checked."""
+        if self.input_mean is None and x.dtype == torch.uint8:
+            raise ValueError("got uint8 images, but this ensemble takes normalised inputs: build it with the "
+                             "training set's mean and std (from_run does by default) to give it images")
         if self.input_mean is None or not x.is_floating_point() or x.numel() == 0:
             return
         lo, hi = (float(v) for v in torch.aminmax(x))
@@ -621,7 +625,7 @@ class SnapshotEnsemble(_Ensemble):
             device: Where the ensemble computes.
             member_device: Where the members' state dicts are kept (see :class:`SnapshotEnsemble`).
             inputs: ``"images"`` (default): raw images as above; ``"normalized"``: inputs already normalised
-                with the run's mean/std by the caller (the behaviour before 0.2).
+                with the run's mean/std by the caller (the behaviour of earlier versions).
             precision: ``"auto"`` (bf16 where native, else fp32), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
             channels_last: see :class:`SnapshotEnsemble`.
 
