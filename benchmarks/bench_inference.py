@@ -6,8 +6,8 @@ Prints, side by side in one run and for each device (CPU; CUDA when there is one
   natively), plus ``torch.compile`` of it with ``--compile``;
 * the ensemble's img/s (``SnapshotEnsemble.predict_proba`` on a uint8 image tensor, auto precision) for
   M = 1..``--max-members``, and ``ratio`` = ensemble img/s / (best single-model img/s / M): 1.00 is the limit.
-  Each repeat times the best single model and then the ensemble, and the ratio is the median of the pairs'
-  ratios, so that load from other processes cancels out;
+  Each repeat times M passes of the best single model and one pass of the ensemble (alternating which goes
+  first), and the ratio is the median of the pairs' ratios, so that load from other processes cancels out;
 * with ``--run-dir``, the wall time of ``snapens evaluate`` on that run (validation + test splits, members at the
   auto precision), against the sum of its members' forward passes at the best single-model speed.
 
@@ -37,7 +37,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=2000, help="test images per timed pass (default 2000)")
     ap.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default 500)")
     ap.add_argument("--max-members", type=int, default=8, help="ensembles of M = 1..this (default 8)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row, median reported (default 3)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per row, median reported (default 5)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: one core)")
     ap.add_argument("--device", default="all", help="cpu, cuda or all (= cpu, and cuda when there is one)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the single model")
@@ -126,7 +126,7 @@ def _bench_device(args: argparse.Namespace, device: Any) -> None:
     best_fn()
     # The ratio is measured pairwise (best single model, then the ensemble, per repeat) and its median taken,
     # so that load from other processes on a shared machine cancels out.
-    print(f"best single model: {best_label}; per M, repeats alternate it with the ensemble")
+    print(f"best single model: {best_label}; per M, each repeat pairs M passes of it with one of the ensemble")
     print(f"{'M':>3} {'ensemble img/s':>15} {'single img/s':>13} {'limit (single/M)':>17} {'ratio':>7}")
     torch.manual_seed(1)
     states = [factory().state_dict() for _ in range(args.max_members)]
@@ -134,10 +134,16 @@ def _bench_device(args: argparse.Namespace, device: Any) -> None:
         ens = SnapshotEnsemble(factory, states[:m], mean=MEAN, std=STD, precision="auto").to(device)
         ens.predict_proba(images, batch_size=args.batch_size)  # warm-up
         pairs = []
-        for _ in range(args.repeats):
-            t_single = _timed(best_fn, sync)
-            t_ens = _timed(lambda: ens.predict_proba(images, batch_size=args.batch_size), sync)
-            pairs.append((t_single, t_ens))
+        for r in range(args.repeats):
+            # M passes of the single model against one ensemble pass: equal lengths, alternating order, so a
+            # change in the machine's load hits both sides alike.
+            single_m = lambda: [best_fn() for _ in range(m)]  # noqa: E731
+            ensemble = lambda: ens.predict_proba(images, batch_size=args.batch_size)  # noqa: E731
+            if r % 2:
+                t_ens, t_single_m = _timed(ensemble, sync), _timed(single_m, sync)
+            else:
+                t_single_m, t_ens = _timed(single_m, sync), _timed(ensemble, sync)
+            pairs.append((t_single_m / m, t_ens))
         single_s = statistics.median(n / a for a, _ in pairs)
         ens_s = statistics.median(n / b for _, b in pairs)
         ratio = statistics.median(m * a / b for a, b in pairs)
