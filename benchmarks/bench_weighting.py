@@ -5,6 +5,8 @@ Target: M=6, N=5000, C=100 fits method="nll" in under 0.5 s on one core.
     python benchmarks/bench_weighting.py --threads 1
     python benchmarks/bench_weighting.py --members 6 --samples 5000 --classes 100 --repeats 7 --threads 1
 
+The input checks (``snapens._checks``, the first row) must cost no more than the "nll" fit itself.
+
 Prints the median and minimum wall time of each fit over ``--repeats`` runs (after one warm-up run that also pays
 for the lazy scipy import), and the validation NLL each fit reaches.
 """
@@ -59,7 +61,12 @@ def main() -> None:
     logits[:, torch.arange(n), labels] += torch.linspace(2.0, 3.0, m).view(m, 1)
     member_probs = logits.softmax(dim=2)  # float32, as the ensemble produces them
 
+    from snapens import _checks
+
     rows = []
+    med, best, _ = _time(lambda: (_checks.check_probs(member_probs, "val_probs", 3),
+                                  _checks.check_labels(labels, n, c)), args.repeats)
+    rows.append(("input checks only", med, best, float("nan")))
     for method in ("equal", "nll", "greedy"):
         med, best, w = _time(lambda method=method: fit_ensemble_weights(member_probs, labels, method), args.repeats)
         rows.append((f"weights {method}", med, best, metrics.nll(weighted_average(member_probs, w), labels)))

@@ -197,16 +197,14 @@ def _reference(run_dir: Path, weights=None) -> tuple[torch.Tensor, torch.Tensor]
     cfg = info["config"]
     data = load_dataset(cfg["dataset"], val_size=cfg["val_size"], seed=cfg["seed"])
     raw = data.test.images[-13:].float() / 255.0  # another batch size than the export's example input
-    mean = torch.tensor(info["dataset"]["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(info["dataset"]["std"]).view(1, -1, 1, 1)
-    ens = SnapshotEnsemble.from_run(run_dir, build_model, weights=weights)
-    return raw, ens.predict_proba((raw - mean) / std)
+    ens = SnapshotEnsemble.from_run(run_dir, build_model, weights=weights, precision="fp32")
+    return raw, ens.predict_proba(raw)  # from_run normalises with the run's mean/std, as evaluate does
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load is deprecated, still supported
 def test_export_torchscript_round_trip(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ens.pt"
-    assert main(["export", str(run_dir), str(out), "--quiet"]) == 0  # .pt: torchscript, from the suffix
+    assert main(["export", str(run_dir), str(out), "--quiet", "--precision", "fp32"]) == 0  # .pt: torchscript
     module = torch.jit.load(str(out))
     raw, expected = _reference(run_dir)
     with torch.no_grad():
@@ -219,7 +217,7 @@ def test_export_torchscript_round_trip(run_dir: Path, tmp_path: Path) -> None:
 
 def test_export_program_with_fitted_weights_round_trip(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ens.pt2"
-    assert main(["export", str(run_dir), str(out), "--weights", "fitted", "--quiet"]) == 0  # export: the default
+    assert main(["export", str(run_dir), str(out), "--weights", "fitted", "--quiet", "--precision", "fp32"]) == 0
     fitted = json.loads((run_dir / "ensemble_weights.json").read_text())["weights"]
     module = torch.export.load(str(out)).module()
     raw, expected = _reference(run_dir, weights=fitted)
@@ -228,7 +226,26 @@ def test_export_program_with_fitted_weights_round_trip(run_dir: Path, tmp_path: 
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     _, meta = load_exported(out)
     assert meta["weights_source"] == "fitted" and meta["weights"] == pytest.approx(fitted, abs=1e-6)
-    assert meta["format"] == "export"
+    assert meta["format"] == "export" and meta["precision"] == "fp32"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load is deprecated, still supported
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_export_records_and_applies_its_precision(run_dir: Path, tmp_path: Path, suffix: str) -> None:
+    from snapens._precision import cpu_supports_bf16
+
+    out = tmp_path / f"ens{suffix}"
+    assert main(["export", str(run_dir), str(out), "--quiet"]) == 0  # default: auto
+    module, meta = load_exported(out)
+    expected = "bf16" if cpu_supports_bf16() else "fp32"
+    assert meta["precision"] == expected
+    raw, exact = _reference(run_dir)
+    ens = SnapshotEnsemble.from_run(run_dir, build_model, precision=expected)
+    with torch.no_grad():
+        got = module(raw)
+    torch.testing.assert_close(got, ens.predict_proba(raw), atol=1e-5, rtol=0)  # the same precision
+    if expected == "bf16":
+        assert 0 < float((got - exact).abs().max()) < 5e-2  # bf16 applied inside the file, close to fp32
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ def test_reproduce_tiny_budget_writes_all_rows(tmp_path: Path, capsys: pytest.Ca
                                                restore_threads: None) -> None:
     out = tmp_path / "repro"
     argv = ["reproduce", "--epochs", "2", "--snapshots", "2", "--batch-size", "128", "--device", "cpu",
-            "--threads", "1", "--out", str(out), "--quiet"]
+            "--threads", "1", "--precision", "fp32", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads((out / "reproduce.json").read_text())
@@ -40,6 +40,7 @@ def test_reproduce_tiny_budget_writes_all_rows(tmp_path: Path, capsys: pytest.Ca
     assert rows["se_equal"]["errors"] == pytest.approx([summaries["cosine-cycles"]["ensemble_equal"]["error"]])
     assert rows["se_fitted"]["errors"] == pytest.approx([summaries["cosine-cycles"]["ensemble_weighted"]["error"]])
     assert summaries["step"]["run"]["schedule"] == "step"
+    assert summaries["step"]["run"]["precision"] == "fp32" == result["config"]["precision"]  # trained and evaluated
     assert summaries["cosine-cycles"]["run"]["schedule"] == "cosine-cycles"
     for r in rows.values():
         assert r["std"] == 0.0 and r["mean"] == pytest.approx(r["errors"][0])

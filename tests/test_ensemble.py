@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from snapens.checkpoint import SnapshotError, SnapshotStore, save_weights, unwrap_state_dict
-from snapens.ensemble import MaterializedEnsemble, SnapshotEnsemble, validate_weights
+from snapens.ensemble import MaterializedEnsemble, SnapshotEnsemble, resolve_member_weights
 
 C = 5  # classes
 
@@ -57,8 +58,14 @@ def hand_probs(nets: list[nn.Module], weights: list[float], x: torch.Tensor) -> 
         return sum(w * F.softmax(n.eval()(x), dim=-1) for w, n in zip(weights, nets))
 
 
-def make(nets, weights=None) -> SnapshotEnsemble:
-    return SnapshotEnsemble(TinyNet, [unwrap_state_dict(n) for n in nets], weights)
+def make(nets, weights=None, **kwargs) -> SnapshotEnsemble:
+    """An fp32 ensemble (the exact-math tests); precision tests pass their own."""
+    return SnapshotEnsemble(TinyNet, [unwrap_state_dict(n) for n in nets], weights, **{"precision": "fp32", **kwargs})
+
+
+def from_run(run_dir, model_builder, **kwargs) -> SnapshotEnsemble:
+    """from_run on inputs normalised by the test (``x`` is randn), in fp32."""
+    return SnapshotEnsemble.from_run(run_dir, model_builder, **{"inputs": "normalized", "precision": "fp32", **kwargs})
 
 
 def test_probs_are_weighted_mean_of_member_softmaxes(nets, x):
@@ -140,7 +147,7 @@ def test_weights_are_validated(nets, weights, message):
 
 
 def test_weights_within_tolerance_and_set_weights(nets, x):
-    w = validate_weights([0.5, 0.5 + 5e-7, 0.0], 3)
+    w = resolve_member_weights([0.5, 0.5 + 5e-7, 0.0], 3)
     assert w.dtype == torch.float32 and w.shape == (3,)
     ens = make(nets)
     ens.set_weights(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
@@ -187,8 +194,8 @@ def test_dtype_move_after_use_still_loads_every_member(nets, x):
 
 
 def test_members_are_snapshots_not_live_references(nets, x):
-    ens = SnapshotEnsemble(TinyNet, [n.state_dict() for n in nets])  # live views of the nets' weights
-    shared = SnapshotEnsemble(TinyNet, [n.state_dict() for n in nets], copy=False)
+    ens = SnapshotEnsemble(TinyNet, [n.state_dict() for n in nets], precision="fp32")  # live views of the nets' weights
+    shared = SnapshotEnsemble(TinyNet, [n.state_dict() for n in nets], copy=False, precision="fp32")
     before = ens.predict_proba(x)
     with torch.no_grad():
         nets[0].fc.weight.add_(5.0)
@@ -204,7 +211,7 @@ def test_streaming_and_materialized_agree(nets, x):
     assert torch.equal(mat.member_probs(x), ens.member_probs(x))
     assert torch.equal(mat.predict_proba(x), ens.predict_proba(x))
     assert torch.equal(mat(x), ens(x))
-    direct = MaterializedEnsemble(nets, [0.1, 0.6, 0.3])
+    direct = MaterializedEnsemble(nets, [0.1, 0.6, 0.3], precision="fp32")
     torch.testing.assert_close(direct(x), ens(x), rtol=0, atol=1e-7)
 
 
@@ -228,7 +235,7 @@ def test_torch_jit_trace_round_trip(nets, x):
 
 def test_wrapped_state_dicts_and_wrong_architecture(nets, x):
     prefixed = [{f"module.{k}": v for k, v in n.state_dict().items()} for n in nets]
-    ens = SnapshotEnsemble(TinyNet, prefixed)
+    ens = SnapshotEnsemble(TinyNet, prefixed, precision="fp32")
     torch.testing.assert_close(ens(x), make(nets)(x), rtol=0, atol=0)
     wide = unwrap_state_dict(member(9, width=6))
     with pytest.raises(SnapshotError, match=r"member 1 does not fit TinyNet.*shape mismatch"):
@@ -248,20 +255,20 @@ def fake_run(tmp_path, n_snapshots: int = 5, width: int = 4) -> tuple[list[TinyN
 
 def test_from_run_picks_last_m_and_best(tmp_path, x):
     snaps, best = fake_run(tmp_path)
-    ens = SnapshotEnsemble.from_run(tmp_path, builder, last=3)
+    ens = from_run(tmp_path, builder, last=3)
     assert [n.rsplit("/", 1)[-1] for n in ens.member_names] == [f"snapshot-0{k}.safetensors" for k in (3, 4, 5)]
     torch.testing.assert_close(ens.predict_proba(x), hand_probs(snaps[2:], [1 / 3] * 3, x), rtol=0, atol=1e-6)
 
-    ens_all = SnapshotEnsemble.from_run(tmp_path, builder)
+    ens_all = from_run(tmp_path, builder)
     assert len(ens_all) == 5
     torch.testing.assert_close(ens_all.predict_proba(x), hand_probs(snaps, [0.2] * 5, x), rtol=0, atol=1e-6)
 
     w = [0.4, 0.1, 0.2, 0.3]
-    ens_best = SnapshotEnsemble.from_run(tmp_path, builder, last=3, include_best=True, weights=w)
+    ens_best = from_run(tmp_path, builder, last=3, include_best=True, weights=w)
     assert ens_best.member_names[0].endswith("best.safetensors") and len(ens_best) == 4
     torch.testing.assert_close(ens_best.predict_proba(x), hand_probs([best, *snaps[2:]], w, x), rtol=0, atol=1e-6)
 
-    one = SnapshotEnsemble.from_run(tmp_path, builder, last=1)
+    one = from_run(tmp_path, builder, last=1)
     assert torch.equal(one.predict_proba(x), F.softmax(snaps[-1](x), dim=-1))
 
 
@@ -269,23 +276,23 @@ def test_from_run_picks_last_m_and_best(tmp_path, x):
 def test_from_run_rejects_bad_last(tmp_path, last):
     fake_run(tmp_path)
     with pytest.raises(ValueError, match=rf"last must be .*\[1, 5\].*{last!r}"):
-        SnapshotEnsemble.from_run(tmp_path, builder, last=last)
+        from_run(tmp_path, builder, last=last)
 
 
 def test_from_run_errors_name_the_file(tmp_path):
     with pytest.raises(SnapshotError, match=r"manifest\.json is missing"):
-        SnapshotEnsemble.from_run(tmp_path, builder)
+        from_run(tmp_path, builder)
     fake_run(tmp_path, n_snapshots=2)
     with pytest.raises(ValueError, match=r"length M=2"):
-        SnapshotEnsemble.from_run(tmp_path, builder, weights=[1.0])
+        from_run(tmp_path, builder, weights=[1.0])
     snap = tmp_path / "snapshots" / "snapshot-01.safetensors"
     data = bytearray(snap.read_bytes())
     data[-3] ^= 0x01
     snap.write_bytes(bytes(data))
     with pytest.raises(SnapshotError, match=r"snapshot-01\.safetensors.*sha256"):
-        SnapshotEnsemble.from_run(tmp_path, builder)
+        from_run(tmp_path, builder)
     # last=1 reads only snapshot-02, so the damaged first file does not matter
-    assert len(SnapshotEnsemble.from_run(tmp_path, builder, last=1)) == 1
+    assert len(from_run(tmp_path, builder, last=1)) == 1
 
 
 def test_from_run_wrong_architecture_and_mixed_snapshots(tmp_path):
@@ -293,28 +300,28 @@ def test_from_run_wrong_architecture_and_mixed_snapshots(tmp_path):
     store = SnapshotStore(tmp_path / "snapshots")
     # an architecture that does not fit the files: builder ignores the recorded kwargs
     with pytest.raises(SnapshotError, match=r"snapshot-01\.safetensors does not fit.*shape mismatch"):
-        SnapshotEnsemble.from_run(tmp_path, lambda name, **kw: TinyNet(width=7))
+        from_run(tmp_path, lambda name, **kw: TinyNet(width=7))
     store.save(member(5, width=6), index=3, step=30, epoch=3, lr=0.0, model_name="tiny", model_kwargs={"width": 6})
     with pytest.raises(SnapshotError, match=r"snapshot-01\.safetensors.*one architecture"):
-        SnapshotEnsemble.from_run(tmp_path, builder)
-    assert len(SnapshotEnsemble.from_run(tmp_path, builder, last=1)) == 1  # the last one alone is fine
+        from_run(tmp_path, builder)
+    assert len(from_run(tmp_path, builder, last=1)) == 1  # the last one alone is fine
     with pytest.raises(SnapshotError, match=r"best\.safetensors does not fit"):
-        SnapshotEnsemble.from_run(tmp_path, builder, last=1, include_best=True)
+        from_run(tmp_path, builder, last=1, include_best=True)
 
 
 def test_from_run_without_best_file(tmp_path):
     fake_run(tmp_path, n_snapshots=2)
     (tmp_path / "best.safetensors").unlink()
     with pytest.raises(SnapshotError, match=r"best\.safetensors is missing"):
-        SnapshotEnsemble.from_run(tmp_path, builder, include_best=True)
+        from_run(tmp_path, builder, include_best=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_streaming_matches_cpu(tmp_path, x):
     snaps, _ = fake_run(tmp_path, n_snapshots=3)
-    cpu = SnapshotEnsemble.from_run(tmp_path, builder)
-    gpu = SnapshotEnsemble.from_run(tmp_path, builder, device="cuda")
+    cpu = from_run(tmp_path, builder)
+    gpu = from_run(tmp_path, builder, device="cuda")
     assert gpu.device.type == "cuda" and gpu.model.fc.weight.device.type == "cuda"
     assert all(t.device.type == "cpu" for sd in gpu._members for t in sd.values())
     probs = gpu.predict_proba(x)
@@ -324,7 +331,7 @@ def test_cuda_streaming_matches_cpu(tmp_path, x):
     mat = gpu.materialize()
     assert all(p.device.type == "cuda" for p in mat.parameters())
     torch.testing.assert_close(mat(x.cuda()).cpu(), probs, rtol=1e-5, atol=1e-6)
-    on_gpu = SnapshotEnsemble.from_run(tmp_path, builder, device="cuda", member_device="cuda")
+    on_gpu = from_run(tmp_path, builder, device="cuda", member_device="cuda")
     torch.testing.assert_close(on_gpu.predict_proba(x), probs, rtol=1e-5, atol=1e-6)
     moved = cpu.to("cuda")
     torch.testing.assert_close(moved.predict_proba(x), probs, rtol=1e-5, atol=1e-6)
@@ -332,7 +339,7 @@ def test_cuda_streaming_matches_cpu(tmp_path, x):
 
 
 def test_tensor_input_loads_each_member_once_and_matches_batches(monkeypatch):
-    ens = SnapshotEnsemble(TinyNet, [member(s).state_dict() for s in range(3)])
+    ens = SnapshotEnsemble(TinyNet, [member(s).state_dict() for s in range(3)], precision="fp32")
     x = torch.randn(10, 3, 8, 8)
     loads = []
     original = ens._load_member
@@ -342,3 +349,130 @@ def test_tensor_input_loads_each_member_once_and_matches_batches(monkeypatch):
     batch_major = ens.member_probs([x[:4], x[4:8], x[8:]])
     assert torch.allclose(member_major, batch_major, atol=1e-6)
     assert torch.allclose(ens.predict_proba(x, batch_size=4), ens.predict_proba([x[:4], x[4:8], x[8:]]), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- members refused (issue 9, item 4)
+@pytest.mark.parametrize("poison, message", [
+    (lambda t: t.long(), r"member 1: tensor conv\.weight has dtype torch\.int64.*not a snapshot"),
+    (lambda t: t > 0, r"member 1: tensor conv\.weight has dtype torch\.bool"),
+    (lambda t: t.index_fill(0, torch.tensor([0]), math.nan), r"member 1: tensor conv\.weight holds \d+ non-finite"),
+    (lambda t: t.index_fill(0, torch.tensor([0]), math.inf), r"member 1: tensor conv\.weight holds \d+ non-finite"),
+])
+def test_integer_or_non_finite_member_is_refused_naming_member_and_tensor(nets, poison, message):
+    states = [unwrap_state_dict(n) for n in nets]
+    states[1]["conv.weight"] = poison(states[1]["conv.weight"])
+    with pytest.raises(SnapshotError, match=message):
+        SnapshotEnsemble(TinyNet, states)
+
+
+def test_a_module_where_a_state_dict_belongs_is_a_type_error(nets):
+    with pytest.raises(TypeError, match=r"member 0 is a TinyNet module, not a state dict: pass module\.state_dict"):
+        SnapshotEnsemble(TinyNet, nets)
+    with pytest.raises(TypeError, match=r"sequence of state dicts.*a single state dict: wrap it in a list"):
+        SnapshotEnsemble(TinyNet, nets[0].state_dict())
+    with pytest.raises(TypeError, match=r"sequence of state dicts.*a TinyNet module: pass \[module\.state_dict\(\)\]"):
+        SnapshotEnsemble(TinyNet, nets[0])
+    bad = unwrap_state_dict(nets[0])
+    bad["fc.bias"] = bad["fc.bias"].numpy()
+    with pytest.raises(TypeError, match=r"member 0: fc\.bias is a ndarray, not a tensor"):
+        SnapshotEnsemble(TinyNet, [bad])
+
+
+# ------------------------------------------------------------------------ the ensemble's own preprocessing (item 6)
+MEAN, STD = (0.2, 0.5, 0.4), (0.3, 0.25, 0.2)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randint(0, 256, (9, 3, 6, 6), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+
+
+def test_images_in_0_1_or_uint8_are_normalised_by_the_ensemble(nets, images):
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    by_hand = make(nets).predict_proba((images.float() / 255 - mean) / std)  # the caller normalises
+    ens = make(nets, mean=MEAN, std=STD)
+    assert ens.normalizes_inputs and not make(nets).normalizes_inputs
+    torch.testing.assert_close(ens.predict_proba(images.float() / 255), by_hand, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ens.predict_proba(images), by_hand, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ens.materialize()(images.float() / 255), by_hand, rtol=0, atol=1e-6)
+    # the uint8 path computes u8 * (1 / (255 std)) - mean / std in float32, exactly as BatchLoader does
+    from snapens.data import BatchLoader, Split
+
+    loader = BatchLoader(Split(images, torch.zeros(9, dtype=torch.long)), 4, shuffle=False, augment=None,
+                         mean=MEAN, std=STD)
+    assert torch.equal(ens.member_probs(images, batch_size=4), make(nets).member_probs(loader))
+
+
+def test_images_out_of_range_are_refused(nets, images):
+    ens = make(nets, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match=r"expected images in \[0, 1\].*\[0, 255\].*inputs='normalized'"):
+        ens.predict_proba(images.float())  # 0..255 floats: the classic mistake
+    with pytest.raises(ValueError, match=r"expected images in \[0, 1\]"):
+        ens.member_probs([torch.randn(4, 3, 6, 6)])  # already normalised, given to an image ensemble
+    with pytest.raises(ValueError, match="got uint8 images, but this ensemble takes normalised inputs"):
+        make(nets).predict_proba(images)
+    with pytest.raises(ValueError, match="both mean and std"):
+        make(nets, mean=MEAN)
+
+
+def test_from_run_takes_raw_images_by_default_and_normalized_on_request(tmp_path, images):
+    snaps, _ = fake_run(tmp_path, n_snapshots=2)
+    with pytest.raises(SnapshotError, match=r"config\.json is missing.*inputs='normalized'"):
+        SnapshotEnsemble.from_run(tmp_path, builder)
+    (tmp_path / "config.json").write_text(json.dumps({"dataset": {"mean": list(MEAN), "std": list(STD)}}))
+    raw = SnapshotEnsemble.from_run(tmp_path, builder, precision="fp32")
+    x = images.float() / 255
+    normalized = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(raw.predict_proba(x), hand_probs(snaps, [0.5, 0.5], normalized), rtol=0, atol=1e-6)
+    old = SnapshotEnsemble.from_run(tmp_path, builder, precision="fp32", inputs="normalized")
+    torch.testing.assert_close(old.predict_proba(normalized), raw.predict_proba(x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        SnapshotEnsemble.from_run(tmp_path, builder, inputs="raw")
+
+
+# ----------------------------------------------------------------------------------- precision (issue 13)
+def test_auto_precision_is_bf16_where_native_and_agrees_with_fp32(nets, x):
+    from snapens._precision import cpu_supports_bf16
+
+    fp32 = make(nets, precision="fp32")
+    auto = make(nets, precision="auto")
+    assert fp32.precision == "fp32"
+    assert auto.precision == ("bf16" if cpu_supports_bf16() else "fp32")
+    bf16 = make(nets, precision="bf16")
+    exact, low = fp32.predict_proba(x), bf16.predict_proba(x)
+    assert low.dtype == torch.float32  # softmax and the mean in fp32
+    assert 0 < float((low - exact).abs().max()) < 2e-2  # bf16 really ran, and is close
+    assert bf16.model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fp32.model.conv.weight.is_contiguous()  # fp32 keeps the layout, so its numbers do not move
+    mat = bf16.materialize()
+    assert mat.precision == "bf16"
+    torch.testing.assert_close(mat(x), low, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bf16.predict_proba([x[:4], x[4:]]), low, rtol=0, atol=1e-6)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(nets, x, monkeypatch, caplog):
+    import snapens._precision
+
+    monkeypatch.setattr(snapens._precision, "cpu_supports_bf16", lambda *a: False)
+    assert make(nets, precision="auto").precision == "fp32"
+    with caplog.at_level("WARNING"):
+        assert make(nets, precision="bf16").precision == "bf16"
+    assert any("emulated" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="fp16' needs a CUDA device"):
+        make(nets, precision="fp16").predict_proba(x)
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        make(nets, precision="fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp16"])
+def test_cuda_reduced_precision_is_close_to_fp32(nets, x, precision):
+    exact = make(nets).predict_proba(x)
+    ens = make(nets, precision=precision).to("cuda")
+    expected = {"auto": "bf16" if torch.cuda.is_bf16_supported() else "fp32"}.get(precision, precision)
+    assert ens.precision == expected
+    probs = ens.predict_proba(x)
+    assert probs.device.type == "cpu" and probs.dtype == torch.float32
+    torch.testing.assert_close(probs, exact, rtol=0, atol=2e-2)
+    torch.testing.assert_close(ens.materialize()(x.cuda()).cpu(), probs, rtol=0, atol=1e-3)

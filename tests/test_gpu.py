@@ -52,6 +52,8 @@ def test_fit_on_cuda_takes_finite_snapshots(tmp_path, precision):
 def test_ensemble_on_cuda_matches_cpu(tmp_path):
     _fit(tmp_path, "fp32")
     x = torch.randn(32, 3, 8, 8)
-    on_cpu = SnapshotEnsemble.from_run(tmp_path, lambda name, **kw: _net()).predict_proba(x)
-    on_gpu = SnapshotEnsemble.from_run(tmp_path, lambda name, **kw: _net(), device="cuda").predict_proba(x)
+    on_cpu = SnapshotEnsemble.from_run(tmp_path, lambda name, **kw: _net(), inputs="normalized",
+                                       precision="fp32").predict_proba(x)
+    on_gpu = SnapshotEnsemble.from_run(tmp_path, lambda name, **kw: _net(), device="cuda", inputs="normalized",
+                                       precision="fp32").predict_proba(x)
     assert on_gpu.device.type == "cpu" and torch.allclose(on_cpu, on_gpu, atol=1e-4)

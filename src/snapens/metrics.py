@@ -4,7 +4,8 @@ Shapes: probabilities ``probs`` ``[N, C]``, member probabilities ``member_probs`
 (integers in ``[0, C)``). Torch tensors and numpy arrays are accepted; scalar metrics return Python floats,
 matrices are float64 CPU tensors. Predictions are ``argmax`` over classes; ties go to the lowest class index
 (``torch.argmax``), and :func:`top_k_accuracy` breaks ties the same way so that ``k = 1`` equals
-:func:`accuracy`. This module imports nothing else from :mod:`snapens`.
+:func:`accuracy`. This module imports nothing else from :mod:`snapens` but its private input checks
+(:mod:`snapens._checks`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import logging
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from snapens._checks import EPS, check_labels, check_weights
+from snapens._checks import check_probs as _check_probs
 
 __all__ = [
     "EPS",
@@ -33,60 +36,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Probabilities are clipped to at least ``EPS`` before taking logs: one confidently wrong sample costs at most
-#: ``-log(EPS) ~ 27.6`` nats instead of infinity.
-EPS = 1e-12
-
 
 # --------------------------------------------------------------------------------------------- validation
-def _as_tensor(x: Any, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x.detach()
-    try:
-        return torch.as_tensor(np.asarray(x))
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"Expected {name} to be a tensor or array, but got {type(x).__name__}") from exc
-
-
-def _check_probs(probs: Any, name: str, ndim: int) -> Tensor:
-    """Validate probabilities with ``ndim`` dims whose last dim (classes) sums to 1; returns a float tensor."""
-    p = _as_tensor(probs, name)
-    what = "[M, N, C]" if ndim == 3 else "[N, C]"
-    if p.ndim != ndim:
-        raise ValueError(f"Expected {name} of shape {what}, but got shape {tuple(p.shape)}")
-    if not p.is_floating_point():
-        raise ValueError(f"Expected floating-point {name} (probabilities), but got dtype {p.dtype}")
-    if p.numel() == 0 or p.shape[-2] == 0:
-        raise ValueError(f"Expected non-empty {name}, but got shape {tuple(p.shape)}")
-    if p.shape[-1] < 2:
-        raise ValueError(f"Expected at least 2 classes in {name}, but got shape {tuple(p.shape)}")
-    # Row sums of float32 softmax outputs are off by ~1e-7 * C; half precision by a few eps.
-    sum_tol = max(1e-3, 4 * torch.finfo(p.dtype).eps)
-    if p.dtype in (torch.float16, torch.bfloat16):
-        p = p.float()
-    if not bool(torch.isfinite(p).all()):
-        raise ValueError(f"Expected finite {name}, but found {int((~torch.isfinite(p)).sum())} non-finite values")
-    low = float(p.min())
-    if low < 0:
-        raise ValueError(f"Expected {name} >= 0 (probabilities, not logits), but got a minimum of {low!r}")
-    err = float((p.sum(dim=-1, dtype=torch.float64) - 1.0).abs().max())
-    if err > sum_tol:
-        raise ValueError(f"Expected each row of {name} to sum to 1, but a row is off by {err:.3g}")
-    return p
-
-
 def _check_labels(labels: Any, n: int, n_classes: int, device: torch.device) -> Tensor:
-    y = _as_tensor(labels, "labels")
-    if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"Expected labels of shape [{n}] (one per sample), but got shape {tuple(y.shape)}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"Expected integer labels, but got dtype {y.dtype}")
-    y = y.long()
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= n_classes:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"Expected labels in [0, {n_classes - 1}] (C={n_classes} classes), but got {bad}")
-    return y.to(device)
+    return check_labels(labels, n, n_classes).to(device)
 
 
 def _probs_and_labels(probs: Any, labels: Any) -> tuple[Tensor, Tensor]:
@@ -206,11 +159,7 @@ def ensemble_size_curve(member_probs: Any, labels: Any, weights: Any = None) -> 
     if weights is None:
         w = torch.ones(n_members, dtype=torch.float64)
     else:
-        w = _as_tensor(weights, "weights").to("cpu", torch.float64)
-        if w.ndim != 1 or w.shape[0] != n_members:
-            raise ValueError(f"Expected {n_members} weights (one per member), but got shape {tuple(w.shape)}")
-        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-            raise ValueError(f"Expected finite weights >= 0 with a positive sum, but got {w.tolist()}")
+        w = check_weights(weights, n_members, sum_to_one=False)
     errors: list[float] = []
     running = torch.zeros(mp.shape[1:], dtype=torch.float64, device=mp.device)
     total = 0.0

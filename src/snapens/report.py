@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from snapens import metrics, weighting
+from snapens import _checks, metrics, weighting
 from snapens._io import json_safe, to_json
 
 __all__ = ["FORMAT_VERSION", "OPTIMIZE_MODES", "summarize", "format_summary", "json_safe", "to_json"]
@@ -49,10 +49,7 @@ _METRIC_COLUMNS = (("error", "error %", "8.2f"), ("nll", "NLL", "8.4f"), ("ece",
 
 
 def _as_tensor(x: Any, name: str, ndim: int) -> Tensor:
-    t = x if isinstance(x, Tensor) else torch.as_tensor(x)
-    if t.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    return t.detach().cpu()
+    return _checks.as_tensor(x, name, ndim).cpu()
 
 
 def _metrics(probs: Tensor, labels: Tensor) -> dict[str, float]:
@@ -276,8 +273,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     header = f"{'':<{width}}" + "".join(f"{title:>9}" for _, title, _ in _METRIC_COLUMNS)
     chosen = (f"choices made on {summary['num_val']} validation images" if summary["num_val"]
               else "no validation split")
+    precision = (summary.get("run") or {}).get("precision")
     lines = [f"Test split: {summary['num_test']} images, {summary['num_classes']} classes, "
-             f"{summary['num_members']} member{'' if summary['num_members'] == 1 else 's'} ({chosen})",
+             f"{summary['num_members']} member{'' if summary['num_members'] == 1 else 's'} ({chosen})"
+             + (f", precision {precision}" if precision else ""),
              header, "-" * len(header)]
     for label, row in rows:
         cells = "".join(" " + _num(row[key], spec) for key, _, spec in _METRIC_COLUMNS)

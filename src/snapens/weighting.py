@@ -12,23 +12,29 @@ Both fits take ``val_probs`` / ``val_labels``: fit them on a held-out validation
 (the Keras script chose its weights on the test set, which makes its "optimised" numbers optimistic).
 
 Shapes: member probabilities ``[M, N, C]``, probabilities ``[N, C]``, labels ``[N]`` (integers in ``[0, C)``).
-Torch tensors and numpy arrays are accepted. This module imports nothing else from :mod:`snapens`.
+Torch tensors and numpy arrays are accepted. This module imports nothing else from :mod:`snapens` but its
+private input checks (:mod:`snapens._checks`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from snapens import _checks
+from snapens._checks import EPS
+
 __all__ = [
     "EPS",
     "WEIGHT_METHODS",
     "apply_temperature",
+    "check_simplex_weights",
     "fit_ensemble_weights",
     "fit_temperature",
     "validate_weights",
@@ -37,8 +43,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Probabilities are clipped to at least ``EPS`` before taking logs (a float32 softmax can underflow to 0).
-EPS = 1e-12
 WEIGHT_METHODS = ("nll", "equal", "greedy")
 #: Largest Frank-Wolfe duality gap (an upper bound on ``f(w) - f*``) accepted from the "nll" solver.
 _NLL_GAP_TOL = 1e-6
@@ -46,85 +50,28 @@ _TEMPERATURE_BOUNDS = (1e-2, 1e2)
 
 
 # --------------------------------------------------------------------------------------------- validation
-def _as_tensor(x: Any, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x
-    try:
-        return torch.as_tensor(np.asarray(x))
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"Expected {name} to be a tensor or array, but got {type(x).__name__}") from exc
+_check_probs = _checks.check_probs
+_check_labels = _checks.check_labels
 
 
-def _check_probs(probs: Any, name: str, ndim: int) -> Tensor:
-    """Validate probabilities with ``ndim`` dims whose last dim (classes) sums to 1; returns a float tensor."""
-    p = _as_tensor(probs, name)
-    what = "[M, N, C]" if ndim == 3 else "[N, C]"
-    if p.ndim != ndim:
-        raise ValueError(f"Expected {name} of shape {what}, but got shape {tuple(p.shape)}")
-    if not p.is_floating_point():
-        raise ValueError(f"Expected floating-point {name} (probabilities), but got dtype {p.dtype}")
-    if p.numel() == 0 or p.shape[-2] == 0:
-        raise ValueError(f"Expected non-empty {name}, but got shape {tuple(p.shape)}")
-    if p.shape[-1] < 2:
-        raise ValueError(f"Expected at least 2 classes in {name}, but got shape {tuple(p.shape)}")
-    # Row sums of float32 softmax outputs are off by ~1e-7 * C; half precision by a few eps.
-    sum_tol = max(1e-3, 4 * torch.finfo(p.dtype).eps)
-    if p.dtype in (torch.float16, torch.bfloat16):
-        p = p.float()
-    if not bool(torch.isfinite(p).all()):
-        raise ValueError(f"Expected finite {name}, but found {int((~torch.isfinite(p)).sum())} non-finite values")
-    low = float(p.min())
-    if low < 0:
-        raise ValueError(f"Expected {name} >= 0 (probabilities, not logits), but got a minimum of {low!r}")
-    # Tolerance allows float32 softmax rounding; catches logits and unnormalised scores.
-    err = float((p.sum(dim=-1, dtype=torch.float64) - 1.0).abs().max())
-    if err > sum_tol:
-        raise ValueError(f"Expected each row of {name} to sum to 1, but a row is off by {err:.3g}")
-    return p
-
-
-def _check_labels(labels: Any, n: int, n_classes: int, name: str = "labels") -> Tensor:
-    y = _as_tensor(labels, name)
-    if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"Expected {name} of shape [{n}] (one per sample), but got shape {tuple(y.shape)}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"Expected integer {name}, but got dtype {y.dtype}")
-    y = y.long()
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= n_classes:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"Expected {name} in [0, {n_classes - 1}] (C={n_classes} classes), but got {bad}")
-    return y
-
-
-def validate_weights(weights: Any, n_members: int) -> Tensor:
-    """Check ensemble weights and return them as a float64 CPU tensor.
+def check_simplex_weights(weights: Any, n_members: int) -> Tensor:
+    """Check ensemble weights on the simplex and return them as a float64 CPU tensor ``[M]``.
 
     Args:
         weights: ``M`` weights (sequence, array or tensor).
         n_members: ``M``, the number of members they weigh.
 
-    Returns:
-        The weights, float64, shape ``[M]``.
-
     Raises:
         ValueError: wrong length, non-finite, negative, or not summing to 1 within ``1e-6``.
     """
-    try:
-        w = _as_tensor(weights, "weights").detach().to("cpu", torch.float64)
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise ValueError(f"Expected weights as numbers, but got {weights!r}") from exc
-    if w.ndim != 1 or w.shape[0] != n_members:
-        raise ValueError(f"Expected {n_members} weights (one per member: length M={n_members}), but got shape "
-                         f"{tuple(w.shape)}: {w.tolist()}")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"Expected finite weights, but got {w.tolist()}")
-    if bool((w < 0).any()):
-        raise ValueError(f"Expected weights >= 0, but got {w.tolist()}")
-    total = float(w.sum())
-    if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"Expected weights that sum to 1 (within 1e-6), but they sum to {total!r}: {w.tolist()}")
-    return w
+    return _checks.check_weights(weights, n_members)
+
+
+def validate_weights(weights: Any, n_members: int) -> Tensor:
+    """Deprecated alias of :func:`check_simplex_weights`."""
+    warnings.warn("snapens.weighting.validate_weights is deprecated; use check_simplex_weights",
+                  DeprecationWarning, stacklevel=2)
+    return check_simplex_weights(weights, n_members)
 
 
 def _true_class_probs(member_probs: Tensor, labels: Tensor) -> np.ndarray:
@@ -149,7 +96,7 @@ def weighted_average(member_probs: Any, weights: Any) -> Tensor:
         ValueError: bad shapes, probabilities or weights (the message holds the offending value).
     """
     p = _check_probs(member_probs, "member_probs", 3)
-    w = validate_weights(weights, p.shape[0]).to(p.device, p.dtype)
+    w = check_simplex_weights(weights, p.shape[0]).to(p.device, p.dtype)
     return torch.einsum("m,mnc->nc", w, p)
 
 
@@ -296,7 +243,7 @@ def apply_temperature(probs: Any, temperature: float) -> Tensor:
     t = float(temperature)
     if not math.isfinite(t) or t <= 0:
         raise ValueError(f"Expected a finite temperature > 0, but got {temperature!r}")
-    p = _as_tensor(probs, "probs")
+    p = _checks.as_tensor(probs, "probs")
     p = _check_probs(p, "probs", 3 if p.ndim == 3 else 2)
     return torch.softmax(_log_probs(p) / t, dim=-1)
 

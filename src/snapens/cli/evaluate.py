@@ -23,6 +23,7 @@ import torch
 
 from snapens._io import read_json
 from snapens.cli import CLIError
+from snapens.config import PRECISIONS
 
 __all__ = [
     "REQUIRED_KEYS", "evaluate_run", "read_run_info", "load_run_dataset", "load_saved_weights", "make_loader",
@@ -182,12 +183,12 @@ def make_loader(split: Any, info: dict[str, Any], device: str | torch.device) ->
                        augment=None, mean=tuple(ds["mean"]), std=tuple(ds["std"]), device=device)
 
 
-def _with_progress(loader: Any, desc: str, progress: bool) -> Any:
+def _with_progress(loader: Any, desc: str, progress: bool, total: int | None = None) -> Any:
     if not progress:
         return loader
     from tqdm import tqdm
 
-    return tqdm(loader, desc=desc, leave=False, file=sys.stderr)
+    return tqdm(loader, desc=desc, leave=False, file=sys.stderr, total=total)
 
 
 def evaluate_run(
@@ -199,6 +200,7 @@ def evaluate_run(
     device: str | torch.device = "cpu",
     data_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate a run folder's snapshot ensemble and write its summary (see :func:`snapens.report.summarize`).
 
@@ -215,6 +217,8 @@ def evaluate_run(
         device: ``"cpu"``, ``"cuda"``, ``"auto"``... (checked by :func:`snapens.engine.resolve_device`).
         data_dir: where the dataset lives now, instead of the ``data_dir`` stored in config.json.
         progress: show progress bars on stderr.
+        precision: the members' inference precision, ``auto`` (bf16 where the hardware runs it natively, else
+            fp32), ``fp32``, ``bf16`` or ``fp16`` (CUDA); the one used is recorded as ``run.precision``.
 
     Returns:
         The summary as written (non-finite numbers as ``None``), with a ``"run"`` entry naming the run folder and
@@ -242,17 +246,30 @@ def evaluate_run(
     # with include_best, is also an ensemble member. from_run checks --last and the files.
     # exists(), not is_file(): a FIFO or folder in its place is refused by the loader, not silently skipped
     has_best = include_best or (run_dir / "best.safetensors").exists()
-    loaded = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=has_best, device=device)
+    loaded = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=has_best, device=device,
+                                       precision=precision)
+    used_precision = loaded.precision  # resolves auto, and refuses fp16 off CUDA, before any work
     all_names = [Path(n).stem for n in loaded.member_names]
     first = 1 if has_best and not include_best else 0  # members of the evaluated ensemble: loaded[first:]
     names = all_names[first:]
     weights = load_saved_weights(run_dir, names, last=last, include_best=include_best) if optimize == 0 else None
     data = load_run_dataset(info, data_dir=data_dir)
 
+    # Member-major over whole splits of raw uint8 images: each member is loaded once per split, and the ensemble
+    # normalises with the run's mean/std exactly as make_loader does.
+    batch_size = max(256, int(cfg["batch_size"]))
+
+    def member_probs(split: Any, desc: str) -> torch.Tensor:
+        bar = _with_progress(None, desc, progress, total=len(loaded) * len(split))
+        try:
+            return loaded.member_probs(split.images, batch_size=batch_size, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
     has_val = len(data.val) > 0
-    val_mp = loaded.member_probs(_with_progress(make_loader(data.val, info, device), "validation", progress)) \
-        if has_val else None
-    test_mp = loaded.member_probs(_with_progress(make_loader(data.test, info, device), "test", progress))
+    val_mp = member_probs(data.val, "validation") if has_val else None
+    test_mp = member_probs(data.test, "test")
     best_test = test_mp[0] if has_best else None
     best_val_acc = float(metrics.accuracy(val_mp[0], data.val.labels)) if has_best and val_mp is not None else None
 
@@ -262,7 +279,8 @@ def evaluate_run(
                                is_snapshot=[not (include_best and m == 0) for m in range(len(names))])
     summary["run"] = {"run_dir": str(run_dir), "last": last, "include_best": include_best,
                       "dataset": cfg["dataset"], "model": info["model"]["name"],
-                      "schedule": cfg["schedule"], "epochs": cfg["epochs"], "lr": cfg["lr"]}
+                      "schedule": cfg["schedule"], "epochs": cfg["epochs"], "lr": cfg["lr"],
+                      "precision": used_precision}
     summary_path = run_dir / summary_file(last, include_best)
     atomic_write_text(summary_path, report.to_json(summary) + "\n")
     if optimize == 1 and summary["ensemble_weighted"] is not None:
@@ -292,6 +310,10 @@ def register(subparsers: Any) -> None:
                    help="accepted for compatibility with the old predict script and ignored: the NLL fit is "
                         "convex, one exact solve replaces the random restarts")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="inference precision: auto = bf16 where the hardware runs it natively (numbers then differ "
+                        "from fp32 in the last digits), else fp32; fp32 gives the exact fp32 numbers; fp16 needs "
+                        "CUDA (default: auto)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="where the dataset is now, instead of the data_dir stored in config.json (for a run "
                         "moved to another machine)")
@@ -315,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
     with run_lock(args.run_dir):  # it writes summary.json (and weights) into the folder: one owner at a time
         summary = evaluate_run(args.run_dir, last=args.last, include_best=args.include_best,
                                optimize=args.optimize, device=args.device, data_dir=args.data_dir,
-                               progress=progress_enabled(args.quiet))
+                               progress=progress_enabled(args.quiet), precision=args.precision)
     if args.json:
         print(to_json(summary))
     else:

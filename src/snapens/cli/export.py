@@ -1,11 +1,12 @@
 """``snapens export RUN_DIR OUT``: the whole snapshot ensemble as ONE self-contained module file.
 
 The exported module takes float images in [0, 1], shaped ``[N, C, H, W]`` like the run's dataset (uint8 pixels
-divided by 255), normalises them with the training set's mean and std, runs every snapshot and returns the
-ensemble's probabilities ``[N, num_classes]`` = sum_m w_m softmax(f_m(x)): the same numbers as
-``snapens evaluate``. The weights are equal (the paper), or with ``--weights fitted`` the ones saved in
-RUN_DIR/ensemble_weights.json by ``snapens evaluate --optimize 1`` (with ``--last M`` / ``--include-best``: the
-ones that evaluate saved with the same flags, e.g. ensemble_weights-last3.json).
+divided by 255), normalises them with the training set's mean and std, runs every snapshot in the precision
+chosen at export (``--precision``, recorded in the file: auto = bf16 where the exporting machine runs it
+natively, else fp32) and returns the ensemble's probabilities ``[N, num_classes]`` = sum_m w_m softmax(f_m(x)):
+the same numbers as ``snapens evaluate`` with that precision. The weights are equal (the paper), or with
+``--weights fitted`` the ones saved in RUN_DIR/ensemble_weights.json by ``snapens evaluate --optimize 1`` (with
+``--last M`` / ``--include-best``: the ones that evaluate saved with the same flags, e.g. ensemble_weights-last3.json).
 
 Formats (the default follows OUT's suffix: .pt is torchscript, anything else export):
   --format export (.pt2):       program = torch.export.load("ens.pt2"); probs = program.module()(x)
@@ -13,8 +14,8 @@ Formats (the default follows OUT's suffix: .pt is torchscript, anything else exp
 TorchScript is deprecated by PyTorch (it still loads, also from C++ with libtorch); it is kept for existing
 deployments. Both files accept any batch size N.
 
-Both files carry a JSON description (members, weights, classes, mean, std, input shape) as the extra file
-"snapens.json": torch.jit.load(path, _extra_files=d) or torch.export.load(path, extra_files=d) with
+Both files carry a JSON description (members, weights, classes, mean, std, input shape, precision) as the extra
+file "snapens.json": torch.jit.load(path, _extra_files=d) or torch.export.load(path, extra_files=d) with
 d = {"snapens.json": ""} fills it in. Needs only torch to load, not snapens.
 """
 
@@ -35,8 +36,7 @@ from torch import Tensor, nn
 
 from snapens.cli import CLIError
 
-__all__ = ["FORMATS", "EXTRA_FILE", "NormalizedEnsemble", "default_format", "export_run", "load_exported",
-           "register", "run"]
+__all__ = ["FORMATS", "EXTRA_FILE", "default_format", "export_run", "load_exported", "register", "run"]
 
 FORMATS = {"torchscript": ".pt", "export": ".pt2"}
 EXTRA_FILE = "snapens.json"
@@ -61,23 +61,12 @@ def _refuse_run_file(run_dir: Path, out: Path) -> None:
                        f"file name, e.g. {Path(run_dir) / 'ensemble.pt2'}")
 
 
-class NormalizedEnsemble(nn.Module):
-    """``ensemble((x - mean) / std)``: takes images in [0, 1], so the exported file needs no preprocessing."""
-
-    def __init__(self, ensemble: nn.Module, mean: Any, std: Any) -> None:
-        super().__init__()
-        self.ensemble = ensemble
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.ensemble((x - self.mean) / self.std)
-
-
 def _serialize(module: nn.Module, example: Tensor, fmt: str, extra: str) -> bytes:
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        # torch.export.save says so for channels-last weights on the CPU, where it does not matter
+        warnings.filterwarnings("ignore", message=r"No complete tensor found in the group")
         if fmt == "torchscript":
             traced = torch.jit.trace(module, (example,), check_trace=False)
             torch.jit.save(traced, buf, _extra_files={EXTRA_FILE: extra})
@@ -115,8 +104,9 @@ def export_run(
     last: int | None = None,
     include_best: bool = False,
     data_dir: str | os.PathLike[str] | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
-    """Export a run's snapshot ensemble (on CPU, float32) to ``out`` and check the file against the ensemble.
+    """Export a run's snapshot ensemble (on CPU, at ``precision``) to ``out`` and check the file against it.
 
     Args:
         run_dir: a folder written by ``snapens train``.
@@ -127,13 +117,15 @@ def export_run(
         last: only the last ``m`` snapshots.
         include_best: add ``best.safetensors`` as a member.
         data_dir: where the dataset is now, instead of the ``data_dir`` stored in config.json.
+        precision: the members' precision, applied by the exported module: ``auto`` (bf16 where this CPU runs it
+            natively, else fp32), ``fp32`` or ``bf16``.
 
     Returns:
         The description stored in the file, plus ``"max_abs_diff"``: the largest difference between the reloaded
         file's probabilities and the ensemble's on a batch of test images.
     """
     from snapens._io import atomic_write_bytes
-    from snapens.cli.evaluate import load_run_dataset, load_saved_weights, make_loader, read_run_info
+    from snapens.cli.evaluate import load_run_dataset, load_saved_weights, read_run_info
     from snapens.ensemble import SnapshotEnsemble
     from snapens.models import build_model
 
@@ -150,7 +142,10 @@ def export_run(
     if not out.parent.is_dir():
         raise CLIError(f"cannot write {out}: the folder {out.parent} does not exist")
     info = read_run_info(run_dir)
-    ensemble = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=include_best)
+    # from_run's ensemble normalises [0, 1] images with the run's mean/std itself, and so does its materialized
+    # form that is exported.
+    ensemble = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=include_best,
+                                         precision=precision)
     names = [Path(n).stem for n in ensemble.member_names]
     if weights == "fitted":
         ensemble.set_weights(load_saved_weights(run_dir, names, flag="--weights fitted", last=last,
@@ -160,21 +155,21 @@ def export_run(
     batch = data.test.subset(torch.arange(min(_EXAMPLE_BATCH, len(data.test))))
     example = batch.images.float() / 255.0
     mean, std = tuple(info["dataset"]["mean"]), tuple(info["dataset"]["std"])
-    module = NormalizedEnsemble(ensemble.materialize(), mean, std).eval()
+    module = ensemble.materialize().eval()
     description = {
         "format_version": 1, "format": fmt, "run_dir": str(run_dir), "members": names,
         "weights": ensemble.weights_.tolist(), "weights_source": weights, "classes": list(data.classes),
         "mean": list(mean), "std": list(std), "input_shape": ["N", *example.shape[1:]],
         "input": "float32 images in [0, 1] (uint8 / 255), NCHW; output: ensemble probabilities",
-        "model": info["model"],
+        "model": info["model"], "precision": ensemble.precision,
     }
     atomic_write_bytes(out, _serialize(module, example, fmt, json.dumps(description)))
 
-    # The file must reproduce evaluate's numbers: evaluate's loader normalises, the file normalises itself.
+    # The file must reproduce the ensemble's (so evaluate's) numbers at the same precision.
     reloaded, _ = load_exported(out)
     with torch.no_grad():
         got = reloaded(example)
-    expected = ensemble.predict_proba(make_loader(batch, info, "cpu"))
+    expected = ensemble.predict_proba(example)
     diff = float((got - expected).abs().max())
     if diff > 1e-4:
         raise CLIError(f"the exported file {out} disagrees with the ensemble by {diff:.2e} on test images")
@@ -197,6 +192,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--include-best", action="store_true", help="add best.safetensors as a member")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="where the dataset is now, instead of the data_dir stored in config.json")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the precision the exported module runs its members in (recorded in the file): auto = "
+                        "bf16 where this CPU runs it natively, else fp32 (default: auto)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=run)
 
@@ -211,9 +209,10 @@ def run(args: argparse.Namespace) -> int:
     into_run = Path(args.run_dir).resolve() in Path(args.out).resolve().parents
     with run_lock(args.run_dir) if into_run else contextlib.nullcontext():  # writing into a run: own it
         result = export_run(args.run_dir, args.out, fmt=args.fmt, weights=args.weights, last=args.last,
-                            include_best=args.include_best, data_dir=args.data_dir)
+                            include_best=args.include_best, data_dir=args.data_dir, precision=args.precision)
     if not args.quiet:
         print(f"wrote {args.out}: {plural(len(result['members']), 'member')}, {result['weights_source']} weights, "
-              f"input {result['input_shape']}, checked against the ensemble (max |diff| {result['max_abs_diff']:.1e})",
+              f"precision {result['precision']}, input "
+              f"{result['input_shape']}, checked against the ensemble (max |diff| {result['max_abs_diff']:.1e})",
               file=sys.stderr)
     return 0

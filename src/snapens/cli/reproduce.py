@@ -128,7 +128,8 @@ def reproduce(
                 cfg = dataclasses.replace(config, schedule=schedule, seed=seed)
                 run_dir = out_dir / f"{schedule}-seed{seed}"
                 train_run(cfg, run_dir, resume=False, progress=progress)
-                summary = evaluate_run(run_dir, optimize=1, device=cfg.device, progress=progress)
+                summary = evaluate_run(run_dir, optimize=1, device=cfg.device, progress=progress,
+                                       precision=cfg.precision)
                 runs.append({"schedule": schedule, "seed": seed, "run_dir": str(run_dir), "summary": summary})
     except BaseException:
         # A failure before anything was trained (missing data, a bad model) leaves no empty folder behind;
@@ -192,7 +193,7 @@ def format_reproduce(result: dict[str, Any]) -> str:
 
 def register(subparsers: Any) -> None:
     """Add the ``reproduce`` subcommand to ``subparsers``."""
-    from snapens.config import PRESETS, TrainConfig
+    from snapens.config import PRECISIONS, PRESETS, TrainConfig
 
     d = TrainConfig()
     p = subparsers.add_parser("reproduce", help="train step / cyclic runs and compare with the paper's Table 1",
@@ -215,6 +216,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="number of seeds, reported as mean +- std")
     p.add_argument("--device", default=None, help=f"cpu, cuda, ... (default: {d.device})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help=f"training and evaluation precision: auto = bf16 where the hardware runs it natively, else "
+                        f"fp32 (default: {d.precision})")
     p.add_argument("--with-single-cycle", action="store_true",
                    help="also train M independent models for one cycle each")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -234,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(args.preset, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
                             download=args.download, limit_train=args.limit_train, limit_test=args.limit_test,
                             epochs=args.epochs, snapshots=args.snapshots, lr=args.lr, batch_size=args.batch_size,
-                            seed=args.seed, device=args.device, threads=args.threads)
+                            seed=args.seed, device=args.device, threads=args.threads, precision=args.precision)
     safe_dataset = config.dataset.replace(":", "-").replace("/", "-")
     out = args.out or Path("runs") / f"reproduce-{config.model}-{safe_dataset}"
     if (out / "reproduce.json").exists():

@@ -467,7 +467,7 @@ def snapshot_predict_proba(
     n_members = members.shape[0]
     if weights is None:
         return members.mean(axis=0)
-    w = weighting.validate_weights(weights, n_members).numpy()
+    w = weighting.check_simplex_weights(weights, n_members).numpy()
     return np.tensordot(w, members, axes=1)
 
 
