@@ -51,7 +51,7 @@ def test_hand_loop_takes_m_snapshots_that_reload_bit_exactly(tmp_path):
 
     # The last snapshot is the final model; an ensemble of just it reproduces its softmax exactly.
     model.eval()
-    solo = SnapshotEnsemble(_net, [store.load_state_dict(3)])
+    solo = SnapshotEnsemble(_net, [store.load_state_dict(3)], precision="fp32")  # exact: fp32
     assert torch.allclose(solo.predict_proba(x), model(x).softmax(-1), atol=1e-6)
 
 
