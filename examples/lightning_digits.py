@@ -102,7 +102,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
 
         # Built from the manifest; the factory ignores the recorded name ("DigitsMLP") and builds the module.
-        ensemble = SnapshotEnsemble.from_run(run, lambda name, **kwargs: DigitsMLP(args.hidden))
+        ensemble = SnapshotEnsemble.from_run(run, lambda name, **kwargs: DigitsMLP(args.hidden),
+                                              inputs="normalized")
         val_members = ensemble.member_probs(x_val)
         test_members = ensemble.member_probs(x_test)
 

@@ -111,7 +111,8 @@ def main() -> None:
         _train(DigitsCNN(args.width), train, run / "trainer", args, "constant",
                [SnapshotCallback(args.snapshots, run / "snapshots")])
         seconds = time.perf_counter() - start
-        ensemble = SnapshotEnsemble.from_run(run, lambda name, **kwargs: DigitsCNN(args.width))
+        ensemble = SnapshotEnsemble.from_run(run, lambda name, **kwargs: DigitsCNN(args.width),
+                                              inputs="normalized")
         val_members = ensemble.member_probs(x_val)
         test_members = ensemble.member_probs(x_test)
 

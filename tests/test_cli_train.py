@@ -493,7 +493,10 @@ def test_disk_full_is_one_line_and_leaves_a_resumable_folder(tmp_path: Path, cap
     # Item 14: the disk fills while the epoch-1 state is written (a raw file that takes 20 kB, then fails).
     import errno
 
-    real_fdopen = os.fdopen
+    import builtins
+
+    from snapens import _io
+
     state_writes = []
 
     class FullDisk(io.FileIO):
@@ -506,14 +509,14 @@ def test_disk_full_is_one_line_and_leaves_a_resumable_folder(tmp_path: Path, cap
             FullDisk.room -= n
             return super().write(bytes(b)[:n])
 
-    def fdopen(fd, mode="r", *a, **k):
-        if ".state.pt." in os.readlink(f"/proc/self/fd/{fd}"):
-            state_writes.append(fd)
+    def fake_open(file, mode="r", *a, **k):  # the atomic writer's temp file of the second state write
+        if ".state.pt." in str(file) and "x" in mode:
+            state_writes.append(file)
             if len(state_writes) == 2:
-                return io.BufferedWriter(FullDisk(fd, "wb"))
-        return real_fdopen(fd, mode, *a, **k)
+                return io.BufferedWriter(FullDisk(file, "xb"))
+        return builtins.open(file, mode, *a, **k)
 
-    monkeypatch.setattr(os, "fdopen", fdopen)
+    monkeypatch.setattr(_io, "open", fake_open, raising=False)
     run_dir = tmp_path / "run"
     before = time.time()
     rc = main(["train", *SMALL, "--run-dir", str(run_dir), "--quiet", "--no-eval"])

@@ -126,7 +126,7 @@ def test_rate_at_every_step_and_snapshots_at_cycle_ends(full_run) -> None:
     assert callback.saved == list(range(1, M + 1))
 
     # The existing ensemble API reads the folder; its members are the snapshots.
-    ens = SnapshotEnsemble.from_run(run, lambda name, **kw: TinyModule())
+    ens = SnapshotEnsemble.from_run(run, lambda name, **kw: TinyModule(), inputs="normalized", precision="fp32")
     x = torch.randn(5, 6)
     probs = ens.member_probs(x)
     last = TinyModule().eval()

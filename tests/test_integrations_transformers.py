@@ -114,7 +114,7 @@ def test_rate_at_every_step_and_snapshots_at_cycle_ends(full_run) -> None:
         assert all(torch.equal(saved[k], expected[k]) for k in expected), info.index
     assert callback.saved == list(range(1, M + 1))
 
-    ens = SnapshotEnsemble.from_run(run, lambda name, **kw: TinyNet())
+    ens = SnapshotEnsemble.from_run(run, lambda name, **kw: TinyNet(), inputs="normalized", precision="fp32")
     x = torch.randn(5, 6)
     last = TinyNet().eval()
     last.load_state_dict(opt.weights_after[bounds[-1]])

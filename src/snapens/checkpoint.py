@@ -627,7 +627,15 @@ def save_training_state(path: str | os.PathLike[str], state: Mapping[str, Any]) 
     if not isinstance(state, Mapping):
         raise ValueError(f"training state must be a dict, got {type(state).__name__}")
     with atomic_open(path) as f:
-        torch.save(dict(state), f)
+        sink = _WriteErrors(f)
+        try:
+            torch.save(dict(state), sink)
+        except RuntimeError:
+            # torch.save reports a failed write (disk full) as "unexpected pos ..."; the OSError behind it
+            # (errno, message) is what a user can act on.
+            if sink.error is not None:
+                raise sink.error from None
+            raise
     logger.debug("wrote training state %s", path)
 
 

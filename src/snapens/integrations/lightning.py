@@ -18,7 +18,7 @@ Snapshot ``k`` is the LightningModule's ``state_dict`` after the last step of cy
 0 only into a :class:`snapens.checkpoint.SnapshotStore` at ``dirpath`` (``snapshot-KK.safetensors`` and
 ``manifest.json``). With ``dirpath=<run>/snapshots``, :meth:`snapens.ensemble.SnapshotEnsemble.from_run` reads it::
 
-    ens = SnapshotEnsemble.from_run("runs/x", lambda name, **kwargs: MyModule())
+    ens = SnapshotEnsemble.from_run("runs/x", lambda name, **kwargs: MyModule(), inputs="normalized")
 
 The callback's progress is part of Lightning checkpoints (:meth:`SnapshotCallback.state_dict`), so
 ``trainer.fit(..., ckpt_path=...)`` resumes the same schedule without a duplicate or missing snapshot. Supports
@@ -39,7 +39,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a test by hiding lightning
     if exc.name in ("lightning", "lightning.pytorch") or importlib.util.find_spec("lightning") is None:
         raise ImportError(
-            "snapens.integrations.lightning needs Lightning: pip install snapshot-ensembles[lightning]"
+            "snapens.integrations.lightning needs Lightning: pip install lightning (or pip install -e '.[lightning]' in a clone)"
         ) from exc
     raise
 

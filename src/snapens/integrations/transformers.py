@@ -37,14 +37,14 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a test by hiding transformers
     if exc.name == "transformers" or importlib.util.find_spec("transformers") is None:
         raise ImportError(
-            "snapens.integrations.transformers needs transformers: pip install snapshot-ensembles[transformers]"
+            "snapens.integrations.transformers needs transformers: pip install transformers accelerate (or pip install -e '.[transformers]' in a clone)"
         ) from exc
     raise
 
 if not hasattr(transformers.TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - old releases
     raise ImportError(
         f"snapens.integrations.transformers needs a transformers release whose TrainerCallback has "
-        f"on_pre_optimizer_step (found {transformers.__version__}): pip install snapshot-ensembles[transformers]"
+        f"on_pre_optimizer_step (found {transformers.__version__}): pip install transformers accelerate (or pip install -e '.[transformers]' in a clone)"
     )
 
 from torch.optim.lr_scheduler import LambdaLR
