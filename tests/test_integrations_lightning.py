@@ -210,7 +210,7 @@ def test_missing_lightning_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
     monkeypatch.setitem(sys.modules, "lightning", None)
     monkeypatch.delitem(sys.modules, "snapens.integrations.lightning")
-    with pytest.raises(ImportError, match=r"pip install snapshot-ensembles\[lightning\]"):
+    with pytest.raises(ImportError, match=r"pip install lightning \(or pip install -e .\.\[lightning\]. in a clone\)"):
         import snapens.integrations.lightning  # noqa: F401
 
 

@@ -207,5 +207,5 @@ def test_refuses_more_snapshots_than_steps(tmp_path: Path) -> None:
 def test_missing_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)
     monkeypatch.delitem(sys.modules, "snapens.integrations.transformers")
-    with pytest.raises(ImportError, match=r"pip install snapshot-ensembles\[transformers\]"):
+    with pytest.raises(ImportError, match=r"pip install transformers accelerate \(or pip install -e .\.\[transformers\]. in a clone\)"):
         import snapens.integrations.transformers  # noqa: F401
