@@ -599,6 +599,10 @@ def _all_finite(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in state_dict.values() if t.is_floating_point())
 
 
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
 def fit(
     *,
     model: nn.Module,
@@ -610,7 +614,7 @@ def fit(
     model_name: str,
     model_kwargs: Mapping[str, Any] | None = None,
     val_loader: Loader | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     channels_last: bool = True,
@@ -655,7 +659,8 @@ def fit(
         run_dir: the run folder (created if missing).
         model_name, model_kwargs: how to rebuild the model; stored in every snapshot.
         val_loader: validation batches; gives per-epoch ``val_loss``/``val_acc`` and ``best.safetensors``.
-        loss_fn: ``(logits, y) -> mean loss``; cross-entropy by default.
+        loss_fn: ``(logits, y, x) -> mean loss`` (``x`` is the batch's input, e.g. for a distillation
+            teacher); cross-entropy of ``logits`` and ``y`` by default.
         device: where to train (under torchrun: this rank's device, e.g. ``cuda:LOCAL_RANK``).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast (``auto`` is resolved by :func:`resolve_precision`);
             ``fp16`` uses a gradient scaler.
@@ -734,7 +739,7 @@ def fit(
             raise ValueError(f"the ranks' training loaders have different lengths {lengths}; every rank must take "
                              "the same steps (shard with BatchLoader(rank=..., world_size=...))")
     writer = (ranks.rank if ranks.enabled else rank or 0) == 0
-    loss_fn = loss_fn or F.cross_entropy
+    loss_fn = loss_fn or _cross_entropy
 
     if sync_batchnorm:
         if ranks.enabled:
@@ -860,7 +865,7 @@ def fit(
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step runs at (set before it)
                 with autocast():
                     logits = forward(x)
-                    loss = loss_fn(logits, y)
+                    loss = loss_fn(logits, y, x)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is None:
                     loss.backward()
