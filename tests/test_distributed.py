@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 from snapens import checkpoint, engine
-from snapens.cli._common import DistContext, build_loaders, launch_context, process_device
+from snapens.cli._common import build_loaders
+from snapens.distributed import DistContext, launch_context, process_device
 from snapens.data import AugmentSpec, BatchLoader, Split
 
 WORLD = 2
