@@ -101,10 +101,10 @@ class Precision:
         """``auto|fp32|bf16|fp16`` on ``device`` (see :func:`resolve_precision`); a :class:`Precision` as is.
 
         Raises:
-            ValueError: as :func:`resolve_precision`, or a :class:`Precision` made for another device.
+            ValueError: as :func:`resolve_precision`, or a :class:`Precision` made for another device type.
         """
         if isinstance(precision, Precision):
-            if precision.device != torch.device(device):
+            if precision.device.type != torch.device(device).type:  # autocast is per device type
                 raise ValueError(f"precision {precision.name} was resolved for {precision.device}, not {device}")
             return precision
         dev = torch.device(device)
