@@ -4,7 +4,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import random
 import shutil
 
 import numpy as np
@@ -12,17 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from snapens import checkpoint
+from snapens import checkpoint, runs
 from snapens.checkpoint import (
     SnapshotError,
     SnapshotStore,
     atomic_write_bytes,
     atomic_write_json,
-    capture_rng_state,
-    load_training_state,
     load_weights,
-    restore_rng_state,
-    save_training_state,
     save_weights,
     unwrap_model,
     unwrap_state_dict,
@@ -322,79 +317,6 @@ def test_atomic_snapshot_save_keeps_old_snapshot_and_manifest(tmp_path, monkeypa
     assert sorted(os.listdir(tmp_path)) == ["manifest.json", "snapshot-01.safetensors"]
 
 
-def test_training_state_writer_failure_midway_keeps_old_state(tmp_path):
-    path = tmp_path / "state.pt"
-    save_training_state(path, {"step": 1})
-    with pytest.raises(Exception):  # pickling a lambda fails part-way through torch.save
-        save_training_state(path, {"step": 2, "fn": lambda: 0})
-    assert load_training_state(path) == {"step": 1}
-    assert os.listdir(tmp_path) == ["state.pt"]
-
-
-def test_training_state_round_trip_with_rng(tmp_path):
-    torch.manual_seed(5)
-    model = TinyNet()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-    model(torch.randn(2, 2, 6, 6)).sum().backward()
-    opt.step()
-    random.seed(1)
-    np.random.seed(2)
-    random.gauss(0, 1)  # leaves a cached Gaussian in Python's state
-    np.random.standard_normal()  # and in NumPy's
-    path = tmp_path / "state.pt"
-    save_training_state(
-        path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7, "rng": capture_rng_state()}
-    )
-    expected = (torch.rand(4), random.random(), random.gauss(0, 1), np.random.rand(3), np.random.standard_normal())
-
-    random.seed(99)
-    np.random.seed(99)
-    torch.manual_seed(99)
-    state = load_training_state(path)
-    assert state["step"] == 7
-    restore_rng_state(state["rng"])
-    got = (torch.rand(4), random.random(), random.gauss(0, 1), np.random.rand(3), np.random.standard_normal())
-    assert torch.equal(got[0], expected[0])
-    assert got[1:3] == expected[1:3]
-    np.testing.assert_array_equal(got[3], expected[3])
-    assert got[4] == expected[4]
-
-    model2 = TinyNet()
-    model2.load_state_dict(state["model"])
-    assert_state_equal(model2.state_dict(), model.state_dict())
-    opt2 = torch.optim.SGD(model2.parameters(), lr=0.5, momentum=0.9, nesterov=True)
-    opt2.load_state_dict(state["optimizer"])
-    buf1 = opt.state_dict()["state"][0]["momentum_buffer"]
-    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], buf1)
-    assert opt2.param_groups[0]["lr"] == 0.1
-
-
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-
-def test_training_state_refuses_corrupt_or_code_carrying_files(tmp_path):
-    path = tmp_path / "state.pt"
-    with pytest.raises(SnapshotError, match=r"state\.pt is missing"):
-        load_training_state(path)
-    path.write_bytes(b"this is not a torch file")
-    with pytest.raises(SnapshotError, match=r"state\.pt"):
-        load_training_state(path)
-    torch.save({"x": _Evil()}, path)  # a pickle that would run a command under weights_only=False
-    with pytest.raises(SnapshotError, match=r"state\.pt.*unsafe"):
-        load_training_state(path)
-    with pytest.raises(ValueError, match="list"):
-        save_training_state(path, [1, 2])
-
-
-def test_restore_rng_state_requires_all_parts():
-    state = capture_rng_state()
-    del state["numpy"]
-    with pytest.raises(ValueError, match="numpy"):
-        restore_rng_state(state)
-
-
 def test_atomic_path_keeps_suffix_and_cleans_up(tmp_path):
     from snapens.checkpoint import atomic_path
 
@@ -676,7 +598,7 @@ def test_fifo_named_like_a_snapshot_or_manifest_is_refused(tmp_path, three_snaps
     refused(best, lambda: load_weights(best), r"weights file .*best\.safetensors is a FIFO")
     state = tmp_path / "state.pt"
     os.mkfifo(state)
-    refused(state, lambda: load_training_state(state), r"training state .*state\.pt is a FIFO")
+    refused(state, lambda: runs.load_training_state(state), r"training state .*state\.pt is a FIFO")
     folder = tmp_path / "snapshot-09.safetensors"
     folder.mkdir()
     with pytest.raises(SnapshotError, match=r"snapshot-09\.safetensors is a folder"):

@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from snapens import checkpoint, engine
-from snapens.cli._common import DistContext, build_loaders, launch_context, process_device
+from snapens import checkpoint, distributed, engine
+from snapens.cli._common import build_loaders
+from snapens.distributed import DistContext, launch_context, process_device
 from snapens.data import AugmentSpec, BatchLoader, Split
 
 WORLD = 2
@@ -337,7 +338,7 @@ def test_launch_context_reads_torchrun_variables() -> None:
 
 def test_process_device() -> None:
     assert process_device("cpu", DistContext(1, 2, 1)) == torch.device("cpu")
-    assert process_device("auto", DistContext()) == engine.resolve_device("auto")
+    assert process_device("auto", DistContext()) == distributed.resolve_device("auto")
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda:LOCAL_RANK"):
             process_device(f"cuda:{torch.cuda.device_count()}", DistContext(0, 2, 0))
@@ -363,9 +364,10 @@ def test_build_loaders_shards_training_batches_only() -> None:
 
 
 def test_single_process_helpers_are_identities() -> None:
-    assert engine.broadcast_object({"a": 1}) == {"a": 1}
-    engine.raise_if_any_rank_failed(None)
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    distributed.raise_if_any_rank_failed(None)
     with pytest.raises(KeyError):
-        engine.raise_if_any_rank_failed(KeyError("x"))
-    with pytest.raises(ValueError, match="bad"), engine.all_ranks_agree():
+        distributed.raise_if_any_rank_failed(KeyError("x"))
+    assert engine.all_ranks_agree is distributed.all_ranks_agree  # the old public names still work
+    with pytest.raises(ValueError, match="bad"), distributed.all_ranks_agree():
         raise ValueError("bad")

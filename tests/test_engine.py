@@ -175,31 +175,6 @@ def test_fit_snapshots_wherever_the_fge_and_swa_schedules_say(tmp_path: Path, sc
     assert result.steps == 24
 
 
-@pytest.mark.parametrize("schedule,kwargs,match", [
-    ("step", {"cycle_mult": 2.0}, "cycle_mult do not apply to the 'step' schedule"),
-    ("cosine-cycles", {"swa_lr": 0.1}, "swa_lr do not apply"),
-    ("fge", {"cycle_epochs": 2}, "needs steps_per_epoch >= 1, got None"),
-    ("fge", {"steps_per_epoch": 3}, "needs cycle_epochs"),
-    ("swa", {"steps_per_epoch": 3, "lr_min": 0.01}, "lr_min=0.01 applies to the cosine schedules"),
-    ("fge", {"steps_per_epoch": 3, "cycle_epochs": 5}, "cycle_epochs=5 (15 steps of 3 per epoch), epochs=8"),
-    ("nope", {}, "unknown schedule 'nope'"),
-])
-def test_make_scheduler_rejects_bad_options(schedule: str, kwargs: dict, match: str) -> None:
-    opt = sgd(toy_model())
-    with pytest.raises(ValueError) as info:
-        engine.make_scheduler(schedule, opt, total_steps=24, n_cycles=2, **kwargs)
-    assert match in str(info.value)
-
-
-def test_make_scheduler_shapes_the_cosine_cycles() -> None:
-    sched = engine.make_scheduler("cosine-cycles", sgd(toy_model()), total_steps=70, n_cycles=3, cycle_mult=2.0,
-                                  cycle_decay=0.5)
-    assert sched.snapshot_steps == [9, 29, 69] and (sched.cycle_mult, sched.cycle_decay) == (2.0, 0.5)
-    swa = engine.make_scheduler("swa", sgd(toy_model(), lr=0.2), total_steps=24, n_cycles=2, steps_per_epoch=3,
-                                swa_lr=0.05)
-    assert swa.swa_factor == 0.25 and swa.snapshot_steps == [20, 23]
-
-
 def test_fit_equals_a_hand_written_loop(tmp_path: Path) -> None:
     """Same data, same schedule, momentum kept across restarts: bit-identical weights; validation and
     snapshots do not disturb the RNG stream (the model has dropout)."""
@@ -391,25 +366,6 @@ def toy_model_unseeded() -> list[nn.Module]:
 
 
 # ----------------------------------------------------------------------------------------------- precision
-
-
-def test_precision_resolution(tmp_path: Path) -> None:
-    amx = tmp_path / "amx"
-    amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n")
-    plain = tmp_path / "plain"
-    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
-    assert engine.cpu_supports_bf16(amx) and not engine.cpu_supports_bf16(plain)
-    assert not engine.cpu_supports_bf16(tmp_path / "missing")
-    expected_auto = "bf16" if engine.cpu_supports_bf16() else "fp32"
-    assert engine.resolve_precision("auto", "cpu") == expected_auto
-    assert engine.resolve_precision("fp32", "cpu") == "fp32"
-    with pytest.raises(ValueError, match="fp16.*CUDA"):
-        engine.resolve_precision("fp16", "cpu")
-    with pytest.raises(ValueError, match="'fp8'"):
-        engine.resolve_precision("fp8", "cpu")
-    with pytest.raises(ValueError, match="'tpu'"):
-        engine.resolve_device("tpu")
-    assert engine.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from snapens.schedule import (
+    make_scheduler,
     FGELR,
     SnapshotLR,
     StepDecayLR,
@@ -400,3 +401,35 @@ def test_new_schedules_reject_bad_arguments(build, bad):
     with pytest.raises(ValueError) as info:
         build()
     assert bad in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ make_scheduler
+
+
+def _sgd(lr: float = 0.1) -> torch.optim.SGD:
+    return torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=lr, momentum=0.9)
+
+
+@pytest.mark.parametrize("schedule,kwargs,match", [
+    ("step", {"cycle_mult": 2.0}, "cycle_mult do not apply to the 'step' schedule"),
+    ("cosine-cycles", {"swa_lr": 0.1}, "swa_lr do not apply"),
+    ("fge", {"cycle_epochs": 2}, "needs steps_per_epoch >= 1, got None"),
+    ("fge", {"steps_per_epoch": 3}, "needs cycle_epochs"),
+    ("swa", {"steps_per_epoch": 3, "lr_min": 0.01}, "lr_min=0.01 applies to the cosine schedules"),
+    ("fge", {"steps_per_epoch": 3, "cycle_epochs": 5}, "cycle_epochs=5 (15 steps of 3 per epoch), epochs=8"),
+    ("nope", {}, "unknown schedule 'nope'"),
+])
+def test_make_scheduler_rejects_bad_options(schedule: str, kwargs: dict, match: str) -> None:
+    opt = _sgd()
+    with pytest.raises(ValueError) as info:
+        make_scheduler(schedule, opt, total_steps=24, n_cycles=2, **kwargs)
+    assert match in str(info.value)
+
+
+def test_make_scheduler_shapes_the_cosine_cycles() -> None:
+    sched = make_scheduler("cosine-cycles", _sgd(), total_steps=70, n_cycles=3, cycle_mult=2.0,
+                                  cycle_decay=0.5)
+    assert sched.snapshot_steps == [9, 29, 69] and (sched.cycle_mult, sched.cycle_decay) == (2.0, 0.5)
+    swa = make_scheduler("swa", _sgd(lr=0.2), total_steps=24, n_cycles=2, steps_per_epoch=3,
+                                swa_lr=0.05)
+    assert swa.swa_factor == 0.25 and swa.snapshot_steps == [20, 23]

@@ -8,12 +8,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast", "cpu_supports_bf16", "resolve_precision"]
+__all__ = ["PRECISIONS", "Precision", "autocast", "cpu_supports_bf16", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,3 +71,68 @@ def autocast(device: torch.device, precision: str) -> Callable[[], contextlib.Ab
         return contextlib.nullcontext
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Precision:
+    """How training computes on one device, resolved once: the autocast context and, for fp16, the gradient
+    scaler that :meth:`backward_and_step` uses.
+
+    fp16's narrow range underflows small gradients, so its loss is scaled by ``S`` before the backward pass and
+    the gradients by ``1 / S`` before the step (steps with inf/NaN gradients are skipped and ``S`` shrinks);
+    fp32 and bf16 step plainly. One object serves one training run: the scaler's ``S`` is part of its state
+    (:meth:`state_dict`).
+
+    Example:
+        >>> prec = Precision.resolve("auto", torch.device("cpu"))
+        >>> prec.name in ("fp32", "bf16")
+        True
+    """
+
+    def __init__(self, name: str, device: torch.device) -> None:
+        if name not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"a resolved precision is fp32, bf16 or fp16, got {name!r} (see Precision.resolve)")
+        self.name = name
+        self.device = torch.device(device)
+        self._autocast = autocast(self.device, name)
+        self.scaler = torch.amp.GradScaler(self.device.type) if name == "fp16" else None
+
+    @classmethod
+    def resolve(cls, precision: str | Precision, device: torch.device | str) -> Precision:
+        """``auto|fp32|bf16|fp16`` on ``device`` (see :func:`resolve_precision`); a :class:`Precision` as is.
+
+        Raises:
+            ValueError: as :func:`resolve_precision`, or a :class:`Precision` made for another device type.
+        """
+        if isinstance(precision, Precision):
+            if precision.device.type != torch.device(device).type:  # autocast is per device type
+                raise ValueError(f"precision {precision.name} was resolved for {precision.device}, not {device}")
+            return precision
+        dev = torch.device(device)
+        return cls(resolve_precision(precision, dev), dev)
+
+    def __repr__(self) -> str:
+        return f"Precision({self.name!r}, {str(self.device)!r})"
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The autocast context of the forward pass and the loss (none for fp32)."""
+        return self._autocast()
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """``zero_grad``, backward of ``loss`` and one optimizer step (through the scaler for fp16)."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The scaler's state (None without a scaler), for the resume state."""
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Restore :meth:`state_dict`; a missing or empty state leaves the scaler as it is."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(dict(state))

@@ -1,4 +1,4 @@
-"""Snapshots on disk: atomic writes, safetensors weights, a JSON manifest, and the resumable training state.
+"""Snapshots on disk: atomic writes, safetensors weights and a JSON manifest.
 
 A snapshot is the full ``state_dict`` (parameters and BatchNorm buffers) of the *unwrapped* model (no ``module.``
 from DDP, no ``_orig_mod.`` from ``torch.compile``) in ``snapshot-KK.safetensors``, plus an entry in
@@ -27,14 +27,12 @@ import json
 import logging
 import math
 import os
-import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import numpy as np
 import safetensors.torch
 import torch
 from torch import nn
@@ -615,114 +613,14 @@ class SnapshotStore:
         return info
 
 
-# --------------------------------------------------------------------------------------------- training state
+# The resume state (save/load_training_state) and the RNG capture moved to snapens.runs, which imports this
+# module; the old names stay importable from here, resolved on first use so that there is no import cycle.
+_MOVED_TO_RUNS = ("capture_rng_state", "load_training_state", "restore_rng_state", "save_training_state")
 
 
-def save_training_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
-    """``torch.save`` the resume state (model/optimizer/scheduler state dicts, step, RNG...) atomically.
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_RUNS:
+        from snapens import runs
 
-    Keep to types that ``torch.load(weights_only=True)`` accepts: tensors, dicts, lists, tuples, numbers,
-    strings, None (see :func:`capture_rng_state`).
-    """
-    if not isinstance(state, Mapping):
-        raise ValueError(f"training state must be a dict, got {type(state).__name__}")
-    with atomic_open(path) as f:
-        sink = _WriteErrors(f)
-        try:
-            torch.save(dict(state), sink)
-        except RuntimeError:
-            # torch.save reports a failed write (disk full) as "unexpected pos ..."; the OSError behind it
-            # (errno, message) is what a user can act on.
-            if sink.error is not None:
-                raise sink.error from None
-            raise
-    logger.debug("wrote training state %s", path)
-
-
-class _WriteErrors:
-    """A binary file that remembers the OSError its last failed ``write`` raised."""
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self._f.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
-def load_training_state(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a state written by :func:`save_training_state` with ``torch.load(weights_only=True)``.
-
-    Raises:
-        SnapshotError: the file is missing, corrupt, or holds objects that weights-only loading refuses.
-    """
-    path = Path(path)
-    try:
-        require_regular_file(path)
-    except FileNotFoundError as e:
-        raise SnapshotError(f"training state {path} is missing") from e
-    except NotARegularFileError as e:
-        raise SnapshotError(f"training state {e}") from e
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # zip/pickle errors come in many types
-        raise SnapshotError(f"training state {path} is corrupt or unsafe to load: {e}") from e
-    if not isinstance(state, dict):
-        raise SnapshotError(f"training state {path} holds a {type(state).__name__}, not a dict")
-    return state
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """The global random states of Python, NumPy, torch CPU and (if available) CUDA, weights_only-safe.
-
-    Returns:
-        ``{"python": {...}, "numpy": {...}, "torch": ByteTensor, "cuda": [ByteTensor, ...] | None}`` holding
-        only tensors, lists, ints, floats, strings and None.
-    """
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": {"version": int(version), "state": list(internal), "gauss_next": gauss},
-        "numpy": {
-            "name": str(name),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore the states captured by :func:`capture_rng_state` (CUDA only where available and captured).
-
-    Raises:
-        ValueError: a part is missing.
-    """
-    for key in ("python", "numpy", "torch"):
-        if key not in state:
-            raise ValueError(f"RNG state lacks {key!r}; has {sorted(state)}")
-    py = state["python"]
-    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss_next"]))
-    npst = state["numpy"]
-    keys = np.asarray(torch.as_tensor(npst["keys"]).cpu().numpy(), dtype=np.uint32)
-    np.random.set_state((npst["name"], keys, int(npst["pos"]), int(npst["has_gauss"]), float(npst["cached_gaussian"])))
-    torch.set_rng_state(torch.as_tensor(state["torch"]).cpu().to(torch.uint8))
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        if len(cuda) != n:
-            logger.warning("RNG state has %d CUDA generators, this machine %d: restoring the common ones", len(cuda), n)
-        for i, s in enumerate(cuda[:n]):
-            torch.cuda.set_rng_state(torch.as_tensor(s).cpu().to(torch.uint8), device=i)
-    elif cuda is not None:
-        logger.warning("RNG state has CUDA generators but CUDA is not available: not restored")
+        return getattr(runs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -45,8 +45,7 @@ world_size=)``); all loaders must have the same length, so every rank takes the 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
+import functools
 import logging
 import math
 import os
@@ -54,28 +53,35 @@ import signal
 import sys
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from snapens import checkpoint
-from snapens._precision import autocast as _autocast
-from snapens._precision import cpu_supports_bf16, resolve_precision
-from snapens.schedule import FGELR, SnapshotLR, StepDecayLR, SWAScheduleLR
+from snapens import checkpoint, runs
+from snapens._precision import Precision, cpu_supports_bf16, resolve_precision
+from snapens.distributed import (
+    _Ranks,
+    all_ranks_agree,
+    broadcast_object,
+    raise_if_any_rank_failed,
+    resolve_device,
+)
+from snapens.runs import METRICS_FIELDS, STATE_FILE, read_resume_state, run_exists
+from snapens.schedule import make_scheduler
 
 __all__ = [
     "METRICS_FIELDS",
     "STATE_FILE",
     "FitResult",
     "NonFiniteLossError",
+    "Precision",
+    "Scheduler",
     "SnapshotEvent",
     "TrainingInterrupted",
     "all_ranks_agree",
@@ -92,15 +98,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.csv"
-BEST_FILE = "best.safetensors"
-SNAPSHOT_DIR = "snapshots"
-STATE_FORMAT = "snapens-train-state"
-STATE_VERSION = 1
-METRICS_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
-
-_T = TypeVar("_T")
+_PROGRESS_EVERY = 25  # steps between progress-bar texts (each costs one host sync)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -127,6 +125,26 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
     def __len__(self) -> int: ...
+
+
+class Scheduler(Protocol):
+    """What :func:`fit` needs of a scheduler (those of :mod:`snapens.schedule`, see :func:`make_scheduler`)."""
+
+    total_steps: int
+
+    @property
+    def snapshot_steps(self) -> list[int]: ...
+
+    @property
+    def cycle(self) -> int: ...
+
+    def is_cycle_end(self) -> bool: ...
+
+    def step(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -164,163 +182,6 @@ class FitResult:
     steps: int
     train_seconds: float = 0.0
     images_per_second: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------ device, precision
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else must name an available device.
-
-    Raises:
-        ValueError: an unknown device string, or CUDA asked for but not available.
-    """
-    if isinstance(device, torch.device):
-        dev = device
-    elif device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device {str(device)!r}; expected auto, cpu, cuda or cuda:N")
-    return dev
-
-
-# ------------------------------------------------------------------------------------------------- schedules
-
-
-def make_scheduler(
-    schedule: str,
-    optimizer: torch.optim.Optimizer,
-    *,
-    total_steps: int,
-    n_cycles: int,
-    lr_min: float = 0.0,
-    steps_per_epoch: int | None = None,
-    **options: Any,
-) -> SnapshotLR | StepDecayLR | FGELR | SWAScheduleLR:
-    """The scheduler for a schedule name of :data:`snapens.config.SCHEDULES`.
-
-    * ``cosine-cycles``: :class:`~snapens.schedule.SnapshotLR`, ``M`` cosine cycles (the snapshot ensemble);
-      ``options`` ``cycle_decay`` and ``cycle_mult`` shape them.
-    * ``step``: :class:`~snapens.schedule.StepDecayLR` with snapshots at the same steps (the paper's NoCycle).
-    * ``single-cycle``: ``M`` cosine cycles too; :func:`fit` re-initialises the model at each cycle start when
-      given ``reinit_factory`` (``M`` independent models, each trained for ``T / M`` steps).
-    * ``fge``: :class:`~snapens.schedule.FGELR`; ``options`` ``cycle_epochs`` (required; converted to
-      ``cycle_epochs * steps_per_epoch`` steps), ``fge_start``, ``fge_lr1`` and ``fge_lr2`` (multiples of lr0).
-    * ``swa``: :class:`~snapens.schedule.SWAScheduleLR`, a snapshot every ``steps_per_epoch`` steps of the SWA
-      phase; ``options`` ``swa_start`` and ``swa_lr`` (the first param group's SWA rate; the others scale with
-      their lr).
-
-    fge and swa ignore ``n_cycles``: their number of snapshots follows from the budget. Options left out or
-    None take the scheduler's own (the papers') defaults.
-
-    Raises:
-        ValueError: an unknown schedule name or option, or a bad budget.
-    """
-    given = {k: v for k, v in options.items() if v is not None}
-    allowed = {"cosine-cycles": {"cycle_decay", "cycle_mult"}, "single-cycle": {"cycle_decay", "cycle_mult"},
-               "fge": {"fge_start", "cycle_epochs", "fge_lr1", "fge_lr2"}, "swa": {"swa_start", "swa_lr"}}
-    unknown = sorted(set(given) - allowed.get(schedule, set()))
-    if unknown:
-        raise ValueError(f"option(s) {', '.join(unknown)} do not apply to the {schedule!r} schedule")
-    if schedule in ("fge", "swa"):
-        if lr_min:
-            raise ValueError(f"lr_min={lr_min!r} applies to the cosine schedules, not to {schedule}")
-        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-            raise ValueError(f"the {schedule} schedule needs steps_per_epoch >= 1, got {steps_per_epoch!r}")
-    if schedule in ("cosine-cycles", "single-cycle"):
-        return SnapshotLR(optimizer, total_steps=total_steps, n_cycles=n_cycles, lr_min=lr_min, **given)
-    if schedule == "step":
-        if lr_min:
-            raise ValueError(f"lr_min={lr_min!r} applies to the cosine schedules; the step schedule decays lr0 "
-                             "by 10x at 50% and again at 75% of the budget")
-        return StepDecayLR(optimizer, total_steps=total_steps, n_cycles=n_cycles)
-    if schedule == "fge":
-        if "cycle_epochs" not in given:
-            raise ValueError("the fge schedule needs cycle_epochs (the length of a cycle in epochs)")
-        cycle_epochs = given.pop("cycle_epochs")
-        renamed = {"fge_start": "fge_start", "fge_lr1": "lr1_factor", "fge_lr2": "lr2_factor"}
-        cycle_steps = int(cycle_epochs) * steps_per_epoch
-        try:
-            return FGELR(optimizer, total_steps=total_steps, cycle_steps=cycle_steps,
-                         **{renamed[k]: v for k, v in given.items()})
-        except ValueError as exc:  # say it in epochs too: that is what the user chose
-            raise ValueError(f"cycle_epochs={cycle_epochs} ({cycle_steps} steps of {steps_per_epoch} per epoch), "
-                             f"epochs={total_steps / steps_per_epoch:g}: {exc}") from exc
-    if schedule == "swa":
-        kwargs = {"swa_start": given["swa_start"]} if "swa_start" in given else {}
-        if "swa_lr" in given:
-            group = optimizer.param_groups[0]
-            kwargs["swa_factor"] = given["swa_lr"] / group.get("initial_lr", group["lr"])
-        return SWAScheduleLR(optimizer, total_steps=total_steps, every=steps_per_epoch, **kwargs)
-    raise ValueError(f"unknown schedule {schedule!r}; expected cosine-cycles, step, single-cycle, fge or swa")
-
-
-# ------------------------------------------------------------------------------------------------ run folder
-
-
-def run_exists(run_dir: str | os.PathLike[str]) -> bool:
-    """Whether ``run_dir`` already holds (part of) a training run."""
-    run_dir = Path(run_dir)
-    return any((run_dir / name).exists() for name in (STATE_FILE, METRICS_FILE, BEST_FILE, SNAPSHOT_DIR))
-
-
-def read_resume_state(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load ``run_dir/state.pt`` and check that it can be resumed (without changing anything on disk).
-
-    Raises:
-        ValueError: the folder is not a snapens run, its state is unreadable, or the run already finished.
-    """
-    run_dir = Path(run_dir)
-    path = run_dir / STATE_FILE
-    if not run_dir.is_dir():
-        raise ValueError(f"cannot resume: {run_dir} is not a directory")
-    if not path.is_file():
-        raise ValueError(f"cannot resume: {run_dir} is not a snapens run folder ({STATE_FILE} is missing)")
-    state = checkpoint.load_training_state(path)
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"cannot resume: {path} is not a snapens training state")
-    if state.get("format_version") != STATE_VERSION:
-        raise ValueError(f"cannot resume: {path} has unsupported format_version {state.get('format_version')!r}")
-    if state.get("finished"):
-        raise ValueError(
-            f"cannot resume: the run in {run_dir} already finished ({state['epoch']} epochs, "
-            f"{state['n_cycles']} snapshots); start a new run in another folder"
-        )
-    return state
-
-
-def _remove_stale_temp_files(run_dir: Path) -> None:
-    # Left behind by a process killed between writing a temp file and renaming it (checkpoint._atomic_open).
-    for folder in (run_dir, run_dir / SNAPSHOT_DIR):
-        for tmp in folder.glob(".*.tmp"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-                logger.debug("removed stale temporary file %s", tmp)
-
-
-def _write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRICS_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in METRICS_FIELDS})
-    checkpoint.atomic_write_text(path, buf.getvalue())
-
-
-def _fmt(value: float | int | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.6g}"
 
 
 # ------------------------------------------------------------------------------------------ background writes
@@ -434,126 +295,6 @@ class _SignalGuard:
         self._previous.clear()
 
 
-# -------------------------------------------------------------------------------------------- many processes
-
-# Default group -> its gloo control group. Weak keys: holding a destroyed default group alive until the
-# interpreter exits would let gloo's threads die unjoined there (std::terminate, SIGABRT at exit).
-_CONTROL_GROUPS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _control_group() -> Any:
-    """A gloo group over all ranks for control messages: CPU tensors, so they never wait on a GPU stream.
-
-    The default group itself when it is gloo; otherwise (NCCL) a second group, made once per default group,
-    by every rank at the same point (its first control message).
-    """
-    world = dist.group.WORLD
-    if dist.get_backend() == "gloo":
-        return world
-    group = _CONTROL_GROUPS.get(world)
-    if group is None:
-        group = _CONTROL_GROUPS[world] = dist.new_group(backend="gloo")
-    return group
-
-
-class _Ranks:
-    """Where this process stands in the process group, and the control messages :func:`fit` sends.
-
-    Outside ``torch.distributed`` (or with one rank) ``enabled`` is False, ``rank`` 0 and no method may be
-    called. Every method is a collective: every rank calls it at the same point of the loop.
-    """
-
-    def __init__(self) -> None:
-        self.enabled = _distributed()
-        self.rank = dist.get_rank() if self.enabled else 0
-        self.world_size = dist.get_world_size() if self.enabled else 1
-        self.group = _control_group() if self.enabled else None
-
-    def sum(self, values: Sequence[float]) -> list[float]:
-        t = torch.tensor(list(values), dtype=torch.float64)
-        dist.all_reduce(t, group=self.group)
-        return t.tolist()
-
-    def max_int(self, value: int) -> int:
-        t = torch.tensor([int(value)], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return int(t[0])
-
-    def from_rank0(self, values: Sequence[float]) -> list[float]:
-        t = torch.tensor(list(values), dtype=torch.float64)
-        dist.broadcast(t, src=0, group=self.group)
-        return t.tolist()
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def barrier(self) -> None:
-        dist.barrier(group=self.group)
-
-
-def raise_if_any_rank_failed(error: BaseException | None) -> None:
-    """Collective error check: if any rank passes an error, every rank raises; else every rank returns.
-
-    Call it on every rank at the same point, with the exception this rank caught (or None). A failing rank
-    re-raises its own error, the others raise a ValueError naming the failed ranks, so none is left waiting
-    in a later collective. Outside ``torch.distributed`` it just re-raises ``error``.
-
-    Raises:
-        BaseException: ``error`` itself on a rank that failed.
-        ValueError: on the other ranks, when some rank failed.
-    """
-    if not _distributed():
-        if error is not None:
-            raise error
-        return
-    ranks = _Ranks()
-    flags = torch.zeros(ranks.world_size, dtype=torch.int64)
-    flags[ranks.rank] = int(error is not None)
-    dist.all_reduce(flags, group=ranks.group)
-    if error is not None:
-        raise error
-    failed = [r for r, bad in enumerate(flags.tolist()) if bad]
-    if failed:
-        raise ValueError(f"rank(s) {', '.join(map(str, failed))} failed before training (see their error); "
-                         "stopped on every rank")
-
-
-@contextlib.contextmanager
-def all_ranks_agree() -> Iterator[None]:
-    """Run a block of checks that either passes on every rank or raises on every rank.
-
-    The block must not use collectives itself. A single process just runs it.
-
-    Example:
-        >>> with all_ranks_agree():
-        ...     validate_arguments()  # raises ValueError on one rank -> every rank raises
-    """
-    error: Exception | None = None
-    try:
-        yield
-    except Exception as exc:
-        error = exc
-    raise_if_any_rank_failed(error)
-
-
-def broadcast_object(obj: _T) -> _T:
-    """Rank 0's ``obj`` on every rank (a picklable value, e.g. a run folder named after rank 0's clock).
-
-    Returns ``obj`` itself outside ``torch.distributed``.
-    """
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=_control_group())
-    return box[0]
-
-
 # ---------------------------------------------------------------------------------------------------- fit
 
 
@@ -603,11 +344,332 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> to
     return F.cross_entropy(logits, y)
 
 
+def _check_arguments(
+    *, epochs: int, train_loader: Loader, scheduler: Scheduler, stop_check_every: int, device: str | torch.device,
+    precision: str | Precision, sync_batchnorm: bool, ranks: _Ranks, run_dir: Path, resume: bool, model_name: str,
+) -> tuple[torch.device, Precision, dict[str, Any] | None]:
+    """The device, the precision and the resume state (None for a fresh run), or a ValueError."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch < 1:
+        raise ValueError("the training loader yields no batches")
+    total_steps = epochs * steps_per_epoch
+    if scheduler.total_steps != total_steps:
+        raise ValueError(f"scheduler was built for {scheduler.total_steps!r} steps, but epochs * len(train_loader) "
+                         f"= {epochs} * {steps_per_epoch} = {total_steps}")
+    if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
+        raise ValueError(f"stop_check_every must be a positive integer, got {stop_check_every!r}")
+    dev = resolve_device(device)
+    prec = Precision.resolve(precision, dev)
+    if sync_batchnorm and ranks.enabled and dev.type != "cuda":
+        raise ValueError(f"sync_batchnorm needs CUDA devices (torch's SyncBatchNorm), got {dev}")
+    if resume:
+        expect = {"total_steps": total_steps, "n_cycles": len(scheduler.snapshot_steps), "epochs": epochs,
+                  "snapshot_steps": list(scheduler.snapshot_steps), "model_name": model_name,
+                  "world_size": ranks.world_size}
+        return dev, prec, read_resume_state(run_dir, expect=expect)
+    if run_exists(run_dir):
+        raise ValueError(f"{run_dir} already holds a training run; resume it or choose another folder")
+    return dev, prec, None
+
+
+@dataclass
+class _Progress:
+    """Where :func:`fit` stands: the counters and history that ``state.pt`` records, and the epoch's sums."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress (0-based), = epochs done
+    skip: int = 0  # batches of that epoch trained before a stop (a resume skips them)
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    rows: list[dict[str, float]] = field(default_factory=list)
+    partial: dict[str, Any] | None = None  # the stopped epoch's sums, from state.pt
+    # The epoch's running sums stay on the device: one host sync per epoch (and per progress text / snapshot).
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    correct: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    seen: int = 0
+    seconds: float = 0.0  # training seconds of the epoch, counted in stretches from t0
+    t0: float = 0.0
+    lr: float = 0.0  # the rate of the last step
+    epoch_val: tuple[float, float] | None = None  # a validation at a snapshot that also ended the epoch
+    train_seconds: float = 0.0  # this call's
+    images: int = 0
+
+    def pause(self) -> None:
+        self.seconds += time.perf_counter() - self.t0
+
+    def go(self) -> None:
+        self.t0 = time.perf_counter()
+
+
+@dataclass
+class _Job:
+    """The fixed parts of one :func:`fit` call and the loop's actions on a :class:`_Progress`."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    precision: Precision
+    device: torch.device
+    ranks: _Ranks
+    run_dir: Path
+    epochs: int
+    steps_per_epoch: int
+    model_name: str
+    model_kwargs: dict[str, Any]
+    val_loader: Loader | None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    channels_last: bool
+    stop_check_every: int
+    reinit_factory: Callable[[], nn.Module] | None
+    reinit_seed: int
+    on_cycle_end: Callable[[SnapshotEvent], None] | None
+    forward: Callable[[torch.Tensor], torch.Tensor] = field(init=False)
+    eval_forward: Callable[[torch.Tensor], torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.writer = self.ranks.rank == 0  # rank 0 alone writes files
+        self.state_path = self.run_dir / runs.STATE_FILE
+        self.store = checkpoint.SnapshotStore(self.run_dir / runs.SNAPSHOT_DIR)
+        self.snapshot_steps = list(self.scheduler.snapshot_steps)
+
+    def prepare(self, sync_batchnorm: bool, compile: bool, state: dict[str, Any] | None) -> _Progress:
+        """Move the model to the device, load ``state`` (or make the folder), wrap in DDP and compile."""
+        if sync_batchnorm and self.ranks.enabled:  # reuses the parameters: the optimizer stays valid
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        elif sync_batchnorm:
+            logger.info("sync_batchnorm ignored: a single process")
+        self.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        run = self._load(state) if state is not None else _Progress()
+        if state is None and self.writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            runs.remove_stale_temp_files(self.run_dir)  # e.g. of a state.pt a kill before the first step left
+        # Snapshots and states always come from `model` itself, never from the DDP or compiled wrappers.
+        train_module: nn.Module = self.model
+        if self.ranks.enabled:  # after the resume load; DDP broadcasts rank 0's weights anyway
+            dev = self.device
+            ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
+            train_module = DistributedDataParallel(self.model, device_ids=ids)
+        self.forward = torch.compile(train_module) if compile else train_module  # type: ignore[assignment]
+        # Rank 0 validates alone, so validation must not go through DDP's forward (which may talk to the others).
+        self.eval_forward = ((torch.compile(self.model) if compile else self.model)  # type: ignore[assignment]
+                             if self.ranks.enabled else self.forward)
+        train_module.train()
+        return run
+
+    def _load(self, state: dict[str, Any]) -> _Progress:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state.get("scaler"))
+        runs.restore_rng_state(state["rng_ranks"][self.ranks.rank] if self.ranks.enabled else state["rng"])
+        run = _Progress(step=int(state["step"]), epoch=int(state["epoch"]), skip=int(state["batch"]),
+                        best_val_acc=float(state["best_val_acc"]), best_epoch=int(state["best_epoch"]),
+                        rows=[dict(r) for r in state["rows"]], partial=state.get("partial"))
+        logger.info("resuming %s at epoch %d, batch %d (step %d of %d)", self.run_dir, run.epoch + 1, run.skip,
+                    run.step, self.scheduler.total_steps)
+        if self.writer:
+            runs.remove_stale_temp_files(self.run_dir)
+            runs.write_metrics(self.run_dir / runs.METRICS_FILE, run.rows)  # drop rows written after the state
+        return run
+
+    def begin_epoch(self, run: _Progress, epoch: int) -> None:
+        run.epoch, run.epoch_val, run.seen, run.seconds = epoch, None, 0, 0.0
+        run.loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        run.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        if run.partial is not None and run.skip:
+            mine = run.partial["ranks"][self.ranks.rank] if self.ranks.enabled else run.partial  # each its own
+            run.loss_sum += mine["loss_sum"].to(self.device)
+            run.correct += mine["correct"].to(self.device)
+            run.seen, run.seconds = int(mine["seen"]), float(run.partial["seconds"])
+        run.partial = None
+        run.lr = self.optimizer.param_groups[0]["lr"]
+        run.go()
+
+    def train_step(self, run: _Progress, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = _to_device(x, y, self.device, self.channels_last)
+        run.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step runs at (set before it)
+        with self.precision.autocast():
+            logits = self.forward(x)
+            loss = self.loss_fn(logits, y, x)
+        self.precision.backward_and_step(loss, self.optimizer)
+        run.loss_sum.add_(loss.detach(), alpha=y.shape[0])
+        run.correct.add_((logits.detach().argmax(1) == y).sum())
+        run.seen += y.shape[0]
+        run.step += 1
+
+    def totals(self, run: _Progress) -> tuple[Any, Any, int]:
+        """The epoch's sums so far over all ranks (a non-finite loss on any rank is non-finite everywhere)."""
+        if not self.ranks.enabled:
+            return run.loss_sum, run.correct, run.seen
+        loss_all, correct_all, seen_all = self.ranks.sum([float(run.loss_sum), float(run.correct), float(run.seen)])
+        return loss_all, correct_all, int(seen_all)
+
+    def validate(self) -> tuple[float, float]:
+        if self.val_loader is None:
+            return math.nan, math.nan
+        args = (self.model, self.val_loader, self.device, self.precision.autocast, self.channels_last)
+        if not self.ranks.enabled:
+            return _validate(self.forward, *args)
+        # Rank 0 validates the whole split while the others wait in the broadcast.
+        val_loss, val_acc = self.ranks.from_rank0(_validate(self.eval_forward, *args) if self.writer
+                                                  else (math.nan, math.nan))
+        return val_loss, val_acc
+
+    def gather_rng(self) -> list[dict[str, Any]] | None:
+        # Every rank's generators: dropout draws differ per rank and must continue per rank after a resume.
+        return self.ranks.all_gather(runs.capture_rng_state()) if self.ranks.enabled else None
+
+    def stop_signal(self, guard: _SignalGuard, batch: int | None = None) -> int | None:
+        """The signal that stops every rank after ``batch`` (None: at the epoch end), or None to go on."""
+        if not self.ranks.enabled:
+            return guard.signum
+        if batch is not None and (batch + 1) % self.stop_check_every:
+            return None
+        return self.ranks.max_int(guard.signum or 0) or None  # a collective: the largest signal any rank got
+
+    def state(self, run: _Progress, *, epoch: int, batch: int, finished: bool, partial: dict[str, Any] | None,
+              rng_ranks: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """The resume state (:mod:`snapens.runs`): resuming it continues after ``batch`` batches of ``epoch``."""
+        return {
+            "format": runs.STATE_FORMAT, "format_version": runs.STATE_VERSION, "finished": finished,
+            "epoch": epoch, "batch": batch, "step": run.step, "epochs": self.epochs,
+            "total_steps": self.scheduler.total_steps, "n_cycles": len(self.snapshot_steps),
+            "snapshot_steps": self.snapshot_steps, "model_name": self.model_name,
+            "model": checkpoint.unwrap_state_dict(self.model), "optimizer": _cpu_copy(self.optimizer.state_dict()),
+            "scheduler": _cpu_copy(self.scheduler.state_dict()), "scaler": _cpu_copy(self.precision.state_dict()),
+            "rng": rng_ranks[0] if rng_ranks else runs.capture_rng_state(), "rng_ranks": rng_ranks,
+            "world_size": self.ranks.world_size, "best_val_acc": run.best_val_acc, "best_epoch": run.best_epoch,
+            "rows": [dict(r) for r in run.rows], "partial": partial, "extra": {},
+        }
+
+    def save_start(self, run: _Progress, guard: _SignalGuard) -> None:
+        # A state before the first step, written synchronously: a run killed before its first epoch end can
+        # still be resumed (from the start, bit-exactly) rather than being neither resumable nor restartable.
+        rng_ranks = self.gather_rng()
+        if self.writer:
+            with guard.critical():
+                runs.save_training_state(self.state_path, self.state(run, epoch=0, batch=0, finished=False,
+                                                                     partial=None, rng_ranks=rng_ranks))
+
+    def save_stopped(self, run: _Progress, batch: int, writes: _BackgroundWriter, guard: _SignalGuard) -> None:
+        """The state after ``batch`` of the epoch, with every rank's partial sums (a resumed epoch adds up
+        exactly as this one would); no rank returns before it is on disk."""
+        run.pause()
+        _check_finite(*self.totals(run), run.epoch, run.step)
+        rng_ranks = self.gather_rng()
+        sums = {"loss_sum": run.loss_sum.cpu(), "correct": run.correct.cpu(), "seen": run.seen}
+        sums_ranks = self.ranks.all_gather(sums) if self.ranks.enabled else None
+        if self.writer:
+            partial = {**sums, "seconds": run.seconds, "ranks": sums_ranks}
+            writes.wait()
+            with guard.critical():
+                runs.save_training_state(self.state_path, self.state(
+                    run, epoch=run.epoch, batch=batch + 1, finished=False, partial=partial, rng_ranks=rng_ranks))
+        if self.ranks.enabled:
+            self.ranks.barrier()  # nobody exits (and makes torchrun stop the rest) before the state is saved
+
+    def snapshot(self, run: _Progress, batch: int, writes: _BackgroundWriter, guard: _SignalGuard) -> int:
+        """Validate and save the snapshot of the cycle that the step just taken ended; returns its index."""
+        run.pause()
+        index, step = self.scheduler.cycle + 1, run.step
+        epoch = run.epoch + (batch + 1) / self.steps_per_epoch
+        train_loss, train_acc = _check_finite(*self.totals(run), run.epoch, step)
+        val_loss, val_acc = self.validate()
+        if batch + 1 == self.steps_per_epoch:
+            run.epoch_val = (val_loss, val_acc)  # the epoch ends here too: reuse this validation
+        metrics = {"train_loss": train_loss, "train_acc": train_acc}
+        if self.val_loader is not None:
+            metrics |= {"val_loss": val_loss, "val_acc": val_acc}
+        writes.wait()  # the ordering promise: the previous epoch's files first
+        with guard.critical():
+            # With many ranks only rank 0 copies the weights (the ones saved), and its verdict holds for all.
+            weights = checkpoint.unwrap_state_dict(self.model) if self.writer else None
+            finite = _all_finite(weights) if weights is not None else True
+            if self.ranks.enabled:
+                finite = bool(self.ranks.from_rank0([float(finite)])[0])
+            if not finite:  # a step can blow up the weights while its own loss was still finite
+                raise NonFiniteLossError(
+                    f"the weights became NaN/inf at step {step} (epoch {epoch:.2f}); snapshot {index} not saved, "
+                    "earlier snapshots are kept. Try a lower learning rate or fp32 precision.")
+            path = self.store.folder / checkpoint.snapshot_filename(index)
+            if weights is not None:
+                path = self.store.save(weights, index=index, step=step, epoch=round(epoch, 6), lr=float(run.lr),
+                                       model_name=self.model_name, model_kwargs=self.model_kwargs,
+                                       metrics=metrics).path
+            val = f", val acc {100 * metrics['val_acc']:.2f}%" if "val_acc" in metrics else ""
+            logger.info("*** snapshot %d/%d at step %d (epoch %.2f, lr %.3g%s) -> %s", index, len(self.snapshot_steps),
+                        step, epoch, run.lr, val, path)
+            if self.on_cycle_end is not None:
+                self.on_cycle_end(SnapshotEvent(index=index, step=step, epoch=epoch, lr=float(run.lr),
+                                                metrics=dict(metrics), path=path))
+        run.go()
+        return index
+
+    def next_cycle(self, index: int) -> None:
+        """After snapshot ``index``: an independent model for the next cycle, with ``reinit_factory``."""
+        if self.reinit_factory is not None and index < len(self.snapshot_steps):
+            _reinitialise(self.model, self.optimizer, self.reinit_factory, self.reinit_seed + index)
+
+    def end_epoch(self, run: _Progress, writes: _BackgroundWriter) -> dict[str, float]:
+        """Validate, log, and submit the epoch's files (best, metrics.csv, then state.pt); returns its row."""
+        run.pause()
+        run.train_seconds += run.seconds
+        run.skip = 0
+        loss_now, correct_now, seen_now = self.totals(run)
+        run.images += seen_now
+        train_loss, train_acc = _check_finite(loss_now, correct_now, seen_now, run.epoch, run.step)
+        val_loss, val_acc = run.epoch_val if run.epoch_val is not None else self.validate()
+        done = run.epoch + 1
+        row = {"epoch": done, "step": run.step, "lr": run.lr, "train_loss": train_loss, "train_acc": train_acc,
+               "val_loss": val_loss, "val_acc": val_acc, "seconds": run.seconds}
+        run.rows.append(row)
+        improved = self.val_loader is not None and val_acc > run.best_val_acc
+        if improved:
+            run.best_val_acc, run.best_epoch = val_acc, done
+        rng_ranks = self.gather_rng()
+        if self.writer:
+            best = checkpoint.unwrap_state_dict(self.model) if improved else None
+            best_meta = {"model": {"name": self.model_name, "kwargs": self.model_kwargs}, "epoch": done,
+                         "step": run.step, "val_acc": val_acc, "val_loss": val_loss}
+            state = self.state(run, epoch=done, batch=0, finished=done == self.epochs, partial=None,
+                               rng_ranks=rng_ranks)
+            writes.submit(functools.partial(_write_epoch_files, self.run_dir, best, best_meta,
+                                            [dict(r) for r in run.rows], state))
+        logger.info(
+            "epoch %d/%d  step %d  lr %.4g  loss %.4f  acc %.2f%%%s  %.1fs  %.0f img/s%s",
+            done, self.epochs, run.step, run.lr, train_loss, 100 * train_acc,
+            f"  val loss {val_loss:.4f}  val acc {100 * val_acc:.2f}%" if self.val_loader is not None else "",
+            run.seconds, seen_now / max(run.seconds, 1e-9), "  (best)" if improved else "",
+        )
+        return row
+
+    def result(self, run: _Progress) -> FitResult:
+        return FitResult(
+            run_dir=self.run_dir, snapshots=self.store.list() if self.writer else [], rows=run.rows,
+            best_val_acc=run.best_val_acc if self.val_loader is not None else math.nan, best_epoch=run.best_epoch,
+            steps=run.step, train_seconds=run.train_seconds,
+            images_per_second=run.images / max(run.train_seconds, 1e-9),
+        )
+
+
+def _write_epoch_files(run_dir: Path, best: dict[str, torch.Tensor] | None, best_meta: dict[str, Any],
+                       rows: list[dict[str, float]], state: dict[str, Any]) -> None:
+    # Order matters for crash safety: state.pt last, so a crash before it replays this epoch.
+    if best is not None:
+        checkpoint.save_weights(run_dir / runs.BEST_FILE, best, best_meta)
+    runs.write_metrics(run_dir / runs.METRICS_FILE, rows)
+    runs.save_training_state(run_dir / runs.STATE_FILE, state)
+
+
 def fit(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: SnapshotLR | StepDecayLR | FGELR | SWAScheduleLR,
+    scheduler: Scheduler,
     train_loader: Loader,
     epochs: int,
     run_dir: str | os.PathLike[str],
@@ -616,7 +678,7 @@ def fit(
     val_loader: Loader | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
-    precision: str = "fp32",
+    precision: str | Precision = "fp32",
     channels_last: bool = True,
     compile: bool = False,
     reinit_factory: Callable[[], nn.Module] | None = None,
@@ -625,12 +687,9 @@ def fit(
     on_cycle_end: Callable[[SnapshotEvent], None] | None = None,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
     progress: bool = False,
-    progress_every: int = 25,
     handle_signals: bool = True,
-    rank: int | None = None,
     sync_batchnorm: bool = False,
     stop_check_every: int = 10,
-    extra_state: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``epochs`` epochs and save a snapshot at the end of every scheduler cycle.
 
@@ -662,8 +721,8 @@ def fit(
         loss_fn: ``(logits, y, x) -> mean loss`` (``x`` is the batch's input, e.g. for a distillation
             teacher); cross-entropy of ``logits`` and ``y`` by default.
         device: where to train (under torchrun: this rank's device, e.g. ``cuda:LOCAL_RANK``).
-        precision: ``fp32``, ``bf16`` or ``fp16`` autocast (``auto`` is resolved by :func:`resolve_precision`);
-            ``fp16`` uses a gradient scaler.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast (``auto`` is resolved by :func:`resolve_precision`),
+            or a :class:`~snapens._precision.Precision` resolved before; ``fp16`` uses a gradient scaler.
         channels_last: put 4-D inputs and conv weights in channels-last memory format.
         compile: run the forward pass through ``torch.compile`` (snapshots come from the unwrapped model).
         reinit_factory: with it, the model is re-initialised at the start of every cycle after the first from
@@ -674,15 +733,11 @@ def fit(
         on_cycle_end: called with a :class:`SnapshotEvent` after each snapshot (on every rank).
         on_epoch_end: called with each epoch's metrics row (on every rank; the rows are identical).
         progress: show a tqdm bar per epoch (rank 0 only).
-        progress_every: steps between progress-bar updates (each costs one host sync).
         handle_signals: catch SIGINT/SIGTERM, save the state and raise :class:`TrainingInterrupted`.
-        rank: only rank 0 writes files. None: the process group's rank (0 without one); if given under a
-            process group it must equal the group's rank.
         sync_batchnorm: with many processes, convert BatchNorm layers to ``SyncBatchNorm`` (batch statistics
             over the global batch; CUDA only; the module is changed in place). Ignored in a single process.
         stop_check_every: with many processes, steps between the all-reduces of the stop flag: the most
             steps a rank trains on after a signal reached another rank.
-        extra_state: JSON-like values stored in the state file (e.g. the config), returned unchanged.
 
     Returns:
         A :class:`FitResult` (``snapshots`` is empty on ranks other than 0).
@@ -693,296 +748,73 @@ def fit(
         NonFiniteLossError: the loss became NaN/inf; earlier snapshots are kept.
         TrainingInterrupted: SIGINT/SIGTERM arrived; the state was saved first.
     """
-    ranks = _Ranks()
+    ranks, run_dir = _Ranks(), Path(run_dir)
     with all_ranks_agree():
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-        steps_per_epoch = len(train_loader)
-        if steps_per_epoch < 1:
-            raise ValueError("the training loader yields no batches")
-        total_steps = epochs * steps_per_epoch
-        if getattr(scheduler, "total_steps", None) != total_steps:
-            raise ValueError(
-                f"scheduler was built for {getattr(scheduler, 'total_steps', None)!r} steps, but epochs * "
-                f"len(train_loader) = {epochs} * {steps_per_epoch} = {total_steps}"
-            )
-        if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
-            raise ValueError(f"stop_check_every must be a positive integer, got {stop_check_every!r}")
-        if ranks.enabled and rank is not None and rank != ranks.rank:
-            raise ValueError(f"rank={rank} was passed, but this process is rank {ranks.rank} of the process group")
-        snapshot_steps = list(scheduler.snapshot_steps)
-        n_cycles = len(snapshot_steps)
-        snap_index = {s: k for k, s in enumerate(snapshot_steps)}  # step -> 0-based cycle, O(1) per step
-        cycle_starts = {s + 1: k + 1 for k, s in enumerate(snapshot_steps[:-1])}  # step -> cycle beginning there
-        model_kwargs = dict(model_kwargs or {})
-        dev = resolve_device(device)
-        precision = resolve_precision(precision, dev)
-        if sync_batchnorm and ranks.enabled and dev.type != "cuda":
-            raise ValueError(f"sync_batchnorm needs CUDA devices (torch's SyncBatchNorm), got {dev}")
-        run_dir = Path(run_dir)
-        state_path = run_dir / STATE_FILE
+        dev, prec, state = _check_arguments(
+            epochs=epochs, train_loader=train_loader, scheduler=scheduler, stop_check_every=stop_check_every,
+            device=device, precision=precision, sync_batchnorm=sync_batchnorm, ranks=ranks, run_dir=run_dir,
+            resume=resume, model_name=model_name)
+    steps_per_epoch = len(train_loader)
+    if ranks.enabled and len(set(lengths := ranks.all_gather(steps_per_epoch))) > 1:
+        raise ValueError(f"the ranks' training loaders have different lengths {lengths}; every rank must take "
+                         "the same steps (shard with BatchLoader(rank=..., world_size=...))")
+    job = _Job(model=model, optimizer=optimizer, scheduler=scheduler, precision=prec, device=dev, ranks=ranks,
+               run_dir=run_dir, epochs=epochs, steps_per_epoch=steps_per_epoch, model_name=model_name,
+               model_kwargs=dict(model_kwargs or {}), val_loader=val_loader, loss_fn=loss_fn or _cross_entropy,
+               channels_last=channels_last, stop_check_every=stop_check_every, reinit_factory=reinit_factory,
+               reinit_seed=reinit_seed, on_cycle_end=on_cycle_end)
+    run = job.prepare(sync_batchnorm, compile, state)  # start, or resume from state.pt
 
-        state: dict[str, Any] | None = None
-        if resume:
-            state = read_resume_state(run_dir)
-            for key, now in (("total_steps", total_steps), ("n_cycles", n_cycles), ("epochs", epochs),
-                             ("snapshot_steps", snapshot_steps), ("model_name", model_name),
-                             ("world_size", ranks.world_size)):
-                was = state.get(key, 1) if key == "world_size" else state.get(key)  # older states: 1 process
-                if was != now:
-                    raise ValueError(f"cannot resume {run_dir}: its {key} is {was!r} but this call has {now!r}")
-        elif run_exists(run_dir):
-            raise ValueError(f"{run_dir} already holds a training run; resume it or choose another folder")
-    if ranks.enabled:
-        lengths = ranks.all_gather(steps_per_epoch)
-        if len(set(lengths)) > 1:
-            raise ValueError(f"the ranks' training loaders have different lengths {lengths}; every rank must take "
-                             "the same steps (shard with BatchLoader(rank=..., world_size=...))")
-    writer = (ranks.rank if ranks.enabled else rank or 0) == 0
-    loss_fn = loss_fn or _cross_entropy
-
-    if sync_batchnorm:
-        if ranks.enabled:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # reuses the parameters: optimizer stays valid
-        else:
-            logger.info("sync_batchnorm ignored: a single process")
-    model.to(dev)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
-    autocast = _autocast(dev, precision)
-    store = checkpoint.SnapshotStore(run_dir / SNAPSHOT_DIR)
-
-    start_epoch, skip_batches, step = 0, 0, 0
-    best_val_acc, best_epoch = -1.0, 0
-    rows: list[dict[str, float]] = []
-    partial: dict[str, Any] | None = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        checkpoint.restore_rng_state(state["rng_ranks"][ranks.rank] if ranks.enabled else state["rng"])
-        start_epoch, skip_batches, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
-        best_val_acc, best_epoch = float(state["best_val_acc"]), int(state["best_epoch"])
-        rows = [dict(r) for r in state["rows"]]
-        partial = state.get("partial")
-        logger.info("resuming %s at epoch %d, batch %d (step %d of %d)", run_dir, start_epoch + 1,
-                    skip_batches, step, total_steps)
-        if writer:
-            _remove_stale_temp_files(run_dir)
-            _write_metrics(run_dir / METRICS_FILE, rows)  # drop rows written after the state
-    elif writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_files(run_dir)  # e.g. of a state.pt that a kill before the first step never renamed
-
-    # Snapshots and states always come from `model` itself, never from the DDP or compiled wrappers.
-    train_module: nn.Module = model
-    if ranks.enabled:
-        # Built after the resume load (every rank loaded the same state); DDP broadcasts rank 0's weights anyway.
-        ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
-        train_module = DistributedDataParallel(model, device_ids=ids)
-    forward: Callable[[torch.Tensor], torch.Tensor] = (
-        torch.compile(train_module) if compile else train_module  # type: ignore[assignment]
-    )
-    # Rank 0 validates alone, so validation must not go through DDP's forward (which may talk to the others).
-    eval_forward = (torch.compile(model) if compile else model) if ranks.enabled else forward  # type: ignore
-
-    def make_state(epoch: int, batch: int, finished: bool, partial_now: dict[str, Any] | None,
-                   rng_ranks: list[dict[str, Any]] | None) -> dict[str, Any]:
-        return {
-            "format": STATE_FORMAT, "format_version": STATE_VERSION, "finished": finished,
-            "epoch": epoch, "batch": batch, "step": step, "epochs": epochs, "total_steps": total_steps,
-            "n_cycles": n_cycles, "snapshot_steps": snapshot_steps, "model_name": model_name,
-            "model": checkpoint.unwrap_state_dict(model), "optimizer": _cpu_copy(optimizer.state_dict()),
-            "scheduler": _cpu_copy(scheduler.state_dict()),
-            "scaler": _cpu_copy(scaler.state_dict()) if scaler is not None else None,
-            "rng": rng_ranks[0] if rng_ranks else checkpoint.capture_rng_state(), "rng_ranks": rng_ranks,
-            "world_size": ranks.world_size, "best_val_acc": best_val_acc, "best_epoch": best_epoch,
-            "rows": [dict(r) for r in rows], "partial": partial_now, "extra": _cpu_copy(dict(extra_state or {})),
-        }
-
-    def gather_rng() -> list[dict[str, Any]] | None:
-        # Every rank's generators: dropout draws differ per rank and must continue per rank after a resume.
-        return ranks.all_gather(checkpoint.capture_rng_state()) if ranks.enabled else None
-
-    def totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[Any, Any, int]:
-        # The epoch's sums so far over all ranks (a non-finite loss on any rank makes them non-finite everywhere).
-        if not ranks.enabled:
-            return loss_sum, correct, seen
-        loss_all, correct_all, seen_all = ranks.sum([float(loss_sum), float(correct), float(seen)])
-        return loss_all, correct_all, int(seen_all)
-
-    def validate() -> tuple[float, float]:
-        if val_loader is None:
-            return math.nan, math.nan
-        if not ranks.enabled:
-            return _validate(forward, model, val_loader, dev, autocast, channels_last)
-        # Rank 0 validates the whole split while the others wait in the broadcast.
-        local = _validate(eval_forward, model, val_loader, dev, autocast, channels_last) if writer else (
-            math.nan, math.nan)
-        val_loss, val_acc = ranks.from_rank0(local)
-        return val_loss, val_acc
-
-    def agreed_stop() -> int | None:
-        # The signal any rank received (the largest number if several), or None; a collective.
-        return ranks.max_int(guard.signum or 0) or None
-
-    train_module.train()
-    train_seconds, images_done = 0.0, 0
     writes = _BackgroundWriter()
-    with (_SignalGuard(handle_signals, state_path, second_raises=not ranks.enabled) as guard,
+    with (_SignalGuard(handle_signals, job.state_path, second_raises=not ranks.enabled) as guard,
           _finally(writes.wait)):
         if state is None:
-            # A state before the first step, written synchronously: a run killed before its first epoch end can
-            # still be resumed (from the start, bit-exactly) rather than being neither resumable nor restartable.
-            rng_ranks = gather_rng()
-            if writer:
-                with guard.critical():
-                    checkpoint.save_training_state(state_path, make_state(0, 0, False, None, rng_ranks))
-        for epoch in range(start_epoch, epochs):
+            job.save_start(run, guard)
+        for epoch in range(run.epoch, epochs):
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
-            # Running sums stay on the device: one host sync per epoch (and per progress update / snapshot).
-            loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
-            correct = torch.zeros((), dtype=torch.int64, device=dev)
-            seen, seconds = 0, 0.0
-            if partial is not None and skip_batches:
-                mine = partial["ranks"][ranks.rank] if ranks.enabled else partial  # each rank its own sums
-                loss_sum += mine["loss_sum"].to(dev)
-                correct += mine["correct"].to(dev)
-                seen, seconds = int(mine["seen"]), float(partial["seconds"])
-            partial = None
-            epoch_val: tuple[float, float] | None = None
-            bar = _progress_bar(progress and writer, steps_per_epoch, skip_batches, epoch, epochs)
-            t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
+            job.begin_epoch(run, epoch)
+            bar = _progress_bar(progress and job.writer, steps_per_epoch, run.skip, epoch, epochs)
             for i, (x, y) in enumerate(train_loader):
-                if i < skip_batches:  # replaying a partial epoch: these batches were trained before the stop
+                if i < run.skip:  # replaying a stopped epoch: these batches were trained before the stop
                     continue
-                x, y = _to_device(x, y, dev, channels_last)
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step runs at (set before it)
-                with autocast():
-                    logits = forward(x)
-                    loss = loss_fn(logits, y, x)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    optimizer.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                loss_sum.add_(loss.detach(), alpha=y.shape[0])
-                correct.add_((logits.detach().argmax(1) == y).sum())
-                seen += y.shape[0]
-
-                cycle = snap_index.get(step)
-                step += 1
-                if cycle is not None:
-                    seconds += time.perf_counter() - t0
-                    train_loss, train_acc = _check_finite(*totals(loss_sum, correct, seen), epoch, step)
-                    val_loss, val_acc = validate()
-                    if i + 1 == steps_per_epoch:
-                        epoch_val = (val_loss, val_acc)  # the epoch ends here too: reuse this validation
-                    metrics = {"train_loss": train_loss, "train_acc": train_acc}
-                    if val_loader is not None:
-                        metrics |= {"val_loss": val_loss, "val_acc": val_acc}
-                    writes.wait()  # the ordering promise: the previous epoch's files first
-                    with guard.critical():
-                        _take_snapshot(store, model, writer, ranks, index=cycle + 1, step=step,
-                                       epoch=epoch + (i + 1) / steps_per_epoch, lr=lr, model_name=model_name,
-                                       model_kwargs=model_kwargs, metrics=metrics, n_cycles=n_cycles,
-                                       on_cycle_end=on_cycle_end)
-                    t0 = time.perf_counter()
-                scheduler.step()
-                if reinit_factory is not None and step in cycle_starts:
-                    _reinitialise(model, optimizer, reinit_factory, reinit_seed + cycle_starts[step])
-                if bar is not None:
-                    bar.update(1)
-                    if (i + 1) % progress_every == 0:
-                        bar.set_postfix_str(_postfix(loss_sum, correct, seen, lr, seconds + time.perf_counter() - t0))
-                stop: int | None = None
-                if i + 1 < steps_per_epoch:  # a stop at an epoch end is handled below, with the epoch's state
-                    if not ranks.enabled:
-                        stop = guard.signum
-                    elif (i + 1) % stop_check_every == 0:
-                        stop = agreed_stop()
+                job.train_step(run, x, y)
+                cycle_end = scheduler.is_cycle_end()  # the step just taken ends a cycle: snapshot it
+                if cycle_end:
+                    index = job.snapshot(run, i, writes, guard)
+                scheduler.step()  # the rate of the next step
+                if cycle_end:
+                    job.next_cycle(index)
+                _tick(bar, run, i)
+                # A stop at the epoch end is handled below, with the epoch's state.
+                stop = job.stop_signal(guard, i) if i + 1 < steps_per_epoch else None
                 if stop is not None:
-                    seconds += time.perf_counter() - t0
-                    _check_finite(*totals(loss_sum, correct, seen), epoch, step)
-                    rng_ranks = gather_rng()
-                    # Every rank's own partial sums, so that a resumed epoch adds up exactly as this one would.
-                    sums = {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen}
-                    sums_ranks = ranks.all_gather(sums) if ranks.enabled else None
-                    if writer:
-                        part = {**sums, "seconds": seconds, "ranks": sums_ranks}
-                        writes.wait()
-                        with guard.critical():
-                            checkpoint.save_training_state(state_path,
-                                                           make_state(epoch, i + 1, False, part, rng_ranks))
                     if bar is not None:
                         bar.close()
-                    if ranks.enabled:
-                        ranks.barrier()  # nobody exits (and makes torchrun stop the rest) before the state is saved
-                    raise TrainingInterrupted(stop, state_path)
-            seconds += time.perf_counter() - t0
+                    job.save_stopped(run, i, writes, guard)
+                    raise TrainingInterrupted(stop, job.state_path)
             if bar is not None:
                 bar.close()
-            train_seconds += seconds
-            skip_batches = 0
-
-            loss_now, correct_now, seen_now = totals(loss_sum, correct, seen)
-            images_done += seen_now
-            train_loss, train_acc = _check_finite(loss_now, correct_now, seen_now, epoch, step)
-            val_loss, val_acc = epoch_val if epoch_val is not None else validate()
-            row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                   "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds}
-            rows.append(row)
-            improved = val_loader is not None and val_acc > best_val_acc
-            if improved:
-                best_val_acc, best_epoch = val_acc, epoch + 1
-            rng_ranks = gather_rng()
-            if writer:
-                best = checkpoint.unwrap_state_dict(model) if improved else None
-                best_meta = {"model": {"name": model_name, "kwargs": model_kwargs}, "epoch": epoch + 1, "step": step,
-                             "val_acc": val_acc, "val_loss": val_loss}
-                epoch_state = make_state(epoch + 1, 0, epoch + 1 == epochs, None, rng_ranks)
-                rows_now = [dict(r) for r in rows]
-
-                def epoch_end_writes(best=best, best_meta=best_meta, epoch_state=epoch_state, rows_now=rows_now):
-                    # Order matters for crash safety: state.pt last, so a crash before it replays this epoch.
-                    if best is not None:
-                        checkpoint.save_weights(run_dir / BEST_FILE, best, best_meta)
-                    _write_metrics(run_dir / METRICS_FILE, rows_now)
-                    checkpoint.save_training_state(state_path, epoch_state)
-
-                writes.submit(epoch_end_writes)
-            logger.info(
-                "epoch %d/%d  step %d  lr %.4g  loss %.4f  acc %.2f%%%s  %.1fs  %.0f img/s%s",
-                epoch + 1, epochs, step, lr, train_loss, 100 * train_acc,
-                f"  val loss {val_loss:.4f}  val acc {100 * val_acc:.2f}%" if val_loader is not None else "",
-                seconds, seen_now / max(seconds, 1e-9), "  (best)" if improved else "",
-            )
+            row = job.end_epoch(run, writes)  # validate, log, save the state (in the background)
             if on_epoch_end is not None:
                 on_epoch_end(dict(row))
-            stop = agreed_stop() if ranks.enabled else guard.signum
+            stop = job.stop_signal(guard)
             if stop is not None and epoch + 1 < epochs:
                 if ranks.enabled:
                     writes.wait()
                     ranks.barrier()  # the epoch's state is on disk before any rank leaves
-                raise TrainingInterrupted(stop, state_path)
+                raise TrainingInterrupted(stop, job.state_path)
     if ranks.enabled:
         ranks.barrier()  # when fit returns on any rank, rank 0's files are complete
+    return job.result(run)
 
-    snapshots = store.list() if writer else []
-    return FitResult(
-        run_dir=run_dir, snapshots=snapshots, rows=rows,
-        best_val_acc=best_val_acc if val_loader is not None else math.nan, best_epoch=best_epoch, steps=step,
-        train_seconds=train_seconds, images_per_second=images_done / max(train_seconds, 1e-9),
-        extra=dict(extra_state or {}),
-    )
+
+def _tick(bar: Any, run: _Progress, batch: int) -> None:
+    if bar is not None:
+        bar.update(1)
+        if (batch + 1) % _PROGRESS_EVERY == 0:
+            bar.set_postfix_str(_postfix(run.loss_sum, run.correct, run.seen, run.lr,
+                                         run.seconds + time.perf_counter() - run.t0))
 
 
 @contextlib.contextmanager
@@ -1008,45 +840,6 @@ def _check_finite(
             "before are kept. Try a lower learning rate or fp32 precision."
         )
     return total / max(seen, 1), int(correct) / max(seen, 1)
-
-
-def _take_snapshot(
-    store: checkpoint.SnapshotStore,
-    model: nn.Module,
-    writer: bool,
-    ranks: _Ranks,
-    *,
-    index: int,
-    step: int,
-    epoch: float,
-    lr: float,
-    model_name: str,
-    model_kwargs: dict[str, Any],
-    metrics: dict[str, float],
-    n_cycles: int,
-    on_cycle_end: Callable[[SnapshotEvent], None] | None,
-) -> None:
-    # With many ranks only rank 0 copies the weights (the ones saved), and its verdict holds for all.
-    weights = checkpoint.unwrap_state_dict(model) if writer or not ranks.enabled else None
-    finite = _all_finite(weights) if weights is not None else True
-    if ranks.enabled:
-        finite = bool(ranks.from_rank0([float(finite)])[0])
-    if not finite:  # a step can blow up the weights while its own loss was still finite
-        raise NonFiniteLossError(
-            f"the weights became NaN/inf at step {step} (epoch {epoch:.2f}); snapshot {index} not saved, "
-            "earlier snapshots are kept. Try a lower learning rate or fp32 precision."
-        )
-    path = store.folder / checkpoint.snapshot_filename(index)
-    if writer and weights is not None:
-        info = store.save(weights, index=index, step=step, epoch=round(epoch, 6), lr=float(lr),
-                          model_name=model_name, model_kwargs=model_kwargs, metrics=metrics)
-        path = info.path
-    val = f", val acc {100 * metrics['val_acc']:.2f}%" if "val_acc" in metrics else ""
-    logger.info("*** snapshot %d/%d at step %d (epoch %.2f, lr %.3g%s) -> %s", index, n_cycles, step, epoch,
-                lr, val, path)
-    if on_cycle_end is not None:
-        on_cycle_end(SnapshotEvent(index=index, step=step, epoch=epoch, lr=float(lr), metrics=dict(metrics),
-                                   path=path))
 
 
 def _reinitialise(

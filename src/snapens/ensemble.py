@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from snapens import _checks
+from snapens import _checks, runs
 from snapens._precision import autocast as _autocast
 from snapens._precision import PRECISIONS, resolve_precision
 from snapens.checkpoint import (
@@ -637,7 +637,7 @@ class SnapshotEnsemble(_Ensemble):
         if inputs not in INPUTS:
             raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
         run_dir = Path(run_dir)
-        store = SnapshotStore(run_dir / "snapshots")
+        store = SnapshotStore(run_dir / runs.SNAPSHOT_DIR)
         if not store.manifest_path.exists():  # a FIFO or folder in its place is refused by list()
             raise SnapshotError(f"{store.manifest_path} is missing: {run_dir} holds no snapshots")
         stats = _run_stats(run_dir) if inputs == "images" else {}
@@ -658,7 +658,7 @@ class SnapshotEnsemble(_Ensemble):
         states: list[dict[str, Tensor]] = []
         names: list[str] = []
         if include_best:
-            best = run_dir / "best.safetensors"
+            best = run_dir / runs.BEST_FILE
             state, meta = load_weights(best)
             model_meta = meta.get("model")
             if isinstance(model_meta, dict) and model_meta.get("name") not in (None, arch[0]):
@@ -679,7 +679,7 @@ class SnapshotEnsemble(_Ensemble):
 
 def _run_stats(run_dir: Path) -> dict[str, list[float]]:
     """The training set's ``mean`` / ``std`` recorded in ``run_dir/config.json`` (``dataset.mean/std``)."""
-    path = run_dir / "config.json"
+    path = run_dir / runs.CONFIG_FILE
     hint = "pass inputs='normalized' to feed inputs you normalise yourself"
     try:
         dataset = json.loads(path.read_text(encoding="utf-8"))["dataset"]

@@ -1,17 +1,16 @@
-"""Helpers shared by the ``snapens`` subcommands: logging, progress, threads, environment, tables, loaders,
-and the torchrun process group."""
+"""Helpers shared by the ``snapens`` subcommands: logging, progress, threads, environment, tables, loaders.
+
+The torchrun launch, devices and the process group live in :mod:`snapens.distributed`."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import logging
 import os
 import platform
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,6 @@ __all__ = [
     "plural",
     "default_run_dir",
     "build_loaders",
-    "DistContext",
-    "launch_context",
-    "process_device",
-    "distributed_session",
 ]
 
 
@@ -161,99 +156,3 @@ def build_loaders(
                           std=splits.std, device=device, channels_last=cfg.channels_last)
     return train, val
 
-
-# ------------------------------------------------------------------------------------------------ torchrun
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """Where this process sits in a ``torchrun`` job; rank 0 of 1 when started without it.
-
-    Attributes:
-        rank: global rank (torchrun's ``RANK``).
-        world_size: number of processes (``WORLD_SIZE``).
-        local_rank: rank on this machine (``LOCAL_RANK``): the CUDA device this process uses.
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        """Whether there are several processes (and so a process group)."""
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the one that prints and writes files."""
-        return self.rank == 0
-
-
-def launch_context(environ: Mapping[str, str] | None = None) -> DistContext:
-    """Read torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (rank 0 of 1 where ``WORLD_SIZE`` is unset).
-
-    Raises:
-        ValueError: values that are not integers or not ``0 <= RANK < WORLD_SIZE``.
-    """
-    env = os.environ if environ is None else environ
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-    try:
-        rank, world, local = (int(env.get(k, d)) for k, d in zip(names, ("0", "1", "0")))
-    except ValueError:
-        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers, got "
-                         + ", ".join(f"{k}={env.get(k)!r}" for k in names)) from None
-    if world < 1 or not 0 <= rank < world or local < 0:
-        raise ValueError(f"need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0, got RANK={rank}, WORLD_SIZE={world}, "
-                         f"LOCAL_RANK={local}")
-    return DistContext(rank=rank, world_size=world, local_rank=local)
-
-
-def process_device(device: str, ctx: DistContext) -> torch.device:
-    """The device this process trains on: ``device`` resolved, except that under torchrun CUDA is
-    ``cuda:LOCAL_RANK`` (one GPU per process).
-
-    Raises:
-        ValueError: an unknown or unavailable device, ``cuda:N`` with N other than ``LOCAL_RANK`` under
-            torchrun, fewer GPUs than local processes, or MPS with several processes.
-    """
-    from snapens.engine import resolve_device
-
-    dev = resolve_device(device)
-    if not ctx.enabled:
-        return dev
-    if dev.type == "mps":
-        raise ValueError("several processes (torchrun) need CUDA or CPU devices, got mps")
-    if dev.type != "cuda":
-        return dev
-    if dev.index is not None and dev.index != ctx.local_rank:
-        raise ValueError(f"under torchrun each process uses cuda:LOCAL_RANK (here cuda:{ctx.local_rank}); got "
-                         f"--device {device}: pass --device cuda or auto")
-    if ctx.local_rank >= torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK {ctx.local_rank} needs GPU {ctx.local_rank}, but only "
-                         f"{torch.cuda.device_count()} are visible; use --nproc_per_node <= the GPU count")
-    return torch.device("cuda", ctx.local_rank)
-
-
-@contextlib.contextmanager
-def distributed_session(ctx: DistContext, device: torch.device) -> Iterator[None]:
-    """A ``torch.distributed`` process group for the block when ``ctx.enabled``; nothing otherwise.
-
-    NCCL with this process's GPU as its device when ``device`` is CUDA, gloo on CPU; the rendezvous comes
-    from torchrun's environment (``MASTER_ADDR``, ``MASTER_PORT``). The group is destroyed when the block
-    exits, also on an error.
-    """
-    if not ctx.enabled:
-        yield
-        return
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=ctx.rank, world_size=ctx.world_size, device_id=device)
-    else:
-        dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.world_size)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
+from snapens import runs
 from snapens.cli import CLIError
+from snapens.runs import AVERAGE_FILE, AVERAGE_JSON
 
 __all__ = ["AVERAGE_FILE", "average_run", "register", "run"]
 
 logger = logging.getLogger(__name__)
 
-AVERAGE_FILE = "average.safetensors"
-AVERAGE_JSON = "average.json"
 
 
 def _choose(infos: list[Any], last: int | None, members: list[int] | None) -> list[Any]:
@@ -70,7 +70,7 @@ def average_run(
     from snapens.checkpoint import SnapshotStore, atomic_write_json, json_safe, save_weights
     from snapens.cli.evaluate import load_run_dataset, make_loader, read_run_info
     from snapens.data import BatchLoader
-    from snapens.engine import resolve_device
+    from snapens.distributed import resolve_device
     from snapens.ensemble import SnapshotEnsemble
     from snapens.models import build_model
 
@@ -81,7 +81,7 @@ def average_run(
     run_dir = Path(run_dir)
     device = resolve_device(device)
     info = read_run_info(run_dir)
-    store = SnapshotStore(run_dir / "snapshots")
+    store = SnapshotStore(run_dir / runs.SNAPSHOT_DIR)
     if not store.manifest_path.is_file():
         raise CLIError(f"{run_dir} holds no snapshots ({store.manifest_path} is missing)")
     chosen = _choose(store.list(), last, members)

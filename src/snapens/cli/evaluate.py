@@ -21,9 +21,12 @@ from typing import Any
 
 import torch
 
+from snapens import runs
 from snapens._io import read_json
 from snapens.cli import CLIError
 from snapens.config import PRECISIONS
+# The run folder's names and config.json reader live in snapens.runs; re-exported here, where they were public.
+from snapens.runs import REQUIRED_KEYS, SUMMARY_FILE, WEIGHTS_FILE, read_run_info, summary_file, weights_file
 
 __all__ = [
     "REQUIRED_KEYS", "evaluate_run", "read_run_info", "load_run_dataset", "load_saved_weights", "make_loader",
@@ -31,83 +34,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_FILE = "ensemble_weights.json"
-SUMMARY_FILE = "summary.json"
-
-
-def _variant(last: int | None, include_best: bool) -> str:
-    return (f"-last{last}" if last is not None else "") + ("-best" if include_best else "")
-
-
-def summary_file(last: int | None = None, include_best: bool = False) -> str:
-    """The summary's file name: ``summary.json`` for the whole run, else e.g. ``summary-last3-best.json``.
-
-    Variants get their own file so that evaluating one never replaces the run's summary (which plot draws).
-    """
-    return f"summary{_variant(last, include_best)}.json"
-
-
-def weights_file(last: int | None = None, include_best: bool = False) -> str:
-    """The fitted weights' file name: ``ensemble_weights.json`` for the whole run, else e.g.
-    ``ensemble_weights-last3.json`` (see :func:`summary_file`)."""
-    return f"ensemble_weights{_variant(last, include_best)}.json"
-
-
-#: Entries of config.json that evaluate, plot and export read: ``section -> keys``.
-REQUIRED_KEYS = {
-    "config": ("dataset", "seed", "val_size", "batch_size", "epochs", "snapshots", "lr", "schedule"),
-    "model": ("name", "kwargs"),
-    "dataset": ("classes", "num_train", "num_val", "num_test", "mean", "std"),
-}
-
-
-def _check_run_info(info: Any, path: Path) -> None:
-    if not isinstance(info, dict):
-        raise ValueError(f"{path} is not a snapens run config: expected a JSON object")
-    for section, keys in REQUIRED_KEYS.items():
-        block = info.get(section)
-        if not isinstance(block, dict):
-            raise ValueError(f"{path} is not a complete snapens run config: the {section!r} entry is missing")
-        for key in keys:
-            if key not in block:
-                raise ValueError(f"{path} is not a complete snapens run config: {section}.{key} is missing")
-    ds = info["dataset"]
-    for key in ("mean", "std"):
-        value = ds[key]
-        if not isinstance(value, list) or not value or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise ValueError(f"{path}: dataset.{key} must be a list of numbers, got {value!r}")
-    for key in ("num_train", "num_val", "num_test"):
-        if isinstance(ds[key], bool) or not isinstance(ds[key], int) or ds[key] < 0:
-            raise ValueError(f"{path}: dataset.{key} must be a non-negative integer, got {ds[key]!r}")
-    if not isinstance(ds["classes"], list):
-        raise ValueError(f"{path}: dataset.classes must be a list, got {ds['classes']!r}")
-    if not isinstance(info["model"]["kwargs"], dict):
-        raise ValueError(f"{path}: model.kwargs must be an object, got {info['model']['kwargs']!r}")
-
-
-def read_run_info(run_dir: Path) -> dict[str, Any]:
-    """Read and check ``run_dir/config.json`` (the entries in :data:`REQUIRED_KEYS`).
-
-    Raises:
-        CLIError: the folder does not exist, is not a snapens run, or config.json cannot be read.
-        ValueError: config.json lacks an entry or holds one of the wrong type (the message names the file and
-            the entry).
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CLIError(f"{run_dir} is not a directory")
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise CLIError(f"{run_dir} is not a snapens run folder: {path.name} is missing")
-    try:
-        info = read_json(path)  # refuses a FIFO rather than blocking on it
-    except (OSError, ValueError) as exc:
-        raise CLIError(f"cannot read {path}: {exc}") from exc
-    _check_run_info(info, path)
-    return info
-
 
 def load_saved_weights(run_dir: Path, member_names: list[str], *, flag: str = "--optimize 0",
                        last: int | None = None, include_best: bool = False) -> torch.Tensor:
@@ -214,7 +140,7 @@ def evaluate_run(
         include_best: add ``best.safetensors`` to the ensemble as a member.
         optimize: ``-1`` equal weights only, ``1`` fit weights on validation and save them to
             ``ensemble_weights.json`` (:func:`weights_file`), ``0`` use the saved weights.
-        device: ``"cpu"``, ``"cuda"``, ``"auto"``... (checked by :func:`snapens.engine.resolve_device`).
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``... (checked by :func:`snapens.distributed.resolve_device`).
         data_dir: where the dataset lives now, instead of the ``data_dir`` stored in config.json.
         progress: show progress bars on stderr.
         precision: the members' inference precision, ``auto`` (bf16 where the hardware runs it natively, else
@@ -231,7 +157,7 @@ def evaluate_run(
     """
     from snapens import metrics, report
     from snapens._io import atomic_write_json, atomic_write_text
-    from snapens.engine import resolve_device
+    from snapens.distributed import resolve_device
     from snapens.ensemble import SnapshotEnsemble
     from snapens.models import build_model
 
@@ -245,7 +171,7 @@ def evaluate_run(
     # best.safetensors, when there is one, is loaded once as member 0: it gives the "single best" row and,
     # with include_best, is also an ensemble member. from_run checks --last and the files.
     # exists(), not is_file(): a FIFO or folder in its place is refused by the loader, not silently skipped
-    has_best = include_best or (run_dir / "best.safetensors").exists()
+    has_best = include_best or (run_dir / runs.BEST_FILE).exists()
     loaded = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=has_best, device=device,
                                        precision=precision)
     used_precision = loaded.precision  # resolves auto, and refuses fp16 off CUDA, before any work

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from snapens import runs
 from snapens.cli import CLIError
 
 __all__ = ["FORMATS", "EXTRA_FILE", "default_format", "export_run", "load_exported", "register", "run"]
@@ -43,9 +44,8 @@ EXTRA_FILE = "snapens.json"
 _EXAMPLE_BATCH = 8
 #: What a run folder holds of its own (patterns of top-level names; hidden files are temporary files and locks):
 #: an export may sit beside them, never in their place.
-_RUN_FILES = ("config.json", "state.pt", "metrics.csv", "best.safetensors", "summary*.json", "ensemble_weights*.json",
-              ".*")
-_RUN_FOLDERS = ("snapshots", "plots")
+_RUN_FILES = runs.RUN_FILES
+_RUN_FOLDERS = runs.RUN_FOLDERS
 
 
 def _refuse_run_file(run_dir: Path, out: Path) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from snapens import runs
 from snapens._io import atomic_path, read_json
 from snapens.cli import CLIError
 
@@ -207,13 +208,13 @@ def plot_run(
         CLIError / ValueError: no matplotlib, a bad device, or not a complete run folder.
     """
     from snapens.cli.evaluate import SUMMARY_FILE, evaluate_run, read_run_info
-    from snapens.engine import resolve_device
+    from snapens.distributed import resolve_device
 
     dev = resolve_device(device)
     plt = _pyplot()
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    metrics_path = run_dir / "metrics.csv"
+    metrics_path = run_dir / runs.METRICS_FILE
     if not metrics_path.is_file():
         raise CLIError(f"{metrics_path} does not exist: is {run_dir} a finished run?")
     rows = read_metrics_csv(metrics_path)
@@ -227,7 +228,7 @@ def plot_run(
         if announce is not None:
             announce(f"{run_dir} has no {SUMMARY_FILE}: evaluating it first")
         summary = evaluate_run(run_dir, device=dev, data_dir=data_dir, progress=progress)
-    out_dir = run_dir / "plots"
+    out_dir = run_dir / runs.PLOTS_DIR
     out_dir.mkdir(exist_ok=True)
     paths = [out_dir / name for name in PLOT_FILES]
     _plot_lr(plt, info, rows, paths[0])

@@ -42,24 +42,31 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from snapens import engine
+from snapens import engine, runs
 from snapens._io import atomic_write_json, read_json
 from snapens._lock import run_lock
+from snapens._precision import Precision
 from snapens.cli import CLIError
 from snapens.cli._common import (
-    DistContext,
     build_loaders,
     configure_logging,
     default_run_dir,
-    distributed_session,
     environment_info,
     format_table,
-    launch_context,
     plural,
-    process_device,
     progress_enabled,
     set_threads,
 )
+from snapens.distributed import (
+    DistContext,
+    all_ranks_agree,
+    broadcast_object,
+    distributed_session,
+    launch_context,
+    process_device,
+)
+from snapens.runs import CONFIG_FILE
+from snapens.schedule import make_scheduler
 from snapens.config import (
     M_SCHEDULES,
     PRECISIONS,
@@ -74,7 +81,6 @@ __all__ = ["register", "run", "train_run", "config_from_args", "legacy_model_nam
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 #: Flags that may change when a run is resumed: where and how fast it runs, not what it computes.
 RESUME_OVERRIDABLE = ("device", "threads", "data_dir", "download")
 _LEGACY_SIZES = ("wrn_N", "wrn_k", "dn_depth", "dn_growth_rate")
@@ -348,23 +354,23 @@ def train_run(
     ctx = dist_ctx or DistContext()
     if ctx.enabled and not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"dist_ctx has world_size {ctx.world_size}, but no process group is initialised "
-                         "(use snapens.cli._common.distributed_session)")
+                         "(use snapens.distributed.distributed_session)")
     run_dir = Path(run_dir)
     cfg = _absolute_data_paths(cfg)
     # config.json without any training file: killed after writing it and before the first state (a few ms);
     # nothing was trained, so the run starts from step 0 with its recorded config: the same bits.
-    start_over = resume and not engine.run_exists(run_dir)
-    with engine.all_ranks_agree():
+    start_over = resume and not runs.run_exists(run_dir)
+    with all_ranks_agree():
         if run_dir.exists() and not run_dir.is_dir():
             raise CLIError(f"--run-dir {run_dir} is a file, not a folder")
         if resume:
             _read_run_config(run_dir)
             if not start_over:
-                engine.read_resume_state(run_dir)  # finished or foreign -> ValueError, nothing touched
-        elif engine.run_exists(run_dir) or (run_dir / CONFIG_FILE).exists():
+                runs.read_resume_state(run_dir)  # finished or foreign -> ValueError, nothing touched
+        elif runs.run_exists(run_dir) or (run_dir / CONFIG_FILE).exists():
             raise CLIError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
         device = process_device(cfg.device, ctx)
-        precision = engine.resolve_precision(cfg.precision, device)
+        precision = Precision.resolve(cfg.precision, device)  # resolved once, used by fit too
         threads = set_threads(cfg.threads)
         cfg = dataclasses.replace(cfg, threads=threads)  # recorded, so that --resume uses the same count
         with torch.random.fork_rng(devices=[]):  # an unknown model name fails here, before the data is read
@@ -379,10 +385,10 @@ def train_run(
 
     # Rank 0 reads the dataset first (it may download it or build a cache); the others wait, then read it.
     splits = None
-    with engine.all_ranks_agree():
+    with all_ranks_agree():
         if ctx.is_main:
             splits = load()
-    with engine.all_ranks_agree():
+    with all_ranks_agree():
         if splits is None:
             splits = load()
         if evaluate and len(splits.test) == 0:
@@ -402,13 +408,13 @@ def train_run(
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
     # len(train_loader) is batches per epoch *per rank*, the same on every rank: every rank takes T steps.
-    scheduler = engine.make_scheduler(cfg.schedule, optimizer, total_steps=cfg.epochs * len(train_loader),
+    scheduler = make_scheduler(cfg.schedule, optimizer, total_steps=cfg.epochs * len(train_loader),
                                       n_cycles=cfg.snapshots, lr_min=cfg.lr_min, steps_per_epoch=len(train_loader),
                                       **schedule_options(cfg))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if ctx.is_main:
-        (announce or logger.info)(run_header(cfg, run_dir, device, precision, threads, resume, ctx.world_size,
+        (announce or logger.info)(run_header(cfg, run_dir, device, precision.name, threads, resume, ctx.world_size,
                                              n_snapshots=len(scheduler.snapshot_steps)))
     if start_over and ctx.is_main:
         logger.info("%s has no training state yet (stopped before its first step): starting it from step 0",
@@ -421,7 +427,7 @@ def train_run(
             "dataset": {"name": splits.name, "classes": list(splits.classes), "num_train": len(splits.train),
                         "num_val": len(splits.val), "num_test": len(splits.test), "mean": list(splits.mean),
                         "std": list(splits.std)},
-            "environment": environment_info(device, precision, ctx.world_size),
+            "environment": environment_info(device, precision.name, ctx.world_size),
             "distributed": {"world_size": ctx.world_size, "global_batch_size": cfg.batch_size * ctx.world_size,
                             "sync_bn": bool(sync_bn and ctx.enabled)},
             "evaluate": bool(evaluate),
@@ -500,7 +506,7 @@ def _plot_if_possible(run_dir: Path, device: torch.device) -> None:
 def _remove_stale_temp_files(run_dir: Path) -> None:
     """Temp files of ``summary.json``, weights and plots left by a process killed while evaluating or plotting
     (safe to remove: this process holds the folder's lock and training is over)."""
-    for folder in (run_dir, run_dir / "plots"):
+    for folder in (run_dir, run_dir / runs.PLOTS_DIR):
         for tmp in folder.glob(".*.tmp*"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -517,14 +523,11 @@ def _evaluate_setting(args: argparse.Namespace) -> bool:
 
 def _trained_not_evaluated(run_dir: Path) -> bool:
     """Whether ``run_dir`` finished training but has no ``summary.json`` (e.g. killed while evaluating)."""
-    from snapens.checkpoint import load_training_state
-    from snapens.cli.evaluate import SUMMARY_FILE
-
-    state = run_dir / engine.STATE_FILE
-    if not state.is_file() or (run_dir / SUMMARY_FILE).exists():
+    state = run_dir / runs.STATE_FILE
+    if not state.is_file() or (run_dir / runs.SUMMARY_FILE).exists():
         return False
     try:
-        return bool(load_training_state(state).get("finished"))
+        return bool(runs.load_training_state(state).get("finished"))
     except (OSError, ValueError, RuntimeError):
         return False  # train_run reports an unreadable state
 
@@ -550,14 +553,14 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as owned:
         with distributed_session(ctx, device):
             # Under torchrun the default folder is named after rank 0's clock, on every rank.
-            run_dir = engine.broadcast_object(args.run_dir or default_run_dir(cfg.dataset, cfg.model))
-            with engine.all_ranks_agree():
+            run_dir = broadcast_object(args.run_dir or default_run_dir(cfg.dataset, cfg.model))
+            with all_ranks_agree():
                 if run_dir.exists() and not run_dir.is_dir():
                     raise CLIError(f"--run-dir {run_dir} is a file, not a folder")
                 if ctx.is_main:  # rank 0 writes the folder, so it alone owns it, until evaluation and plots end
                     owned.enter_context(run_lock(run_dir, create=True))
                 only_evaluate = args.resume and evaluate and _trained_not_evaluated(run_dir)
-            only_evaluate = engine.broadcast_object(only_evaluate)
+            only_evaluate = broadcast_object(only_evaluate)
             try:
                 if only_evaluate:
                     if ctx.is_main:
