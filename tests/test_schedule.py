@@ -400,3 +400,12 @@ def test_new_schedules_reject_bad_arguments(build, bad):
     with pytest.raises(ValueError) as info:
         build()
     assert bad in str(info.value)
+
+
+def test_old_names_are_deprecated_aliases():
+    from snapens.schedule import cosine_snapshot_steps, keras_epoch_lr
+
+    with pytest.deprecated_call(match="cosine_snapshot_steps"):
+        assert cycle_bounds(13, 4) == cosine_snapshot_steps(13, 4) == [3, 6, 9, 12]
+    with pytest.deprecated_call(match="keras_epoch_lr"):
+        assert seed_epoch_lr(39, 200, 5, 0.1) == keras_epoch_lr(39, 200, 5, 0.1)

@@ -23,12 +23,22 @@ __version__ = "0.1.0"
 
 from snapens.checkpoint import SnapshotError, SnapshotStore
 from snapens.ensemble import SnapshotEnsemble
-from snapens.schedule import SnapshotLR, StepDecayLR, cosine_snapshot_lr, cycle_bounds, seed_epoch_lr
+from snapens.schedule import (
+    SnapshotLR,
+    StepDecayLR,
+    cosine_snapshot_lr,
+    cosine_snapshot_steps,
+    cycle_bounds,
+    keras_epoch_lr,
+    seed_epoch_lr,
+)
 from snapens.weighting import fit_ensemble_weights, fit_temperature
 
 __all__ = [
     "__version__",
     "cosine_snapshot_lr",
+    "cosine_snapshot_steps",
+    "keras_epoch_lr",
     "cycle_bounds",
     "seed_epoch_lr",
     "SnapshotLR",
