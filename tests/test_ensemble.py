@@ -215,6 +215,21 @@ def test_streaming_and_materialized_agree(nets, x):
     torch.testing.assert_close(direct(x), ens(x), rtol=0, atol=1e-7)
 
 
+def test_state_dict_is_refused_and_materialize_saves_every_member(nets, x):
+    ens = make(nets, [0.1, 0.6, 0.3])
+    ens.predict_proba(x)  # the working model now holds the last member only
+    with pytest.raises(TypeError, match="materialize\\(\\).*all M members"):
+        ens.state_dict()
+    with pytest.raises(TypeError, match="SnapshotStore"):
+        ens.load_state_dict({})
+    with pytest.raises(TypeError, match="no state_dict"):
+        nn.Sequential(ens).state_dict()  # a parent module cannot save it silently either
+    saved = ens.materialize().state_dict()  # the promised way: every member's tensors are in it
+    restored = MaterializedEnsemble([member(99) for _ in nets], precision="fp32")
+    restored.load_state_dict(saved)
+    torch.testing.assert_close(restored.predict_proba(x), ens.predict_proba(x), rtol=0, atol=1e-7)
+
+
 def test_torch_export_round_trip(nets, x):
     ens = make(nets, [0.25, 0.25, 0.5])
     program = torch.export.export(ens.materialize(), (x,))

@@ -433,3 +433,12 @@ def test_make_scheduler_shapes_the_cosine_cycles() -> None:
     swa = make_scheduler("swa", _sgd(lr=0.2), total_steps=24, n_cycles=2, steps_per_epoch=3,
                                 swa_lr=0.05)
     assert swa.swa_factor == 0.25 and swa.snapshot_steps == [20, 23]
+
+
+def test_old_names_are_deprecated_aliases():
+    from snapens.schedule import cosine_snapshot_steps, keras_epoch_lr
+
+    with pytest.deprecated_call(match="cosine_snapshot_steps"):
+        assert cycle_bounds(13, 4) == cosine_snapshot_steps(13, 4) == [3, 6, 9, 12]
+    with pytest.deprecated_call(match="keras_epoch_lr"):
+        assert seed_epoch_lr(39, 200, 5, 0.1) == keras_epoch_lr(39, 200, 5, 0.1)

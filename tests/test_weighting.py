@@ -256,3 +256,11 @@ def test_one_validation_mistake_is_enough_to_fit_a_temperature() -> None:
     f = metrics.nll(apply_temperature(probs, t), labels)  # a true interior minimum
     assert f <= metrics.nll(apply_temperature(probs, t * 1.02), labels)
     assert f <= metrics.nll(apply_temperature(probs, t / 1.02), labels)
+
+
+def test_val_probs_keyword_is_a_deprecated_alias_of_val_member_probs():
+    p = torch.tensor([[[0.9, 0.1], [0.2, 0.8]], [[0.6, 0.4], [0.4, 0.6]]])
+    y = torch.tensor([0, 1])
+    with pytest.deprecated_call(match="val_member_probs"):
+        old = weighting.fit_ensemble_weights(val_probs=p, val_labels=y)
+    assert torch.equal(old, weighting.fit_ensemble_weights(val_member_probs=p, val_labels=y))

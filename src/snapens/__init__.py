@@ -16,16 +16,29 @@ The pieces a training loop needs::
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
 from snapens.checkpoint import SnapshotError, SnapshotStore
 from snapens.ensemble import SnapshotEnsemble
-from snapens.schedule import SnapshotLR, StepDecayLR, cosine_snapshot_lr, cycle_bounds, seed_epoch_lr
+from snapens.schedule import (
+    SnapshotLR,
+    StepDecayLR,
+    cosine_snapshot_lr,
+    cosine_snapshot_steps,
+    cycle_bounds,
+    keras_epoch_lr,
+    seed_epoch_lr,
+)
 from snapens.weighting import fit_ensemble_weights, fit_temperature
 
 __all__ = [
     "__version__",
     "cosine_snapshot_lr",
+    "cosine_snapshot_steps",
+    "keras_epoch_lr",
     "cycle_bounds",
     "seed_epoch_lr",
     "SnapshotLR",
@@ -36,3 +49,21 @@ __all__ = [
     "fit_ensemble_weights",
     "fit_temperature",
 ]
+
+#: The documented submodules, reachable as ``snapens.<name>`` after ``import snapens``. Imported on first
+#: attribute access (PEP 562): ``models`` / ``data`` / ``engine`` pull in more than a loop that only needs the
+#: names above should pay for, and ``integrations`` must stay lazy (its extras are optional).
+_SUBMODULES = frozenset({
+    "averaging", "checkpoint", "cli", "config", "data", "engine", "ensemble", "integrations", "metrics", "models",
+    "report", "schedule", "weighting",
+})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"snapens.{name}")  # the import also binds it as an attribute here
+    raise AttributeError(f"module 'snapens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SUBMODULES)

@@ -87,6 +87,11 @@ _RANGE_SLACK = 1e-3
 #: A tensor (or array) of inputs, or an iterable of ``x`` or ``(x, y, ...)`` batches (a DataLoader, BatchLoader).
 Inputs = Union[Tensor, np.ndarray, Iterable[Any]]
 Weights = Union[Sequence[float], Tensor, np.ndarray, None]
+_NO_STATE_DICT = (
+    "a SnapshotEnsemble has no state_dict: its working model holds only the member loaded last. Save the members "
+    "with snapens.SnapshotStore (one file per snapshot, what from_run reads), or call materialize() for one "
+    "module holding all M members (its state_dict() has them all)"
+)
 
 
 def resolve_member_weights(weights: Weights, n_members: int) -> Tensor:
@@ -396,8 +401,9 @@ class SnapshotEnsemble(_Ensemble):
     on the CPU, the members are moved to page-locked memory on first use, for faster copies;
     ``member_device=<the GPU>`` is faster still where M copies of the weights fit on the device. Moving the
     ensemble (``.to("cuda")``) moves the working model and ``weights_``; the member state dicts stay where they
-    are. The ensemble's own ``state_dict()`` is no save format (it holds whichever member was loaded last);
-    snapshots are saved with :class:`snapens.checkpoint.SnapshotStore`.
+    are. ``state_dict()`` / ``load_state_dict()`` raise: the working model holds only the member loaded last,
+    so they could not save or restore the ensemble. Save the snapshots with
+    :class:`snapens.checkpoint.SnapshotStore`, or :meth:`materialize` for one module holding all M members.
 
     Args:
         model_factory: Builds a fresh model of the members' architecture.
@@ -572,6 +578,14 @@ class SnapshotEnsemble(_Ensemble):
                 self._load_member(m)
                 probs.append(self._run_loaded(x, autocast))
             return torch.stack(probs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Refused: the working model holds only the member loaded last (see the class docstring)."""
+        raise TypeError(_NO_STATE_DICT)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Refused, as :meth:`state_dict`."""
+        raise TypeError(_NO_STATE_DICT)
 
     def materialize(self) -> MaterializedEnsemble:
         """All members as submodules on this ensemble's device and dtype (for ``torch.export`` / ``jit.trace``),

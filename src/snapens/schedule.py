@@ -1,10 +1,11 @@
 """Learning-rate schedules for snapshot ensembles, counted in optimizer steps.
 
-The pure functions (:func:`cosine_snapshot_lr`, :func:`step_decay_lr`, :func:`seed_epoch_lr`, and for the
+The pure functions (:func:`cosine_snapshot_lr`, :func:`step_decay_lr`, :func:`keras_epoch_lr`, and for the
 rest of the cheap-ensemble family :func:`fge_lr` and :func:`swa_lr`) map a step to a learning rate; the
 :class:`~torch.optim.lr_scheduler.LRScheduler` subclasses around them are thin, set the rate *before* the
 optimizer step it applies to, and resume exactly from ``state_dict()``. Each says after which steps a snapshot
-is taken (``snapshot_steps``, ``is_cycle_end()``); for FGE and SWA their number follows from the budget.
+is taken (``snapshot_steps``, ``is_cycle_end()``; the functions :func:`cosine_snapshot_steps`,
+:func:`fge_snapshot_steps`, :func:`swa_snapshot_steps`); for FGE and SWA their number follows from the budget.
 
 Paper (Huang et al. 2017, Eq. 2), with 1-based iteration ``t``, budget ``T`` and ``M`` cycles::
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch  # noqa: F401  (the docstring examples use it)
@@ -34,10 +36,12 @@ from torch.optim.lr_scheduler import LRScheduler
 
 __all__ = [
     "cycle_lengths",
+    "cosine_snapshot_steps",
     "cycle_bounds",
     "cycle_position",
     "cosine_snapshot_lr",
     "step_decay_lr",
+    "keras_epoch_lr",
     "seed_epoch_lr",
     "fge_cycles",
     "fge_snapshot_steps",
@@ -112,11 +116,11 @@ def cycle_lengths(total_steps: int, n_cycles: int, cycle_mult: float = 1.0) -> l
     return lengths
 
 
-def cycle_bounds(total_steps: int, n_cycles: int, cycle_mult: float = 1.0) -> list[int]:
-    """0-based step index of the last step of each cycle: where snapshot ``k`` is taken (after that step).
+def cosine_snapshot_steps(total_steps: int, n_cycles: int, cycle_mult: float = 1.0) -> list[int]:
+    """0-based steps after which the cyclic schedule's snapshots are taken: the last step of each cycle.
 
     Example:
-        >>> cycle_bounds(13, 4)
+        >>> cosine_snapshot_steps(13, 4)
         [3, 6, 9, 12]
     """
     bounds, end = [], -1
@@ -124,6 +128,13 @@ def cycle_bounds(total_steps: int, n_cycles: int, cycle_mult: float = 1.0) -> li
         end += length
         bounds.append(end)
     return bounds
+
+
+def cycle_bounds(total_steps: int, n_cycles: int, cycle_mult: float = 1.0) -> list[int]:
+    """Deprecated name of :func:`cosine_snapshot_steps`."""
+    warnings.warn("snapens.schedule.cycle_bounds is deprecated; use cosine_snapshot_steps", DeprecationWarning,
+                  stacklevel=2)
+    return cosine_snapshot_steps(total_steps, n_cycles, cycle_mult)
 
 
 def cycle_position(step: int, total_steps: int, n_cycles: int, cycle_mult: float = 1.0) -> tuple[int, int, int]:
@@ -209,7 +220,7 @@ def step_decay_lr(
     return lr_max * gamma**passed
 
 
-def seed_epoch_lr(epoch: int, n_epochs: int, n_snapshots: int, lr0: float) -> float:
+def keras_epoch_lr(epoch: int, n_epochs: int, n_snapshots: int, lr0: float) -> float:
     """The old Keras implementation's per-epoch rate, reproduced exactly for users who must match old results.
 
     ``lr = lr0 / 2 * (cos(pi * (epoch mod floor(T/M)) / floor(T/M)) + 1)`` with a 0-based ``epoch`` and ``T`` in
@@ -217,7 +228,7 @@ def seed_epoch_lr(epoch: int, n_epochs: int, n_snapshots: int, lr0: float) -> fl
     not a multiple of ``M`` the trailing ``T mod M`` epochs restart at ``lr0`` and are never saved.
 
     Example:
-        >>> f"{seed_epoch_lr(39, 200, 5, 0.1):.3g}"
+        >>> f"{keras_epoch_lr(39, 200, 5, 0.1):.3g}"
         '0.000154'
     """
     if n_snapshots < 1 or n_epochs < n_snapshots:
@@ -229,6 +240,13 @@ def seed_epoch_lr(epoch: int, n_epochs: int, n_snapshots: int, lr0: float) -> fl
         raise ValueError(f"Expected a finite lr0 > 0, but got {lr0!r}")
     period = n_epochs // n_snapshots
     return lr0 / 2 * (math.cos(math.pi * (epoch % period) / period) + 1)
+
+
+def seed_epoch_lr(epoch: int, n_epochs: int, n_snapshots: int, lr0: float) -> float:
+    """Deprecated name of :func:`keras_epoch_lr` (no random seed is involved: it is the Keras per-epoch rate)."""
+    warnings.warn("snapens.schedule.seed_epoch_lr is deprecated; use keras_epoch_lr", DeprecationWarning,
+                  stacklevel=2)
+    return keras_epoch_lr(epoch, n_epochs, n_snapshots, lr0)
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -423,7 +441,7 @@ class _StepwiseLR(LRScheduler):
         _check_budget(total_steps, n_cycles)
         self.total_steps = total_steps
         self.n_cycles = n_cycles
-        self._bounds = list(snapshot_steps) if snapshot_steps is not None else cycle_bounds(total_steps, n_cycles)
+        self._bounds = list(snapshot_steps) if snapshot_steps is not None else cosine_snapshot_steps(total_steps, n_cycles)
         super().__init__(optimizer, last_epoch=last_step)
 
     def _lr_at(self, step: int, peak: float) -> float:
@@ -450,7 +468,8 @@ class _StepwiseLR(LRScheduler):
 
     @property
     def snapshot_steps(self) -> list[int]:
-        """0-based steps after which the ``M`` snapshots are taken (:func:`cycle_bounds`)."""
+        """0-based steps after which the ``M`` snapshots are taken (:func:`cosine_snapshot_steps` for the cyclic
+        schedule)."""
         return list(self._bounds)
 
 
@@ -518,7 +537,7 @@ class SnapshotLR(_StepwiseLR):
             logger.warning("%d steps for %d cycles leaves cycles of one step, whose snapshots are taken at the "
                            "peak learning rate; use a larger budget or fewer cycles", total_steps, n_cycles)
         super().__init__(optimizer, total_steps, n_cycles, last_step,
-                         snapshot_steps=cycle_bounds(total_steps, n_cycles, cycle_mult))
+                         snapshot_steps=cosine_snapshot_steps(total_steps, n_cycles, cycle_mult))
 
     def _lr_at(self, step: int, peak: float) -> float:
         return cosine_snapshot_lr(step, self.total_steps, self.n_cycles, peak, self.lr_min, self.cycle_decay,

@@ -8,7 +8,8 @@ post-hoc fits that users of the Keras implementation expect, done properly:
   selection with replacement; ``"equal"``: ``1/M``).
 * :func:`fit_temperature` fits one temperature ``T`` for the ensemble probabilities (Guo et al. 2017).
 
-Both fits take ``val_probs`` / ``val_labels``: fit them on a held-out validation split, never on the test set
+Both fits take validation data (``val_member_probs`` ``[M, N, C]`` for the weights, ``val_probs`` ``[N, C]`` for
+the temperature, and ``val_labels``): fit them on a held-out validation split, never on the test set
 (the Keras script chose its weights on the test set, which makes its "optimised" numbers optimistic).
 
 Shapes: member probabilities ``[M, N, C]``, probabilities ``[N, C]``, labels ``[N]`` (integers in ``[0, C)``).
@@ -164,11 +165,12 @@ def _fit_greedy(P: np.ndarray, n_rounds: int) -> np.ndarray:
 
 
 def fit_ensemble_weights(
-    val_probs: Any,
-    val_labels: Any,
+    val_member_probs: Any = None,
+    val_labels: Any = None,
     method: Literal["nll", "equal", "greedy"] = "nll",
     *,
     n_rounds: int | None = None,
+    val_probs: Any = None,
 ) -> Tensor:
     """Fit weights ``w`` on the simplex for the members' probabilities, on VALIDATION data.
 
@@ -191,10 +193,12 @@ def fit_ensemble_weights(
       validation NLL) than the best single member.
 
     Args:
-        val_probs: ``[M, N, C]`` validation probabilities of the ``M`` members.
+        val_member_probs: ``[M, N, C]`` validation probabilities of the ``M`` members.
         val_labels: ``[N]`` validation labels.
         method: ``"nll"``, ``"equal"`` or ``"greedy"``.
         n_rounds: greedy only: maximum number of additions (default ``2 * M``).
+        val_probs: deprecated keyword name of ``val_member_probs`` (in :func:`fit_temperature` ``val_probs`` is
+            the ``[N, C]`` ensemble probabilities).
 
     Returns:
         float64 CPU tensor ``[M]``, ``>= 0``, summing to 1.
@@ -202,9 +206,17 @@ def fit_ensemble_weights(
     Raises:
         ValueError: unknown method, bad ``n_rounds``, or bad shapes / probabilities / labels.
     """
+    if val_probs is not None:
+        if val_member_probs is not None:
+            raise TypeError("pass val_member_probs only (val_probs is its deprecated name)")
+        warnings.warn("fit_ensemble_weights(val_probs=...) is deprecated; pass val_member_probs=... ([M, N, C])",
+                      DeprecationWarning, stacklevel=2)
+        val_member_probs = val_probs
+    if val_member_probs is None or val_labels is None:
+        raise TypeError("fit_ensemble_weights needs val_member_probs [M, N, C] and val_labels [N]")
     if method not in WEIGHT_METHODS:
         raise ValueError(f"Expected method in {WEIGHT_METHODS}, but got {method!r}")
-    p = _check_probs(val_probs, "val_probs", 3)
+    p = _check_probs(val_member_probs, "val_member_probs", 3)
     y = _check_labels(val_labels, p.shape[1], p.shape[2], "val_labels")
     m = p.shape[0]
     if method == "equal":

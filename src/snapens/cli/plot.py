@@ -67,7 +67,7 @@ def lr_curve(info: dict[str, Any], steps_per_epoch: int | None = None) -> tuple[
     lr, lr_min = float(cfg["lr"]), float(cfg.get("lr_min", 0.0))
     kind = cfg.get("schedule")
     if kind == "step":
-        return [sch.step_decay_lr(s, total, lr) for s in range(total)], sch.cycle_bounds(total, m)
+        return [sch.step_decay_lr(s, total, lr) for s in range(total)], sch.cosine_snapshot_steps(total, m)
     if kind == "fge":
         args = (total, int(cfg["cycle_epochs"]) * spe)
         lrs = [sch.fge_lr(s, *args, lr, cfg["fge_start"], cfg["fge_lr1"], cfg["fge_lr2"]) for s in range(total)]
@@ -78,7 +78,7 @@ def lr_curve(info: dict[str, Any], steps_per_epoch: int | None = None) -> tuple[
         return lrs, sch.swa_snapshot_steps(total, spe, cfg["swa_start"])
     decay, mult = float(cfg["cycle_decay"]), float(cfg["cycle_mult"])
     lrs = [sch.cosine_snapshot_lr(s, total, m, lr, lr_min, decay, mult) for s in range(total)]
-    return lrs, sch.cycle_bounds(total, m, mult)
+    return lrs, sch.cosine_snapshot_steps(total, m, mult)
 
 
 def read_metrics_csv(path: Path) -> list[dict[str, float | None]]:
@@ -116,12 +116,12 @@ def _plot_lr(plt: Any, info: dict[str, Any], rows: list[dict[str, float | None]]
 
 def snapshot_epochs(info: dict[str, Any], steps_per_epoch: int | None = None) -> list[float]:
     """Where the snapshots (the cycle ends) fall, in epochs: ``(step + 1) / steps_per_epoch`` for each
-    0-based last step of a cycle (:func:`snapens.schedule.cycle_bounds`); epoch ``e`` of metrics.csv ends at ``e``."""
-    from snapens.schedule import cycle_bounds
+    0-based last step of a cycle (:func:`snapens.schedule.cosine_snapshot_steps`); epoch ``e`` of metrics.csv ends at ``e``."""
+    from snapens.schedule import cosine_snapshot_steps
 
     cfg = info["config"]
     spe = steps_per_epoch if steps_per_epoch is not None else _steps_per_epoch(info)
-    return [(b + 1) / spe for b in cycle_bounds(int(cfg["epochs"]) * spe, int(cfg["snapshots"]))]
+    return [(b + 1) / spe for b in cosine_snapshot_steps(int(cfg["epochs"]) * spe, int(cfg["snapshots"]))]
 
 
 def _plot_curves(plt: Any, info: dict[str, Any], rows: list[dict[str, float | None]], out: Path) -> None:

@@ -3,7 +3,7 @@
 Neither framework is imported here. A :class:`SnapshotPlan` is fixed once the budget ``T`` (optimizer steps) is
 known; the rate of 0-based step ``s`` for a param group whose peak is ``lr0`` is
 :func:`snapens.schedule.cosine_snapshot_lr` ``(s, T, M, lr0, lr_min)``, and snapshot ``k`` (1-based) is due after
-step ``cycle_bounds(T, M)[k - 1]``.
+step ``cosine_snapshot_steps(T, M)[k - 1]``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from snapens.checkpoint import SnapshotStore
-from snapens.schedule import cycle_bounds
+from snapens.schedule import cosine_snapshot_steps
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class SnapshotPlan:
             if peak <= self.lr_min:
                 raise ValueError(f"Expected every param group's learning rate (peak) > lr_min ({self.lr_min!r}), "
                                  f"but got {peak!r}")
-        self.bounds = cycle_bounds(self.total_steps, self.n_snapshots)
+        self.bounds = cosine_snapshot_steps(self.total_steps, self.n_snapshots)
 
     def lrs(self, step: int) -> list[float]:
         """The rate of every param group for the 0-based optimizer ``step``: ``cosine_snapshot_lr`` of each peak.

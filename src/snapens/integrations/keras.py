@@ -9,7 +9,7 @@ but now gets the paper's method (Huang et al. 2017, Eq. 2): the learning rate is
 batch* to :func:`snapens.schedule.cosine_snapshot_lr` at the global step (``T`` counted in iterations, converted
 from epochs once with the ``steps_per_epoch`` Keras reports), and snapshot ``k`` is saved after the last step of
 cycle ``k``, which may fall in the middle of an epoch. ``per_epoch=True`` reproduces the old per-epoch schedule
-(:func:`snapens.schedule.seed_epoch_lr`) and its snapshot timing exactly, for users who must match old results.
+(:func:`snapens.schedule.keras_epoch_lr`) and its snapshot timing exactly, for users who must match old results.
 
 Files (Keras 3 requires the ``.weights.h5`` suffix), written to a temporary file and renamed into place:
 
@@ -54,7 +54,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a test by hiding k
 
 from snapens import metrics, weighting
 from snapens._io import atomic_path
-from snapens.schedule import cosine_snapshot_lr, cycle_bounds, seed_epoch_lr
+from snapens.schedule import cosine_snapshot_lr, cosine_snapshot_steps, keras_epoch_lr
 
 __all__ = [
     "SnapshotCallbackBuilder",
@@ -124,12 +124,12 @@ class SnapshotScheduleCallback(keras.callbacks.Callback):
     ``S`` = steps per epoch, read from Keras) the rate is
     ``lr(s) = lr_min + (lr0 - lr_min) / 2 * (1 + cos(pi * pos(s) / L))`` over a budget of ``T = nb_epochs * S``
     steps split into ``M`` cycles (:func:`snapens.schedule.cosine_snapshot_lr`); snapshot ``k`` is saved after
-    the cycle's last step (:func:`snapens.schedule.cycle_bounds`). Counting from the epoch index keeps the step
+    the cycle's last step (:func:`snapens.schedule.cosine_snapshot_steps`). Counting from the epoch index keeps the step
     right when ``fit`` resumes with ``initial_epoch``.
 
     Per-epoch mode (``per_epoch=True``, the old implementation): at the start of each epoch
     ``lr = lr0 / 2 * (cos(pi * (epoch mod P) / P) + 1)`` with ``P = floor(T / M)`` epochs
-    (:func:`snapens.schedule.seed_epoch_lr`), and snapshot ``k = (epoch + 1) / P`` is saved after every ``P``-th
+    (:func:`snapens.schedule.keras_epoch_lr`), and snapshot ``k = (epoch + 1) / P`` is saved after every ``P``-th
     epoch, ``k <= M``.
 
     Args:
@@ -208,7 +208,7 @@ class SnapshotScheduleCallback(keras.callbacks.Callback):
             )
         self.steps_per_epoch = int(steps)
         self.total_steps = self.nb_epochs * self.steps_per_epoch
-        self._bounds = cycle_bounds(self.total_steps, self.nb_snapshots)
+        self._bounds = cosine_snapshot_steps(self.total_steps, self.nb_snapshots)
         logger.info(
             "snapshot schedule: %d steps (%d epochs x %d), %d cycles ending after steps %s",
             self.total_steps, self.nb_epochs, self.steps_per_epoch, self.nb_snapshots, self._bounds,
@@ -217,7 +217,7 @@ class SnapshotScheduleCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch = epoch
         if self.per_epoch:
-            self._lr.assign(seed_epoch_lr(epoch, self.nb_epochs, self.nb_snapshots, self.init_lr))
+            self._lr.assign(keras_epoch_lr(epoch, self.nb_epochs, self.nb_snapshots, self.init_lr))
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self.per_epoch:
