@@ -37,7 +37,8 @@ from torch import Tensor
 from snapens import _checks, metrics, weighting
 from snapens._io import json_safe, to_json
 
-__all__ = ["FORMAT_VERSION", "OPTIMIZE_MODES", "summarize", "format_summary", "json_safe", "to_json"]
+__all__ = ["FORMAT_VERSION", "OPTIMIZE_MODES", "SINGLE_ROWS", "ENSEMBLE_ROWS", "summarize", "add_prices",
+           "format_summary", "json_safe", "to_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ FORMAT_VERSION = 1
 OPTIMIZE_MODES = (-1, 0, 1)
 _METRIC_COLUMNS = (("error", "error %", "8.2f"), ("nll", "NLL", "8.4f"), ("ece", "ECE", "8.4f"),
                    ("brier", "Brier", "8.4f"))
+#: The price columns (:func:`add_prices`): forward passes per image and measured test-time images per second.
+PRICE_COLUMNS = (("forward_passes", "passes", "8.0f"), ("images_per_second", "img/s", "8.0f"))
+#: Summary entries that run one model per image, and those that run the whole ensemble.
+SINGLE_ROWS = ("single_best", "last_snapshot")
+ENSEMBLE_ROWS = ("ensemble_equal", "ensemble_weighted", "ensemble_temperature")
 
 
 def _as_tensor(x: Any, name: str, ndim: int) -> Tensor:
@@ -239,6 +245,26 @@ def summarize(
     }
 
 
+def add_prices(summary: dict[str, Any], *, single: dict[str, float], ensemble: dict[str, float],
+               device: str) -> dict[str, Any]:
+    """Add the price columns to a :func:`summarize` dict, in place, and return it.
+
+    ``single`` and ``ensemble`` are :meth:`snapens.cost.InferenceCost.to_dict` of a one-member and of the
+    evaluated ensemble's prediction pass: every member row, "single best" and "last snapshot" get ``single``
+    (one network of the same architecture), the ensemble rows get ``ensemble`` (the temperature and the weights
+    cost nothing measurable next to M forward passes). ``summary["price"]`` records both and the device.
+    """
+    for row in summary["snapshots"]:
+        row.update(single)
+    for key in SINGLE_ROWS:
+        summary[key].update(single)
+    for key in ENSEMBLE_ROWS:
+        if summary.get(key):
+            summary[key].update(ensemble)
+    summary["price"] = {"device": device, "single": dict(single), "ensemble": dict(ensemble)}
+    return summary
+
+
 def _num(value: float | None, spec: str) -> str:
     # None is how JSON stores a non-finite number (see json_safe).
     return format(float("nan") if value is None else value, spec)
@@ -270,7 +296,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     """
     rows = _table_rows(summary)
     width = max(len(label) for label, _ in rows)
-    header = f"{'':<{width}}" + "".join(f"{title:>9}" for _, title, _ in _METRIC_COLUMNS)
+    columns = _METRIC_COLUMNS + (PRICE_COLUMNS if summary.get("price") else ())
+    header = f"{'':<{width}}" + "".join(f"{title:>9}" for _, title, _ in columns)
     chosen = (f"choices made on {summary['num_val']} validation images" if summary["num_val"]
               else "no validation split")
     precision = (summary.get("run") or {}).get("precision")
@@ -279,7 +306,7 @@ def format_summary(summary: dict[str, Any]) -> str:
              + (f", precision {precision}" if precision else ""),
              header, "-" * len(header)]
     for label, row in rows:
-        cells = "".join(" " + _num(row[key], spec) for key, _, spec in _METRIC_COLUMNS)
+        cells = "".join(" " + (_num(row[key], spec) if key in row else f"{'-':>8}") for key, _, spec in columns)
         lines.append(f"{label:<{width}}{cells}")
     curve = summary["ensemble_size_curve"]
     lines.append("")
@@ -292,6 +319,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     weighted = summary.get("ensemble_weighted")
     if weighted:
         lines.append(f"Weights ({weighted['source']}): " + ", ".join(_num(w, ".3f") for w in weighted["weights"]))
+    if summary.get("price"):
+        lines.append(f"Price: forward passes per test image, and test images per second measured on "
+                     f"{summary['price']['device']} (one warm-up batch, then one timed pass)")
     for note in summary.get("notes", []):
         lines.append(f"Note: {note}")
     return "\n".join(lines)
