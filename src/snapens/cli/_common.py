@@ -25,6 +25,7 @@ __all__ = [
     "set_threads",
     "environment_info",
     "format_table",
+    "method_table",
     "plural",
     "default_run_dir",
     "build_loaders",
@@ -124,6 +125,27 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
         parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
+
+
+#: The columns of :func:`method_table`: (row key, header, format).
+METHOD_COLUMNS = (("error", "error %", ".2f"), ("nll", "NLL", ".4f"), ("ece", "ECE", ".4f"),
+                  ("forward_passes", "passes/img", "g"), ("images_per_second", "img/s", ".0f"))
+
+
+def method_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The table of methods that ``average``, ``distill`` and ``reproduce`` print: one row per method, its
+    ``"name"`` then :data:`METHOD_COLUMNS` (``nan`` for a non-finite number, stored as None; ``-`` for a missing
+    entry, e.g. no price)."""
+    def cell(row: Mapping[str, Any], key: str, spec: str) -> str:
+        if key not in row:
+            return "-"
+        return format(float("nan") if row[key] is None else float(row[key]), spec)
+
+    table = [[str(r["name"])] + [cell(r, key, spec) for key, _, spec in METHOD_COLUMNS] for r in rows]
+    cells = [["", *(h for _, h, _ in METHOD_COLUMNS)], *table]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]).rstrip()
+                     for r in cells)
 
 
 def plural(count: int, noun: str) -> str:
