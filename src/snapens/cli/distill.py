@@ -273,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = distill_run(args.run_dir, out, dcfg, resume=args.resume, device=args.device,
                                  precision=args.precision, threads=args.threads, given=given,
-                                 progress=progress_enabled(args.quiet), announce=lambda s: print(s, flush=True))
+                                 progress=progress_enabled(args.quiet),
+                                 announce=lambda s: print(s, flush=True, file=sys.stderr if args.json else sys.stdout))
         except engine.TrainingInterrupted as exc:
             print(f"snapens: {signal.Signals(exc.signum).name}: training state saved to {exc.state_path}; continue "
                   f"with: snapens distill {args.run_dir} --resume --run-dir {out}", file=sys.stderr)
