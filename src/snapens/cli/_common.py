@@ -132,17 +132,19 @@ METHOD_COLUMNS = (("error", "error %", ".2f"), ("nll", "NLL", ".4f"), ("ece", "E
                   ("forward_passes", "passes/img", "g"), ("images_per_second", "img/s", ".0f"))
 
 
-def method_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The table of methods that ``average``, ``distill`` and ``reproduce`` print: one row per method, its
-    ``"name"`` then :data:`METHOD_COLUMNS` (``nan`` for a non-finite number, stored as None; ``-`` for a missing
-    entry, e.g. no price)."""
+def method_table(rows: Sequence[Mapping[str, Any]],
+                 columns: Sequence[tuple[str, str, str]] = METHOD_COLUMNS) -> str:
+    """The table of methods that ``distill`` and ``reproduce`` print: one row per method, its ``"name"`` then
+    ``columns`` ``(key, header, format)`` (:data:`METHOD_COLUMNS`). A number that is not finite (stored as None)
+    shows as ``nan``, a missing entry (e.g. no price) as ``-``, a string as it is."""
     def cell(row: Mapping[str, Any], key: str, spec: str) -> str:
         if key not in row:
             return "-"
-        return format(float("nan") if row[key] is None else float(row[key]), spec)
+        value = row[key]
+        return value if isinstance(value, str) else format(float("nan") if value is None else float(value), spec)
 
-    table = [[str(r["name"])] + [cell(r, key, spec) for key, _, spec in METHOD_COLUMNS] for r in rows]
-    cells = [["", *(h for _, h, _ in METHOD_COLUMNS)], *table]
+    cells = [["", *(h for _, h, _ in columns)],
+             *([str(r["name"])] + [cell(r, key, spec) for key, _, spec in columns] for r in rows)]
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]).rstrip()
                      for r in cells)
