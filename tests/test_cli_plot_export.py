@@ -362,6 +362,8 @@ def test_price_plot_has_one_point_per_method_at_its_measured_cost(run_dir: Path,
     assert ax.get_xscale() == "log"
     xy = [tuple(c.get_offsets()[0]) for c in ax.collections]
     assert xy == [pytest.approx((1000.0 / p["images_per_second"], p["error"])) for p in points]
-    assert "(2 passes)" in ax.texts[2].get_text() and "(1 pass)" in ax.texts[0].get_text()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[0] == "1: single best (1 pass)" and legend[2] == "3: ensemble (equal) (2 passes)"
+    assert [t.get_text() for t in ax.texts] == ["1", "2", "3", "4", "5"]
     old = {k: v for k, v in summary.items() if k != "price"}  # a summary from before the price columns
     assert plot_module.price_points(old) == []

@@ -201,20 +201,23 @@ def price_points(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot_price(points: list[dict[str, Any]], out: Path, *, title: str = "error vs inference cost") -> None:
-    """Test error (%) against milliseconds per test image (log x axis), one labelled point per method.
+    """Test error (%) against milliseconds per test image (log x axis), one numbered point per method; the
+    legend names each number's method and its forward passes per image.
 
     ``points``: ``{"label", "error", "forward_passes", "images_per_second"}`` each (see :func:`price_points`).
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k, p in enumerate(points):
-        ms = 1000.0 / _nan(p["images_per_second"])
-        ax.scatter([ms], [_nan(p["error"])], color=f"C{k % 10}", zorder=3)
-        ax.annotate(f"{p['label']} ({_nan(p['forward_passes']):g} pass{'es' if p['forward_passes'] != 1 else ''})",
-                    (ms, _nan(p["error"])), textcoords="offset points", xytext=(5, 4 + 9 * (k % 2)), fontsize=7)
+    fig, ax = plt.subplots(figsize=(9, max(4.0, 1.0 + 0.22 * len(points))))
+    for k, p in enumerate(points, start=1):
+        ms, err, passes = 1000.0 / _nan(p["images_per_second"]), _nan(p["error"]), _nan(p["forward_passes"])
+        ax.scatter([ms], [err], color=f"C{(k - 1) % 10}", marker="os^Dv"[(k - 1) // 10 % 5], zorder=3,
+                   label=f"{k}: {p['label']} ({passes:g} pass{'' if passes == 1 else 'es'})")
+        ax.annotate(str(k), (ms, err), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xscale("log")
     ax.set(xlabel="test-time cost (ms per image, measured)", ylabel="test error (%)", title=title)
-    ax.margins(x=0.3, y=0.2)
+    ax.margins(x=0.15, y=0.1)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
     _save(fig, out)
     plt.close(fig)
 
