@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        return fail("choose a command: train, evaluate, average, distill, plot, export or reproduce (snapens COMMAND --help)")
+        return fail("choose a command: train, evaluate, average, distill, plot, export or reproduce "
+                    "(snapens COMMAND --help)")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

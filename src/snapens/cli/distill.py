@@ -174,7 +174,8 @@ def distill_run(
     ensemble = _teacher_ensemble(run_dir, dev, used_precision, None)
     if entry is None:
         fitted = _fit_teacher(ensemble, data, info, dev)
-        entry = {"teacher_run": str(run_dir.resolve()), "teacher_members": [Path(n).stem for n in ensemble.member_names],
+        entry = {"teacher_run": str(run_dir.resolve()),
+                 "teacher_members": [Path(n).stem for n in ensemble.member_names],
                  "teacher_weights": fitted["weights"], "teacher_temperature": fitted["temperature"],
                  "fitted_on": fitted["fitted_on"], "temperature": dcfg.temperature, "alpha": dcfg.alpha}
     ensemble.set_weights(entry["teacher_weights"])

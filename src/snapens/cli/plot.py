@@ -27,8 +27,8 @@ from typing import Any
 from snapens._io import atomic_path, read_json
 from snapens.cli import CLIError
 
-__all__ = ["PLOT_FILES", "plot_run", "plot_price", "price_points", "lr_curve", "snapshot_epochs", "read_metrics_csv", "correlation_labels",
-           "register", "run"]
+__all__ = ["PLOT_FILES", "plot_run", "plot_price", "price_points", "lr_curve", "snapshot_epochs", "read_metrics_csv",
+           "correlation_labels", "register", "run"]
 
 PLOT_FILES = ("lr_schedule.png", "training_curves.png", "ensemble_size.png", "snapshot_correlation.png", "price.png")
 
