@@ -455,15 +455,44 @@ def test_evaluate_loads_each_member_once_per_split(run_copy: Path, monkeypatch: 
     """Members run over a whole split each (member-major), not reloaded for every batch."""
     from snapens.ensemble import SnapshotEnsemble
 
-    loads: list[int] = []
-    original = SnapshotEnsemble._load_member
+    loads: dict[int, list[int]] = {}  # per ensemble object: the first is evaluate's, later ones time the price
+    alive = []  # keeps the ensembles alive, so that no id is reused
 
     def counting(self, m: int) -> None:
         if self._loaded != m:
-            loads.append(m)
+            if id(self) not in loads:
+                alive.append(self)
+            loads.setdefault(id(self), []).append(m)
         original(self, m)
+
+    original = SnapshotEnsemble._load_member
 
     monkeypatch.setattr(SnapshotEnsemble, "_load_member", counting)
     got = evaluate_run(run_copy, optimize=-1, precision="fp32")
     assert got["num_test"] > 256  # more than one batch, so batch-major would reload members
-    assert loads == [0, 1, 2, 0, 1, 2]  # best + 2 snapshots, once for validation and once for test
+    evaluated, *priced = loads.values()
+    assert evaluated == [0, 1, 2, 0, 1, 2]  # best + 2 snapshots, once for validation and once for test
+    # The price passes: the last snapshot alone, then the 2-snapshot ensemble, each warmed up once, then timed.
+    assert priced == [[0], [0, 1, 0, 1]]
+
+
+def test_price_columns_count_forward_passes(cli_json: dict, capsys: pytest.CaptureFixture[str],
+                                            run_dir: Path) -> None:
+    """Each row's forward passes per image are counted in its timed prediction pass: M for the ensembles,
+    1 for every single model; images/s are measured, positive and finite (not compared: the machine is shared)."""
+    s = cli_json
+    singles = [*s["snapshots"], s["single_best"], s["last_snapshot"]]
+    ensembles = [s["ensemble_equal"], s["ensemble_weighted"], s["ensemble_temperature"]]
+    assert all(r["forward_passes"] == 1.0 for r in singles)
+    assert all(r["forward_passes"] == float(s["num_members"]) == 2.0 for r in ensembles)
+    for row in singles + ensembles:
+        assert isinstance(row["images_per_second"], float) and 0 < row["images_per_second"] < math.inf
+    assert s["price"]["device"] == "cpu" and s["price"]["ensemble"]["forward_passes"] == 2.0
+    from snapens.report import format_summary
+
+    table = format_summary(s)
+    assert "passes" in table.splitlines()[1] and "img/s" in table.splitlines()[1]
+    assert [line.split()[-2] for line in table.splitlines() if line.startswith("ensemble, equal")] == ["2"]
+    # A summary written before the price columns existed still prints, with '-' in them.
+    old = {k: v for k, v in s.items() if k != "price"}
+    assert "img/s" not in format_summary(old)

@@ -56,7 +56,7 @@ def test_plot_again_prints_the_paths(run_dir: Path, capsys: pytest.CaptureFixtur
     _check_pngs(run_dir / "plots")
     assert (run_dir / "summary.json").stat().st_mtime_ns == before  # reused, not re-evaluated
     assert main(["plot", str(run_dir)]) == 0
-    assert capsys.readouterr().out.count(".png") == 4
+    assert capsys.readouterr().out.count(".png") == 5
 
 
 def test_lr_curve_recomputes_the_schedule() -> None:
@@ -346,3 +346,24 @@ def test_training_curves_mark_the_cycle_ends(unevaluated: Path, monkeypatch: pyt
         marks = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
         assert [line.get_xdata()[0] for line in marks] == [1.0, 2.0]
         assert "cycle end (snapshot)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_price_plot_has_one_point_per_method_at_its_measured_cost(run_dir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    points = plot_module.price_points(summary)
+    assert [p["label"] for p in points] == ["single best", "last snapshot", "ensemble (equal)",
+                                            "ensemble (fitted weights)", "ensemble + temperature"]
+    assert [p["forward_passes"] for p in points] == [1.0, 1.0, 2.0, 2.0, 2.0]
+    drawn: dict[str, object] = {}
+    monkeypatch.setattr(plot_module, "_save", lambda fig, path: drawn.update({path.name: fig.axes[0]}))
+    plot_module.plot_price(points, tmp_path / "price.png")
+    ax = drawn["price.png"]
+    assert ax.get_xscale() == "log"
+    xy = [tuple(c.get_offsets()[0]) for c in ax.collections]
+    assert xy == [pytest.approx((1000.0 / p["images_per_second"], p["error"])) for p in points]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[0] == "1: single best (1 pass)" and legend[2] == "3: ensemble (equal) (2 passes)"
+    assert [t.get_text() for t in ax.texts] == ["1", "2", "3", "4", "5"]
+    old = {k: v for k, v in summary.items() if k != "price"}  # a summary from before the price columns
+    assert plot_module.price_points(old) == []

@@ -31,7 +31,8 @@ def test_reproduce_tiny_budget_writes_all_rows(tmp_path: Path, capsys: pytest.Ca
     assert result["format_version"] == 1 and result["seeds"] == [0]
     assert result["config"]["model"] == "cnn-small" and result["config"]["dataset"] == "digits"
     rows = {r["key"]: r for r in result["rows"]}
-    assert set(rows) == {"single", "nocycle", "se_equal", "se_fitted"}
+    assert set(rows) == {"single", "nocycle", "single_fitted", "single_average", "snapshot_last", "se_equal",
+                         "se_fitted", "snapshot_average"}
     assert all(r["paper"] is None for r in rows.values())  # the paper has no digits numbers
     # Every row is the named entry of the named run's summary.
     summaries = {s: json.loads((out / f"{s}-seed0" / "summary.json").read_text()) for s in ("step", "cosine-cycles")}
@@ -80,10 +81,10 @@ def test_table_shows_a_diverged_run_as_nan() -> None:
         "config": {"model": "cnn-small", "dataset": "digits", "epochs": 2, "snapshots": 2, "lr": 0.1},
         "seeds": [0, 1], "paper_has_setting": False, "paper_source": "Table 1",
         "rows": [{"name": "snapshot ensemble (equal weights)", "mean": None, "std": None, "nll_mean": None,
-                  "paper": None}],
+                  "paper": None, "ece_mean": None}],  # and no price (a reproduce.json from before the price)
     }
     line = format_reproduce(result).splitlines()[2]
-    assert line.split()[-5:] == ["nan", "+-", "nan", "nan", "-"]
+    assert line.split()[-8:] == ["nan", "+-", "nan", "nan", "nan", "-", "-", "-"]
 
 
 def test_reproduce_takes_the_download_flag_its_error_suggests(tmp_path: Path, cli_error,
@@ -107,3 +108,45 @@ def test_reproduce_failure_keeps_folders_that_were_there(tmp_path: Path, cli_err
     out.mkdir()
     cli_error("reproduce", "--model", "nonsense", "--out", out, "--quiet")
     assert out.is_dir() and not any(out.iterdir())
+
+
+def test_every_method_gets_its_ensemble_average_student_and_price(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                  restore_threads: None) -> None:
+    out = tmp_path / "family"
+    argv = ["reproduce", "--methods", "fge,swa,single-cycle", "--distill", "cnn-small", "--epochs", "4",
+            "--snapshots", "2", "--batch-size", "128", "--device", "cpu", "--threads", "1", "--precision", "fp32",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "reproduce.json").read_text())
+    assert result["methods"] == ["fge", "swa", "single-cycle"] and result["distill"] == "cnn-small"
+    rows = {r["key"]: r for r in result["rows"]}
+    for method, schedule, prefix in (("fge", "fge", "fge"), ("swa", "swa", "swa"),
+                                     ("single-cycle", "single-cycle", "single_cycle")):
+        run = out / f"{schedule}-seed0"
+        summary = json.loads((run / "summary.json").read_text())
+        equal = rows["single_cycle" if method == "single-cycle" else f"{prefix}_equal"]
+        # Every row is the named file's number, and its price is counted: M passes for the ensembles.
+        assert rows[f"{prefix}_last"]["errors"] == pytest.approx([summary["last_snapshot"]["error"]])
+        assert equal["errors"] == pytest.approx([summary["ensemble_equal"]["error"]])
+        assert equal["forward_passes_mean"] == summary["num_members"] == len(summary["member_names"])
+        assert rows[f"{prefix}_fitted"]["forward_passes_mean"] == summary["num_members"]
+        average = json.loads((run / "average.json").read_text())
+        assert rows[f"{prefix}_average"]["errors"] == pytest.approx([average["test"]["error"]])
+        assert rows[f"{prefix}_average"]["forward_passes_mean"] == 1.0
+        student = json.loads((run / "distill-cnn-small" / "distill.json").read_text())
+        assert rows[f"{prefix}_distill"]["errors"] == pytest.approx([student["student"]["test"]["error"]])
+        assert rows[f"{prefix}_distill"]["forward_passes_mean"] == 1.0
+        assert all(r["images_per_second_mean"] > 0 for r in rows.values() if r["method"] == method)
+    assert json.loads((out / "single-cycle-seed0" / "summary.json").read_text())["num_members"] == 2
+    assert (out / "price.png").read_bytes()[:4] == b"\x89PNG"
+    header = printed.splitlines()[1]
+    assert all(h in header for h in ("test error %", "NLL", "ECE", "passes/img", "img/s", "paper"))
+    assert "SWA: weight average" in printed and "FGE: distilled student" in printed
+
+
+def test_unknown_method_and_distill_model_are_one_line_errors(tmp_path: Path, cli_error) -> None:
+    out = tmp_path / "x"
+    assert "unknown method(s) nope" in cli_error("reproduce", "--methods", "single,nope", "--out", out)
+    assert "list-models" in cli_error("reproduce", "--distill", "no-such-net", "--out", out, "--quiet")
+    assert not out.exists()

@@ -158,7 +158,7 @@ def test_true_default_run(tmp_path: Path) -> None:
             "ensemble_temperature", "ensemble_size_curve", "diversity")
     assert all(summary.get(row) is not None for row in rows), {row: summary.get(row) for row in rows}
     pngs = sorted((runs[0] / "plots").glob("*.png"))
-    assert len(pngs) == 4 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert len(pngs) == 5 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     print(f"default snapens train took {seconds:.1f} s")
 
 

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "PRESETS", "SCHEDULES", "M_SCHEDULES", "SCHEDULE_OPTIONS", "PRECISIONS",
+__all__ = ["TrainConfig", "DistillConfig", "PRESETS", "SCHEDULES", "M_SCHEDULES", "SCHEDULE_OPTIONS", "PRECISIONS",
            "resolve_config"]
 
 #: Schedules the engine knows: the snapshot ensemble, the paper's single-model step baseline (its snapshots at
@@ -139,6 +139,38 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-serialisable dict (what ``config.json`` stores)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """``snapens distill``: a student trained on a run's calibrated snapshot ensemble (see :mod:`snapens.distill`).
+
+    The student keeps the teacher run's dataset, splits, seed, batch size and optimizer settings; it trains one
+    cosine cycle (the ``cosine-cycles`` schedule with M=1) from ``lr`` down to 0 and keeps its final weights.
+    """
+
+    #: the student's architecture; None: the teacher's
+    model: str | None = None
+    epochs: int = 30
+    #: T of the soft targets softmax(z / T); Hinton et al. use 1-20, 4 is a common choice for CIFAR-size nets
+    temperature: float = 4.0
+    #: weight of the soft (teacher) term; 1 - alpha goes to the cross-entropy with the labels
+    alpha: float = 0.9
+    lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if not 0 < self.temperature < float("inf"):
+            raise ValueError(f"--temperature must be > 0 and finite, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-serialisable dict."""
         return dataclasses.asdict(self)
 
 

@@ -587,6 +587,20 @@ class SnapshotEnsemble(_Ensemble):
         """Refused, as :meth:`state_dict`."""
         raise TypeError(_NO_STATE_DICT)
 
+    def subset(self, indices: Sequence[int], weights: Weights = None) -> SnapshotEnsemble:
+        """The ensemble of members ``indices`` (``weights``: theirs, ``None`` = equal), on this ensemble's device,
+        with its precision and input normalisation; the member tensors are shared, not copied."""
+        picked = [int(i) for i in indices]
+        if not picked or any(not 0 <= i < self.n_members for i in picked):
+            raise ValueError(f"indices must be a non-empty list of members in [0, {self.n_members}), got {indices!r}")
+        stats = {}
+        if self.input_mean is not None and self.input_std is not None:
+            stats = {"mean": self.input_mean.flatten().tolist(), "std": self.input_std.flatten().tolist()}
+        return type(self)(self._factory, [self._members[i] for i in picked], weights, member_device=None,
+                          copy=False, names=[self.member_names[i] for i in picked],
+                          precision=self.requested_precision, channels_last=self.requested_channels_last,
+                          **stats).to(self.device)
+
     def materialize(self) -> MaterializedEnsemble:
         """All members as submodules on this ensemble's device and dtype (for ``torch.export`` / ``jit.trace``),
         with the same precision and input normalisation. Uses M times the device memory of one model.

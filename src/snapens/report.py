@@ -37,7 +37,8 @@ from torch import Tensor
 from snapens import _checks, metrics, weighting
 from snapens._io import json_safe, to_json
 
-__all__ = ["FORMAT_VERSION", "OPTIMIZE_MODES", "summarize", "format_summary", "json_safe", "to_json"]
+__all__ = ["FORMAT_VERSION", "OPTIMIZE_MODES", "SINGLE_ROWS", "ENSEMBLE_ROWS", "summarize", "add_prices",
+           "format_summary", "json_safe", "to_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ FORMAT_VERSION = 1
 OPTIMIZE_MODES = (-1, 0, 1)
 _METRIC_COLUMNS = (("error", "error %", "8.2f"), ("nll", "NLL", "8.4f"), ("ece", "ECE", "8.4f"),
                    ("brier", "Brier", "8.4f"))
+#: The price columns (:func:`add_prices`): forward passes per image and measured test-time images per second.
+PRICE_COLUMNS = (("forward_passes", "passes", "8.0f"), ("images_per_second", "img/s", "8.0f"))
+#: Summary entries that run one model per image, and those that run the whole ensemble.
+SINGLE_ROWS = ("single_best", "last_snapshot")
+ENSEMBLE_ROWS = ("ensemble_equal", "ensemble_weighted", "ensemble_temperature")
 
 
 def _as_tensor(x: Any, name: str, ndim: int) -> Tensor:
@@ -109,13 +115,8 @@ def summarize(
     """
     if optimize not in OPTIMIZE_MODES:
         raise ValueError(f"optimize must be one of {OPTIMIZE_MODES}, got {optimize!r}")
-    test_mp = _as_tensor(test_member_probs, "test_member_probs", 3)
-    test_y = _as_tensor(test_labels, "test_labels", 1).long()
+    test_mp, test_y = _test_inputs(test_member_probs, test_labels)
     n_members, n_test, n_classes = test_mp.shape
-    if n_members < 1 or n_test < 1:
-        raise ValueError(f"test_member_probs needs at least one member and one sample, got {tuple(test_mp.shape)}")
-    if test_y.shape[0] != n_test:
-        raise ValueError(f"test_labels has {test_y.shape[0]} entries but test_member_probs has {n_test} samples")
     names = [str(n) for n in member_names]
     if len(names) != n_members:
         raise ValueError(f"member_names has {len(names)} names for {n_members} members")
@@ -123,19 +124,8 @@ def summarize(
     if len(snap) != n_members or not any(snap):
         raise ValueError(f"is_snapshot must have {n_members} entries, at least one True, got {is_snapshot!r}")
     snap_idx = [m for m in range(n_members) if snap[m]]
-
-    has_val = val_member_probs is not None and val_labels is not None
-    val_mp = val_y = None
-    if has_val:
-        val_mp = _as_tensor(val_member_probs, "val_member_probs", 3)
-        val_y = _as_tensor(val_labels, "val_labels", 1).long()
-        if val_mp.shape[0] != n_members or val_mp.shape[2] != n_classes:
-            raise ValueError(f"val_member_probs has shape {tuple(val_mp.shape)}, expected "
-                             f"[{n_members}, N, {n_classes}] to match test_member_probs")
-        if val_y.shape[0] != val_mp.shape[1]:
-            raise ValueError(f"val_labels has {val_y.shape[0]} entries but val_member_probs has "
-                             f"{val_mp.shape[1]} samples")
-        has_val = val_y.shape[0] > 0
+    val_mp, val_y = _val_inputs(val_member_probs, val_labels, n_members, n_classes)
+    has_val = val_mp is not None
     if best_test_probs is not None:
         best_test_probs = _as_tensor(best_test_probs, "best_test_probs", 2)
         if tuple(best_test_probs.shape) != (n_test, n_classes):
@@ -144,73 +134,24 @@ def summarize(
 
     notes: list[str] = []
     val_acc = [float(metrics.accuracy(val_mp[m], val_y)) for m in range(n_members)] if has_val else None
-
     snapshots = []
     for m in range(n_members):
         row = _row(names[m], test_mp[m], test_y, snapshot=snap[m])
         if val_acc is not None:
             row["val_accuracy"] = val_acc[m]
         snapshots.append(row)
-
-    # Single best: chosen on validation only. Ties go to the later snapshot (trained longer).
-    if best_test_probs is not None:
-        single_best = _row("best.safetensors", best_test_probs, test_y, chosen_by="best.safetensors",
-                           val_accuracy=None if best_val_acc is None else float(best_val_acc))
-    elif val_acc is not None:
-        top = max(range(n_members), key=lambda m: (val_acc[m], m))
-        single_best = {**snapshots[top], "chosen_by": "validation accuracy"}
-    else:
-        single_best = {**snapshots[snap_idx[-1]], "chosen_by": "last snapshot (no validation split)"}
-        notes.append("no validation split: 'single best' is the last snapshot")
+    single_best = _single_best(snapshots, snap_idx, val_acc, best_test_probs, best_val_acc, test_y, notes)
 
     equal = torch.full((n_members,), 1.0 / n_members, dtype=torch.float64)
-    equal_probs = weighting.weighted_average(test_mp, equal)
-    ensemble_equal = _row("ensemble, equal weights", equal_probs, test_y, weights=equal.tolist())
-
-    ensemble_weighted = None
-    chosen = equal
-    if optimize == 1:
-        if has_val:
-            fitted = torch.as_tensor(weighting.fit_ensemble_weights(val_mp, val_y, method="nll"),
-                                     dtype=torch.float64)
-            chosen = fitted
-            ensemble_weighted = _row("ensemble, weights fitted on validation",
-                                     weighting.weighted_average(test_mp, fitted), test_y,
-                                     weights=fitted.tolist(), source="fitted")
-        else:
-            notes.append("no validation split: ensemble weights not fitted")
-    elif optimize == 0:
-        if weights is None:
-            raise ValueError("optimize=0 uses saved ensemble weights, but none were given")
-        saved = torch.as_tensor(weights, dtype=torch.float64).flatten()
-        if saved.shape[0] != n_members or bool((saved < 0).any()) or not math.isclose(
-                float(saved.sum()), 1.0, abs_tol=1e-6):
-            raise ValueError(f"saved weights must be {n_members} non-negative numbers summing to 1, got "
-                             f"{saved.tolist()}")
-        chosen = saved
-        ensemble_weighted = _row("ensemble, saved weights", weighting.weighted_average(test_mp, saved), test_y,
-                                 weights=saved.tolist(), source="saved")
-    else:
-        notes.append("optimize=-1: equal weights only")
-
-    ensemble_temperature = None
-    if has_val:
-        base = "equal" if ensemble_weighted is None else ensemble_weighted["source"]
-        not_fitted: list[str] = []
-        temperature = float(weighting.fit_temperature(weighting.weighted_average(val_mp, chosen), val_y,
-                                                      explain=not_fitted))
-        scaled = weighting.apply_temperature(weighting.weighted_average(test_mp, chosen), temperature)
-        ensemble_temperature = _row("ensemble + temperature", scaled, test_y, temperature=temperature,
-                                    base_weights=base, temperature_fitted=not not_fitted)
-        notes.extend(not_fitted)
-    else:
-        notes.append("no validation split: temperature not fitted")
+    ensemble_equal = _row("ensemble, equal weights", weighting.weighted_average(test_mp, equal), test_y,
+                          weights=equal.tolist())
+    chosen, ensemble_weighted = _weighted_row(optimize, weights, test_mp, test_y, val_mp, val_y, notes)
+    ensemble_temperature = _temperature_row(chosen if chosen is not None else equal,
+                                            "equal" if ensemble_weighted is None else ensemble_weighted["source"],
+                                            test_mp, test_y, val_mp, val_y, notes)
 
     # "last m snapshots": an extra member (the best model) is no snapshot and would shift every m by one.
     curve = [float(e) for e in metrics.ensemble_size_curve(test_mp[snap_idx], test_y)]
-    disagreement = metrics.pairwise_disagreement(test_mp).to(torch.float64)
-    correlation = metrics.pairwise_correlation(test_mp).to(torch.float64)
-
     return {
         "format_version": FORMAT_VERSION,
         "split": "test",
@@ -228,15 +169,123 @@ def summarize(
         "ensemble_temperature": ensemble_temperature,
         "ensemble_size_curve": {"m": list(range(1, len(snap_idx) + 1)), "error": curve,
                                 "members": [names[m] for m in snap_idx]},
-        "diversity": {
-            "members": names,
-            "disagreement": disagreement.tolist(),
-            "correlation": correlation.tolist(),
-            "mean_disagreement": _off_diagonal_mean(disagreement),
-            "mean_correlation": _off_diagonal_mean(correlation),
-        },
+        "diversity": _diversity(test_mp, names),
         "notes": notes,
     }
+
+
+def _test_inputs(test_member_probs: Tensor, test_labels: Tensor) -> tuple[Tensor, Tensor]:
+    test_mp = _as_tensor(test_member_probs, "test_member_probs", 3)
+    test_y = _as_tensor(test_labels, "test_labels", 1).long()
+    n_members, n_test, _ = test_mp.shape
+    if n_members < 1 or n_test < 1:
+        raise ValueError(f"test_member_probs needs at least one member and one sample, got {tuple(test_mp.shape)}")
+    if test_y.shape[0] != n_test:
+        raise ValueError(f"test_labels has {test_y.shape[0]} entries but test_member_probs has {n_test} samples")
+    return test_mp, test_y
+
+
+def _val_inputs(val_member_probs: Tensor | None, val_labels: Tensor | None, n_members: int,
+                n_classes: int) -> tuple[Tensor | None, Tensor | None]:
+    """The checked validation tensors, or ``(None, None)`` without a (non-empty) validation split."""
+    if val_member_probs is None or val_labels is None:
+        return None, None
+    val_mp = _as_tensor(val_member_probs, "val_member_probs", 3)
+    val_y = _as_tensor(val_labels, "val_labels", 1).long()
+    if val_mp.shape[0] != n_members or val_mp.shape[2] != n_classes:
+        raise ValueError(f"val_member_probs has shape {tuple(val_mp.shape)}, expected "
+                         f"[{n_members}, N, {n_classes}] to match test_member_probs")
+    if val_y.shape[0] != val_mp.shape[1]:
+        raise ValueError(f"val_labels has {val_y.shape[0]} entries but val_member_probs has "
+                         f"{val_mp.shape[1]} samples")
+    return (val_mp, val_y) if val_y.shape[0] > 0 else (None, None)
+
+
+def _single_best(snapshots: list[dict[str, Any]], snap_idx: list[int], val_acc: list[float] | None,
+                 best_test_probs: Tensor | None, best_val_acc: float | None, test_y: Tensor,
+                 notes: list[str]) -> dict[str, Any]:
+    """best.safetensors when given, else the member with the best validation accuracy (ties: the later one,
+    trained longer), else the last snapshot; chosen on validation only."""
+    if best_test_probs is not None:
+        return _row("best.safetensors", best_test_probs, test_y, chosen_by="best.safetensors",
+                    val_accuracy=None if best_val_acc is None else float(best_val_acc))
+    if val_acc is not None:
+        top = max(range(len(snapshots)), key=lambda m: (val_acc[m], m))
+        return {**snapshots[top], "chosen_by": "validation accuracy"}
+    notes.append("no validation split: 'single best' is the last snapshot")
+    return {**snapshots[snap_idx[-1]], "chosen_by": "last snapshot (no validation split)"}
+
+
+def _weighted_row(optimize: int, weights: Tensor | None, test_mp: Tensor, test_y: Tensor, val_mp: Tensor | None,
+                  val_y: Tensor | None, notes: list[str]) -> tuple[Tensor | None, dict[str, Any] | None]:
+    """``(weights, row)`` of the weighted ensemble: fitted on validation (1), the saved ones (0), none (-1)."""
+    n_members = test_mp.shape[0]
+    if optimize == 1:
+        if val_mp is None:
+            notes.append("no validation split: ensemble weights not fitted")
+            return None, None
+        fitted = torch.as_tensor(weighting.fit_ensemble_weights(val_mp, val_y, method="nll"), dtype=torch.float64)
+        return fitted, _row("ensemble, weights fitted on validation", weighting.weighted_average(test_mp, fitted),
+                            test_y, weights=fitted.tolist(), source="fitted")
+    if optimize == 0:
+        if weights is None:
+            raise ValueError("optimize=0 uses saved ensemble weights, but none were given")
+        saved = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        if saved.shape[0] != n_members or bool((saved < 0).any()) or not math.isclose(
+                float(saved.sum()), 1.0, abs_tol=1e-6):
+            raise ValueError(f"saved weights must be {n_members} non-negative numbers summing to 1, got "
+                             f"{saved.tolist()}")
+        return saved, _row("ensemble, saved weights", weighting.weighted_average(test_mp, saved), test_y,
+                           weights=saved.tolist(), source="saved")
+    notes.append("optimize=-1: equal weights only")
+    return None, None
+
+
+def _temperature_row(chosen: Tensor, base: str, test_mp: Tensor, test_y: Tensor, val_mp: Tensor | None,
+                     val_y: Tensor | None, notes: list[str]) -> dict[str, Any] | None:
+    """The ensemble with weights ``chosen`` and a temperature fitted on validation NLL (None without val)."""
+    if val_mp is None:
+        notes.append("no validation split: temperature not fitted")
+        return None
+    not_fitted: list[str] = []
+    temperature = float(weighting.fit_temperature(weighting.weighted_average(val_mp, chosen), val_y,
+                                                  explain=not_fitted))
+    scaled = weighting.apply_temperature(weighting.weighted_average(test_mp, chosen), temperature)
+    notes.extend(not_fitted)
+    return _row("ensemble + temperature", scaled, test_y, temperature=temperature, base_weights=base,
+                temperature_fitted=not not_fitted)
+
+
+def _diversity(test_mp: Tensor, names: list[str]) -> dict[str, Any]:
+    disagreement = metrics.pairwise_disagreement(test_mp).to(torch.float64)
+    correlation = metrics.pairwise_correlation(test_mp).to(torch.float64)
+    return {
+        "members": names,
+        "disagreement": disagreement.tolist(),
+        "correlation": correlation.tolist(),
+        "mean_disagreement": _off_diagonal_mean(disagreement),
+        "mean_correlation": _off_diagonal_mean(correlation),
+    }
+
+
+def add_prices(summary: dict[str, Any], *, single: dict[str, float], ensemble: dict[str, float],
+               device: str) -> dict[str, Any]:
+    """Add the price columns to a :func:`summarize` dict, in place, and return it.
+
+    ``single`` and ``ensemble`` are :meth:`snapens.cost.InferenceCost.to_dict` of a one-member and of the
+    evaluated ensemble's prediction pass: every member row, "single best" and "last snapshot" get ``single``
+    (one network of the same architecture), the ensemble rows get ``ensemble`` (the temperature and the weights
+    cost nothing measurable next to M forward passes). ``summary["price"]`` records both and the device.
+    """
+    for row in summary["snapshots"]:
+        row.update(single)
+    for key in SINGLE_ROWS:
+        summary[key].update(single)
+    for key in ENSEMBLE_ROWS:
+        if summary.get(key):
+            summary[key].update(ensemble)
+    summary["price"] = {"device": device, "single": dict(single), "ensemble": dict(ensemble)}
+    return summary
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -270,7 +319,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     """
     rows = _table_rows(summary)
     width = max(len(label) for label, _ in rows)
-    header = f"{'':<{width}}" + "".join(f"{title:>9}" for _, title, _ in _METRIC_COLUMNS)
+    columns = _METRIC_COLUMNS + (PRICE_COLUMNS if summary.get("price") else ())
+    header = f"{'':<{width}}" + "".join(f"{title:>9}" for _, title, _ in columns)
     chosen = (f"choices made on {summary['num_val']} validation images" if summary["num_val"]
               else "no validation split")
     precision = (summary.get("run") or {}).get("precision")
@@ -279,7 +329,7 @@ def format_summary(summary: dict[str, Any]) -> str:
              + (f", precision {precision}" if precision else ""),
              header, "-" * len(header)]
     for label, row in rows:
-        cells = "".join(" " + _num(row[key], spec) for key, _, spec in _METRIC_COLUMNS)
+        cells = "".join(" " + (_num(row[key], spec) if key in row else f"{'-':>8}") for key, _, spec in columns)
         lines.append(f"{label:<{width}}{cells}")
     curve = summary["ensemble_size_curve"]
     lines.append("")
@@ -292,6 +342,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     weighted = summary.get("ensemble_weighted")
     if weighted:
         lines.append(f"Weights ({weighted['source']}): " + ", ".join(_num(w, ".3f") for w in weighted["weights"]))
+    if summary.get("price"):
+        lines.append(f"Price: forward passes per test image, and test images per second measured on "
+                     f"{summary['price']['device']} (one warm-up batch, then one timed pass)")
     for note in summary.get("notes", []):
         lines.append(f"Note: {note}")
     return "\n".join(lines)

@@ -58,12 +58,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``snapens`` parser with every subcommand registered."""
-    from snapens.cli import average, evaluate, export, plot, reproduce, train
+    from snapens.cli import average, distill, evaluate, export, plot, reproduce, train
 
     parser = _Parser(prog=PROG, description=snapens.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"{PROG} {snapens.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (train, evaluate, average, plot, export, reproduce):
+    for module in (train, evaluate, average, distill, plot, export, reproduce):
         module.register(sub)
     return parser
 
@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        return fail("choose a command: train, evaluate, plot, export or reproduce (snapens COMMAND --help)")
+        return fail("choose a command: train, evaluate, average, distill, plot, export or reproduce "
+                    "(snapens COMMAND --help)")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

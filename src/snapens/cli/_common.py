@@ -24,6 +24,7 @@ __all__ = [
     "set_threads",
     "environment_info",
     "format_table",
+    "method_table",
     "plural",
     "default_run_dir",
     "build_loaders",
@@ -119,6 +120,29 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
         parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
+
+
+#: The columns of :func:`method_table`: (row key, header, format).
+METHOD_COLUMNS = (("error", "error %", ".2f"), ("nll", "NLL", ".4f"), ("ece", "ECE", ".4f"),
+                  ("forward_passes", "passes/img", "g"), ("images_per_second", "img/s", ".0f"))
+
+
+def method_table(rows: Sequence[Mapping[str, Any]],
+                 columns: Sequence[tuple[str, str, str]] = METHOD_COLUMNS) -> str:
+    """The table of methods that ``distill`` and ``reproduce`` print: one row per method, its ``"name"`` then
+    ``columns`` ``(key, header, format)`` (:data:`METHOD_COLUMNS`). A number that is not finite (stored as None)
+    shows as ``nan``, a missing entry (e.g. no price) as ``-``, a string as it is."""
+    def cell(row: Mapping[str, Any], key: str, spec: str) -> str:
+        if key not in row:
+            return "-"
+        value = row[key]
+        return value if isinstance(value, str) else format(float("nan") if value is None else float(value), spec)
+
+    cells = [["", *(h for _, h, _ in columns)],
+             *([str(r["name"])] + [cell(r, key, spec) for key, _, spec in columns] for r in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]).rstrip()
+                     for r in cells)
 
 
 def plural(count: int, noun: str) -> str:

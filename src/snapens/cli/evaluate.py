@@ -117,6 +117,14 @@ def _with_progress(loader: Any, desc: str, progress: bool, total: int | None = N
     return tqdm(loader, desc=desc, leave=False, file=sys.stderr, total=total)
 
 
+def _price(ensemble: Any, images: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Forward passes per image and measured images/s of ``ensemble.predict_proba`` over ``images``."""
+    from snapens.cost import measure_inference
+
+    return measure_inference(lambda x: ensemble.predict_proba(x, batch_size=batch_size), images,
+                             network=ensemble.model, device=ensemble.device, warmup_images=batch_size).to_dict()
+
+
 def evaluate_run(
     run_dir: Path,
     *,
@@ -148,7 +156,9 @@ def evaluate_run(
 
     Returns:
         The summary as written (non-finite numbers as ``None``), with a ``"run"`` entry naming the run folder and
-        the evaluation options.
+        the evaluation options, and the price columns (:func:`snapens.report.add_prices`): each row's forward
+        passes per test image and test images/s, measured on ``device`` by timing the last snapshot alone and
+        the evaluated ensemble (:func:`snapens.cost.measure_inference`).
 
     Raises:
         ValueError: a bad option or device, an incomplete config.json, missing or corrupt snapshots
@@ -203,6 +213,10 @@ def evaluate_run(
                                test_mp[first:], data.test.labels, member_names=names, best_test_probs=best_test,
                                best_val_acc=best_val_acc, weights=weights, optimize=optimize,
                                is_snapshot=[not (include_best and m == 0) for m in range(len(names))])
+    snap_members = [first + m for m in range(len(names)) if not (include_best and m == 0)]
+    report.add_prices(summary, single=_price(loaded.subset([snap_members[-1]]), data.test.images, batch_size),
+                      ensemble=_price(loaded.subset(range(first, len(loaded))), data.test.images, batch_size),
+                      device=str(device))
     summary["run"] = {"run_dir": str(run_dir), "last": last, "include_best": include_best,
                       "dataset": cfg["dataset"], "model": info["model"]["name"],
                       "schedule": cfg["schedule"], "epochs": cfg["epochs"], "lr": cfg["lr"],

@@ -7,7 +7,10 @@
   run is evaluated first when it has none);
 - ``snapshot_correlation.png``: 1 - correlation of the ensemble members' test predictions, labelled by member
   name (from summary.json): snapshots of one run are often more than 99% correlated, and 1 - correlation
-  shows how much they differ.
+  shows how much they differ;
+- ``price.png``: test error against the measured inference cost (milliseconds per test image on the device
+  that evaluated it, log scale), one point per method, labelled with its forward passes per image (from
+  summary.json; summaries written before the price columns have no such plot).
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from snapens import runs
 from snapens._io import atomic_path, read_json
 from snapens.cli import CLIError
 
-__all__ = ["PLOT_FILES", "plot_run", "lr_curve", "snapshot_epochs", "read_metrics_csv", "correlation_labels",
-           "register", "run"]
+__all__ = ["PLOT_FILES", "plot_run", "plot_price", "price_points", "lr_curve", "snapshot_epochs", "read_metrics_csv",
+           "correlation_labels", "register", "run"]
 
-PLOT_FILES = ("lr_schedule.png", "training_curves.png", "ensemble_size.png", "snapshot_correlation.png")
+PLOT_FILES = ("lr_schedule.png", "training_curves.png", "ensemble_size.png", "snapshot_correlation.png", "price.png")
 
 
 def _pyplot() -> Any:
@@ -185,6 +188,41 @@ def _plot_correlation(plt: Any, summary: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def price_points(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The methods of a summary with a price (:func:`snapens.report.add_prices`): ``{"label", "error",
+    "forward_passes", "images_per_second"}`` each; empty for a summary without one."""
+    from snapens.report import ENSEMBLE_ROWS, SINGLE_ROWS
+
+    if not summary.get("price"):
+        return []
+    labels = {"single_best": "single best", "last_snapshot": "last snapshot", "ensemble_equal": "ensemble (equal)",
+              "ensemble_weighted": "ensemble (fitted weights)", "ensemble_temperature": "ensemble + temperature"}
+    return [{"label": labels[key], **{k: summary[key][k] for k in ("error", "forward_passes", "images_per_second")}}
+            for key in SINGLE_ROWS + ENSEMBLE_ROWS if summary.get(key)]
+
+
+def plot_price(points: list[dict[str, Any]], out: Path, *, title: str = "error vs inference cost") -> None:
+    """Test error (%) against milliseconds per test image (log x axis), one numbered point per method; the
+    legend names each number's method and its forward passes per image.
+
+    ``points``: ``{"label", "error", "forward_passes", "images_per_second"}`` each (see :func:`price_points`).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, max(4.0, 1.0 + 0.22 * len(points))))
+    for k, p in enumerate(points, start=1):
+        ms, err, passes = 1000.0 / _nan(p["images_per_second"]), _nan(p["error"]), _nan(p["forward_passes"])
+        ax.scatter([ms], [err], color=f"C{(k - 1) % 10}", marker="os^Dv"[(k - 1) // 10 % 5], zorder=3,
+                   label=f"{k}: {p['label']} ({passes:g} pass{'' if passes == 1 else 'es'})")
+        ax.annotate(str(k), (ms, err), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set(xlabel="test-time cost (ms per image, measured)", ylabel="test error (%)", title=title)
+    ax.margins(x=0.15, y=0.1)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    _save(fig, out)
+    plt.close(fig)
+
+
 def correlation_labels(summary: dict[str, Any]) -> list[str]:
     """The names of the rows (and columns) of the summary's diversity matrices, in order."""
     return [str(n) for n in summary["diversity"].get("members", summary["member_names"])]
@@ -198,7 +236,7 @@ def plot_run(
     progress: bool = False,
     announce: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """Write the four PNGs of a run into ``run_dir/plots/`` and return their paths.
+    """Write the PNGs of a run (:data:`PLOT_FILES`) into ``run_dir/plots/`` and return their paths.
 
     Evaluates the run first (:func:`snapens.cli.evaluate.evaluate_run`, on ``device`` with the dataset at
     ``data_dir``) when it has no ``summary.json``; ``announce`` then receives a note saying so, once the device,
@@ -235,6 +273,10 @@ def plot_run(
     _plot_curves(plt, info, rows, paths[1])
     _plot_size(plt, summary, paths[2])
     _plot_correlation(plt, summary, paths[3])
+    points = price_points(summary)
+    if not points:  # a summary from before the price columns
+        return paths[:4]
+    plot_price(points, paths[4])
     return paths
 
 

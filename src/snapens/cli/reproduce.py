@@ -1,15 +1,23 @@
-"""``snapens reproduce``: the paper's Table 1 comparison at a budget of your choice, on one model and dataset.
+"""``snapens reproduce``: the paper's Table 1 comparison, and the cheap ensembles, at one budget of your choice.
 
-Trains, with the same budget (epochs, M, lr0) and seed:
+Trains, with the same budget (epochs, M, lr0) and seed, one run per method of ``--methods`` (default
+``single,snapshot``):
 
-- ``step``: the single-model baseline (lr0, x0.1 at 50 % and 75 % of the budget). Its final model is the
-  "single model" row; its snapshots, taken where the cyclic run takes them, give the "NoCycle" ensemble;
-- ``cosine-cycles``: the snapshot ensemble (equal weights, the paper; and weights fitted on validation);
-- with ``--with-single-cycle``: M independently initialised models trained one cycle each.
+- ``single`` (schedule ``step``): the single-model baseline (lr0, x0.1 at 50 % and 75 % of the budget). Its final
+  model is the "single model" row; its snapshots, taken where the cyclic run takes them, give the "NoCycle"
+  ensemble;
+- ``snapshot`` (``cosine-cycles``): the snapshot ensemble (equal weights, the paper; and weights fitted on
+  validation);
+- ``fge`` and ``swa``: Fast Geometric Ensembling (Garipov et al. 2018) and the SWA recipe (Izmailov et al. 2018);
+- ``single-cycle``: M independently initialised models trained one cycle each (also ``--with-single-cycle``).
 
-Each run is evaluated like ``snapens evaluate`` and the test errors are printed next to the paper's Table 1
-numbers when the paper reports that model and dataset. With ``--seeds N`` the numbers are mean +- std over N
-seeds. Writes OUT/reproduce.json; the runs are kept under OUT/<schedule>-seed<k>/.
+For every method: its final model, its ensemble (equal and fitted weights), the weight average of its snapshots
+(``snapens average``, BatchNorm recomputed) and, with ``--distill MODEL``, a MODEL student distilled from its
+calibrated ensemble for the same number of epochs (``snapens distill``). Each row gives the test error, NLL, ECE
+and its price: forward passes per image and images/s measured on this device (a weight average costs what a
+single model of its architecture costs). Test errors stand next to the paper's Table 1 numbers when the paper
+reports that model and dataset. With ``--seeds N`` the numbers are mean +- std over N seeds (the other columns
+means). Writes OUT/reproduce.json and OUT/price.png; the runs are kept under OUT/<schedule>-seed<k>/.
 
 The default (no arguments) is cnn-small on the bundled 8x8 digits at the TrainConfig defaults: minutes on a
 laptop CPU. A paper setting is e.g. ``--preset paper-wrn-32-4-cifar10`` (days on a CPU).
@@ -26,7 +34,8 @@ from typing import Any
 
 from snapens.cli import CLIError
 
-__all__ = ["PAPER_SOURCE", "PAPER_TABLE1", "paper_errors", "reproduce", "format_reproduce", "register", "run"]
+__all__ = ["METHODS", "PAPER_SOURCE", "PAPER_TABLE1", "paper_errors", "parse_methods", "price_points", "reproduce",
+           "format_reproduce", "register", "run"]
 
 PAPER_SOURCE = ("Huang et al., Snapshot Ensembles: Train 1, Get M for Free, ICLR 2017 (arXiv 1704.00109), "
                 "Table 1: test error (%)")
@@ -51,14 +60,42 @@ PAPER_TABLE1: dict[tuple[str, str], dict[str, float]] = {
 # Our CIFAR-10 as JPEGs is the same images (re-encoded): the paper's CIFAR-10 numbers are the reference.
 _DATASET_ALIASES = {"cifar10-jpeg": "cifar10"}
 
-#: Table rows: (key, label, schedule whose run gives it, summary entry).
-_TABLE = (
-    ("single", "single model (step schedule, final)", "step", "last_snapshot"),
-    ("nocycle", "NoCycle snapshot ensemble (equal)", "step", "ensemble_equal"),
-    ("se_equal", "snapshot ensemble (equal weights)", "cosine-cycles", "ensemble_equal"),
-    ("se_fitted", "snapshot ensemble (fitted on val)", "cosine-cycles", "ensemble_weighted"),
-    ("single_cycle", "single-cycle ensemble (equal)", "single-cycle", "ensemble_equal"),
-)
+#: ``--methods`` names and the schedule that trains each.
+METHODS = {"single": "step", "snapshot": "cosine-cycles", "fge": "fge", "swa": "swa", "single-cycle": "single-cycle"}
+_METHOD_LABELS = {"single": "single model (step)", "snapshot": "snapshot ensemble", "fge": "FGE", "swa": "SWA",
+                  "single-cycle": "single-cycle"}
+#: The rows of every method: (suffix, label, where the number comes from: a summary entry, "average" or "distill").
+_PARTS = (("last", "final model", "last_snapshot"), ("equal", "ensemble (equal)", "ensemble_equal"),
+          ("fitted", "ensemble (fitted on val)", "ensemble_weighted"), ("average", "weight average", "average"),
+          ("distill", "distilled student", "distill"))
+#: The row keys of the paper's Table 1 columns (and of earlier reproduce.json files).
+_LEGACY_KEYS = {("single", "last"): "single", ("single", "equal"): "nocycle", ("snapshot", "equal"): "se_equal",
+                ("snapshot", "fitted"): "se_fitted", ("single-cycle", "equal"): "single_cycle"}
+_LEGACY_LABELS = {"single": "single model (step schedule, final)", "nocycle": "NoCycle snapshot ensemble (equal)",
+                  "se_equal": "snapshot ensemble (equal weights)", "se_fitted": "snapshot ensemble (fitted on val)",
+                  "single_cycle": "single-cycle ensemble (equal)"}
+_VALUE_KEYS = ("error", "nll", "ece", "forward_passes", "images_per_second")
+
+
+def _row_key(method: str, part: str) -> str:
+    return _LEGACY_KEYS.get((method, part), f"{method.replace('-', '_')}_{part}")
+
+
+def _row_label(method: str, part: str, label: str) -> str:
+    key = _row_key(method, part)
+    if method == "single" and part == "fitted":  # the step run's snapshots are the NoCycle ensemble
+        return "NoCycle snapshot ensemble (fitted on val)"
+    return _LEGACY_LABELS.get(key, f"{_METHOD_LABELS[method]}: {label}")
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"single,snapshot,fge"`` -> the method names, in the order given, each once; unknown names are refused."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise CLIError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
+                       f"{', '.join(METHODS)}")
+    return list(dict.fromkeys(names))
 
 
 def paper_errors(model: str, dataset: str, lr: float) -> dict[str, float | None]:
@@ -67,7 +104,7 @@ def paper_errors(model: str, dataset: str, lr: float) -> dict[str, float | None]
     The snapshot-ensemble number is the paper's column for the same restart rate ``lr0`` (0.1 or 0.2).
     """
     row = PAPER_TABLE1.get((model, _DATASET_ALIASES.get(dataset, dataset)))
-    out: dict[str, float | None] = {key: None for key, *_ in _TABLE}
+    out: dict[str, float | None] = {key: None for key in _LEGACY_LABELS}
     if row is None:
         return out
     out["single"], out["nocycle"] = row["single"], row["nocycle"]
@@ -87,50 +124,100 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _method_run(cfg: Any, run_dir: Path, method: str, distill_model: str | None, progress: bool) -> dict[str, Any]:
+    """Train, evaluate, average (and distil) one method's run; returns its rows' numbers by part."""
+    from snapens.cli.average import average_run
+    from snapens.cli.distill import distill_run
+    from snapens.cli.evaluate import evaluate_run
+    from snapens.cli.train import train_run
+    from snapens.config import DistillConfig
+
+    train_run(cfg, run_dir, resume=False, progress=progress)
+    summary = evaluate_run(run_dir, optimize=1, device=cfg.device, progress=progress, precision=cfg.precision)
+    parts: dict[str, dict[str, Any] | None] = {}
+    for part, _, entry in _PARTS:
+        if entry in summary:
+            parts[part] = summary[entry]
+    average = average_run(run_dir, device=cfg.device)
+    # The same architecture as a single snapshot: the same forward pass, so the same measured price.
+    parts["average"] = {**average["test"], **summary["price"]["single"]}
+    if distill_model is not None:
+        student = distill_run(run_dir, run_dir / f"distill-{distill_model}",
+                              DistillConfig(model=distill_model, epochs=cfg.epochs), progress=progress)
+        parts["distill"] = {**student["student"]["test"],
+                            **{k: student["student"][k] for k in ("forward_passes", "images_per_second")}}
+    return {"method": method, "schedule": cfg.schedule, "seed": cfg.seed, "run_dir": str(run_dir), "parts": parts}
+
+
+def _rows(runs: list[dict[str, Any]], methods: list[str], paper: dict[str, float | None]) -> list[dict[str, Any]]:
+    rows = []
+    for method in methods:
+        for part, label, _ in _PARTS:
+            picked = [r["parts"].get(part) for r in runs if r["method"] == method]
+            if not picked or any(p is None for p in picked):  # e.g. no validation split: no fitted weights
+                continue
+            key = _row_key(method, part)
+            values = {k: [_float(p.get(k)) for p in picked] for k in _VALUE_KEYS}
+            mean, std = _mean_std(values["error"])
+            row = {"key": key, "name": _row_label(method, part, label), "method": method,
+                   "schedule": METHODS[method], "errors": values["error"], "nlls": values["nll"], "mean": mean,
+                   "std": std, "nll_mean": statistics.fmean(values["nll"]), "paper": paper.get(key)}
+            row.update({f"{k}_mean": statistics.fmean(values[k]) for k in ("ece", "forward_passes",
+                                                                             "images_per_second")})
+            rows.append(row)
+    return rows
+
+
 def reproduce(
     config: Any,
     out_dir: Path,
     *,
     seeds: int = 1,
+    methods: list[str] | None = None,
     with_single_cycle: bool = False,
+    distill: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Train and evaluate the Table 1 runs for ``config`` (a :class:`snapens.config.TrainConfig`).
+    """Train and evaluate one run per method for ``config`` (a :class:`snapens.config.TrainConfig`).
 
     Args:
-        config: the budget, model and dataset; its ``schedule`` is replaced run by run, its ``seed`` is the
-            first seed (seeds ``seed, seed + 1, ...``).
+        config: the budget, model and dataset; its ``schedule`` is replaced run by run (:data:`METHODS`), its
+            ``seed`` is the first seed (seeds ``seed, seed + 1, ...``).
         out_dir: runs go to ``out_dir/<schedule>-seed<k>``; ``out_dir/reproduce.json`` is written last.
         seeds: number of seeds.
-        with_single_cycle: also train the single-cycle baseline.
+        methods: the methods (default ``["single", "snapshot"]``).
+        with_single_cycle: also the ``single-cycle`` method.
+        distill: a student architecture: each method's ensemble is also distilled into one (same epochs).
         progress: progress bars.
 
     Returns:
-        The content of ``reproduce.json``: per row the test errors (%) per seed, mean, std and the paper's number
-        (non-finite numbers, from a diverged run, as ``None``).
+        The content of ``reproduce.json``: per row the test errors (%) and NLLs per seed, mean, std, the means
+        of ECE, forward passes per image and images/s, and the paper's number (non-finite numbers, from a
+        diverged run, as ``None``).
     """
     from snapens._io import atomic_write_text
-    from snapens.cli.evaluate import evaluate_run
-    from snapens.cli.train import train_run
     from snapens.report import json_safe, to_json
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise CLIError(f"--seeds must be a positive integer, got {seeds!r}")
+    methods = list(methods or ["single", "snapshot"])
+    if with_single_cycle and "single-cycle" not in methods:
+        methods.append("single-cycle")
+    parse_methods(",".join(methods))
+    if distill is not None:
+        from snapens.cli.distill import _check_model
+
+        _check_model(distill)
     out_dir = Path(out_dir)
     created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first
     out_dir.mkdir(parents=True, exist_ok=True)
-    schedules = ["step", "cosine-cycles"] + (["single-cycle"] if with_single_cycle else [])
     seed_list = [config.seed + k for k in range(seeds)]
     runs = []
     try:
         for seed in seed_list:
-            for schedule in schedules:
-                cfg = dataclasses.replace(config, schedule=schedule, seed=seed)
-                run_dir = out_dir / f"{schedule}-seed{seed}"
-                train_run(cfg, run_dir, resume=False, progress=progress)
-                summary = evaluate_run(run_dir, optimize=1, device=cfg.device, progress=progress,
-                                       precision=cfg.precision)
-                runs.append({"schedule": schedule, "seed": seed, "run_dir": str(run_dir), "summary": summary})
+            for method in methods:
+                cfg = dataclasses.replace(config, schedule=METHODS[method], seed=seed)
+                runs.append(_method_run(cfg, out_dir / f"{cfg.schedule}-seed{seed}", method, distill, progress))
     except BaseException:
         # A failure before anything was trained (missing data, a bad model) leaves no empty folder behind;
         # finished or interrupted runs stay where they are.
@@ -142,24 +229,14 @@ def reproduce(
         raise
 
     paper = paper_errors(config.model, config.dataset, config.lr)
-    rows = []
-    for key, label, schedule, entry in _TABLE:
-        if schedule not in schedules:
-            continue
-        picked = [r["summary"][entry] for r in runs if r["schedule"] == schedule]
-        if any(p is None for p in picked):  # e.g. no validation split: no fitted weights
-            continue
-        errors = [_float(p["error"]) for p in picked]
-        nlls = [_float(p["nll"]) for p in picked]
-        mean, std = _mean_std(errors)
-        rows.append({"key": key, "name": label, "schedule": schedule, "errors": errors, "nlls": nlls,
-                     "mean": mean, "std": std, "nll_mean": statistics.fmean(nlls), "paper": paper[key]})
     result = {
         "format_version": 1,
         "config": config.to_dict(),
         "seeds": seed_list,
-        "runs": [{k: v for k, v in r.items() if k != "summary"} for r in runs],
-        "rows": rows,
+        "methods": methods,
+        "distill": distill,
+        "runs": [{k: v for k, v in r.items() if k != "parts"} for r in runs],
+        "rows": _rows(runs, methods, paper),
         "paper_source": PAPER_SOURCE,
         "paper_has_setting": any(v is not None for v in paper.values()),
     }
@@ -167,23 +244,32 @@ def reproduce(
     return json_safe(result)
 
 
+def price_points(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One point per row of a reproduce result for :func:`snapens.cli.plot.plot_price` (rows with a price)."""
+    return [{"label": r["name"], "error": r["mean"], "forward_passes": r["forward_passes_mean"],
+             "images_per_second": r["images_per_second_mean"]}
+            for r in result["rows"] if r.get("images_per_second_mean") is not None]
+
+
 def format_reproduce(result: dict[str, Any]) -> str:
-    """The reproduce table: our test error (mean +- std over seeds) next to the paper's (``nan`` for a
-    number that is not finite, ``None`` in the JSON)."""
-    from snapens.cli._common import plural
+    """The reproduce table: our test error (mean +- std over seeds), NLL, ECE and price next to the paper's
+    error (``nan`` for a number that is not finite, ``None`` in the JSON; ``-`` for a missing one)."""
+    from snapens.cli._common import METHOD_COLUMNS, method_table, plural
 
     cfg = result["config"]
     n = len(result["seeds"])
     lines = [f"Table 1 comparison: {cfg['model']} on {cfg['dataset']}, {plural(cfg['epochs'], 'epoch')}, "
              f"M={cfg['snapshots']}, lr0={cfg['lr']:g}, {n} seed{'s' if n > 1 else ''}"]
-    width = max(len(r["name"]) for r in result["rows"])
-    ours = "test error %" + (" (mean +- std)" if n > 1 else "")
-    lines.append(f"{'':<{width}}  {ours:>26}  {'NLL':>7}  {'paper':>6}")
+    rows = []
     for r in result["rows"]:
-        mean, std, nll = _float(r["mean"]), _float(r["std"]), _float(r["nll_mean"])
-        value = f"{mean:.2f} +- {std:.2f}" if n > 1 else f"{mean:.2f}"
-        paper = "-" if r["paper"] is None else f"{r['paper']:.2f}"
-        lines.append(f"{r['name']:<{width}}  {value:>26}  {nll:7.4f}  {paper:>6}")
+        mean, std = _float(r["mean"]), _float(r["std"])
+        row = {"name": r["name"], "error": f"{mean:.2f} +- {std:.2f}" if n > 1 else mean, "nll": r["nll_mean"],
+               "paper": "-" if r["paper"] is None else f"{r['paper']:.2f}"}
+        row.update({k: r[f"{k}_mean"] for k in ("ece", "forward_passes", "images_per_second") if f"{k}_mean" in r})
+        rows.append(row)
+    error_title = "test error %" + (" (mean +- std)" if n > 1 else "")
+    columns = ((("error", error_title, ".2f"),) + METHOD_COLUMNS[1:] + (("paper", "paper", "s"),))
+    lines.append(method_table(rows, columns))
     if result["paper_has_setting"]:
         lines.append(f"paper: {result['paper_source']} (at the paper's full budget; '-' where it reports none)")
     else:
@@ -219,13 +305,27 @@ def register(subparsers: Any) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help=f"training and evaluation precision: auto = bf16 where the hardware runs it natively, else "
                         f"fp32 (default: {d.precision})")
+    p.add_argument("--methods", default="single,snapshot", metavar="LIST",
+                   help=f"comma-separated methods, each trained at the same budget: {', '.join(METHODS)} "
+                        "(default: single,snapshot)")
     p.add_argument("--with-single-cycle", action="store_true",
-                   help="also train M independent models for one cycle each")
+                   help="also train M independent models for one cycle each (= adding single-cycle to --methods)")
+    p.add_argument("--distill", default=None, metavar="MODEL",
+                   help="also distil each method's ensemble into a MODEL student (same epochs; see snapens distill)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="output folder (default: runs/reproduce-<model>-<dataset>)")
     p.add_argument("--json", action="store_true", help="print reproduce.json instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
     p.set_defaults(func=run)
+
+
+def _plot_price(result: dict[str, Any], out: Path) -> None:
+    from snapens.cli.plot import plot_price
+
+    try:
+        plot_price(price_points(result), out / "price.png", title="error vs inference cost, one point per method")
+    except CLIError as exc:  # no matplotlib: the table and reproduce.json are the results
+        print(f"warning: {exc}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -243,8 +343,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"reproduce-{config.model}-{safe_dataset}"
     if (out / "reproduce.json").exists():
         raise CLIError(f"{out} already holds a reproduction (reproduce.json); choose another --out")
-    result = reproduce(config, out, seeds=args.seeds, with_single_cycle=args.with_single_cycle,
-                       progress=progress_enabled(args.quiet))
+    methods = parse_methods(args.methods)
+    result = reproduce(config, out, seeds=args.seeds, methods=methods, with_single_cycle=args.with_single_cycle,
+                       distill=args.distill, progress=progress_enabled(args.quiet))
+    _plot_price(result, out)
     if args.json:
         print(to_json(result))
     else:

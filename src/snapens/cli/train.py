@@ -34,7 +34,7 @@ import logging
 import random
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +315,8 @@ def train_run(
     dist_ctx: DistContext | None = None,
     sync_bn: bool = False,
     evaluate: bool = True,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    extra_info: Mapping[str, Any] | None = None,
 ) -> Path:
     """Train one run described by ``cfg`` into ``run_dir`` (data, model, SGD, scheduler, :func:`engine.fit`).
 
@@ -338,6 +340,8 @@ def train_run(
         sync_bn: with several processes, SyncBatchNorm (CUDA only).
         evaluate: the run is evaluated on the test split when it ends: an empty test split is refused before
             training. Recorded in config.json, so that ``--resume`` keeps ``--no-eval``.
+        loss_fn: the training loss ``(logits, y, x)`` (see :func:`engine.fit`); cross-entropy when None.
+        extra_info: more entries of config.json (e.g. ``snapens distill``'s ``"distill"``).
 
     Returns:
         ``run_dir``.
@@ -431,6 +435,7 @@ def train_run(
             "distributed": {"world_size": ctx.world_size, "global_batch_size": cfg.batch_size * ctx.world_size,
                             "sync_bn": bool(sync_bn and ctx.enabled)},
             "evaluate": bool(evaluate),
+            **dict(extra_info or {}),
         })
     reinit = None
     if cfg.schedule == "single-cycle":
@@ -442,7 +447,7 @@ def train_run(
         precision=precision, channels_last=cfg.channels_last, compile=cfg.compile, reinit_factory=reinit,
         # Members k >= 1 of the single-cycle baseline use seeds 1000 * (seed + 1) + k: distinct across seeds.
         reinit_seed=1000 * (cfg.seed + 1), resume=resume and not start_over, progress=progress and ctx.is_main,
-        sync_batchnorm=sync_bn,
+        sync_batchnorm=sync_bn, loss_fn=loss_fn,
     )
     return run_dir
 
