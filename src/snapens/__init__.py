@@ -54,8 +54,8 @@ __all__ = [
 #: attribute access (PEP 562): ``models`` / ``data`` / ``engine`` pull in more than a loop that only needs the
 #: names above should pay for, and ``integrations`` must stay lazy (its extras are optional).
 _SUBMODULES = frozenset({
-    "averaging", "checkpoint", "cli", "config", "data", "engine", "ensemble", "integrations", "metrics", "models",
-    "report", "schedule", "weighting",
+    "averaging", "checkpoint", "cli", "config", "cost", "data", "distill", "distributed", "engine", "ensemble",
+    "guidance", "integrations", "metrics", "models", "report", "runs", "schedule", "weighting",
 })
 
 

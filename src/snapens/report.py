@@ -345,6 +345,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("price"):
         lines.append(f"Price: forward passes per test image, and test images per second measured on "
                      f"{summary['price']['device']} (one warm-up batch, then one timed pass)")
+    rec = summary.get("recommendation")
+    if rec:
+        lines.append(f"Recommendation (validation only): {rec['hint']}")
     for note in summary.get("notes", []):
         lines.append(f"Note: {note}")
     return "\n".join(lines)

@@ -170,6 +170,7 @@ def evaluate_run(
     from snapens.distributed import resolve_device
     from snapens.ensemble import SnapshotEnsemble
     from snapens.models import build_model
+    from snapens.guidance import recommend
 
     run_dir = Path(run_dir)
     if optimize not in report.OPTIMIZE_MODES:
@@ -217,6 +218,9 @@ def evaluate_run(
     report.add_prices(summary, single=_price(loaded.subset([snap_members[-1]]), data.test.images, batch_size),
                       ensemble=_price(loaded.subset(range(first, len(loaded))), data.test.images, batch_size),
                       device=str(device))
+    # validation only: the guidance must never see test data
+    summary["recommendation"] = (recommend(val_mp[first:], data.val.labels).to_dict()
+                                 if val_mp is not None and len(names) > 1 else None)
     summary["run"] = {"run_dir": str(run_dir), "last": last, "include_best": include_best,
                       "dataset": cfg["dataset"], "model": info["model"]["name"],
                       "schedule": cfg["schedule"], "epochs": cfg["epochs"], "lr": cfg["lr"],
