@@ -22,7 +22,7 @@ import torch
 from snapens import checkpoint, engine
 from snapens.cli import build_parser, main
 from snapens.cli.train import config_from_args
-from snapens.config import PRESETS, TrainConfig
+from snapens.config import AUTO_MIN_CYCLE_EPOCHS, PRESETS, TrainConfig
 
 # Small and fast: 4 epochs of digits, M = 2, one thread (bit-identical across processes), no progress bars.
 SMALL = ["--epochs", "4", "--snapshots", "2", "--threads", "1", "--device", "cpu", "--precision", "fp32"]
@@ -265,6 +265,10 @@ def test_new_schedules_train_on_digits(tmp_path: Path, extra: list[str], spec: s
     (["--schedule", "swa", "--swa-start", "1.5"], "got 1.5"),
     (["--fge-start", "0.3"], "applies to the fge schedule"),
     (["--schedule", "swa", "--snapshots", "3"], "the swa schedule takes as many snapshots as its budget holds"),
+    (["--snapshots", "auto", "--M", "5"], "--snapshots auto and --M 5 disagree"),
+    (["--schedule", "fge", "--snapshots", "auto"], "--snapshots auto applies to cosine-cycles, step, single-cycle; "
+                                                   "the fge schedule takes as many snapshots"),
+    (["--dataset", "nope", "--snapshots", "auto"], "nope"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                         extra: list[str], match: str) -> None:
@@ -302,6 +306,55 @@ def test_resume_errors_leave_runs_untouched(finished_run: tuple[Path, str], tmp_
     (foreign / "notes.txt").write_text("keep me")
     _error_case(["train", "--resume", "--run-dir", str(foreign)], foreign, capsys, "not a snapens run folder")
     _error_case(["train", "--resume"], tmp_path, capsys, "--resume needs --run-dir")
+
+
+def test_snapshots_auto_run_records_the_picked_m_and_resume_accepts_auto_again(
+        finished_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapens.cli.train import _resume_config
+
+    run_dir = tmp_path / "auto"
+    argv = ["train", "--epochs", "12", "--snapshots", "auto", "--limit-train", "128", "--threads", "1",
+            "--device", "cpu", "--precision", "fp32", "--run-dir", str(run_dir), "--quiet", "--no-eval"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "12 epochs, M=2 snapshots (auto: 12 epochs // 6) (cosine-cycles" in out
+    saved = json.loads((run_dir / "config.json").read_text())["config"]
+    assert (saved["snapshots"], saved["snapshots_auto"]) == (2, True)
+    assert len(snapshots(run_dir)) == 2
+    # The repeated command is accepted (up to the finished run's own refusal), and the stored M wins even once
+    # the table has changed.
+    _error_case([*argv, "--resume"], run_dir, capsys, "already finished")
+    monkeypatch.setitem(AUTO_MIN_CYCLE_EPOCHS, "digits", 3)
+    cfg = _resume_config(build_parser().parse_args([*argv, "--resume"]))
+    assert (cfg.snapshots, cfg.snapshots_auto) == (2, True)
+    assert _cfg(["--epochs", "12", "--snapshots", "auto"]).snapshots == 4  # new runs read the new table
+    # a run with an explicit M is not an auto run
+    _error_case(["train", "--resume", "--run-dir", str(finished_run[0]), "--snapshots", "auto"], finished_run[0],
+                capsys, "do not change --snapshots")
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--snapshots", "x"], "train: argument --snapshots: expected an integer M or auto, got 'x'"),
+    (["--snapshots", "2.5"], "expected an integer M or auto, got '2.5'"),
+    (["--M", "auto"], "argument --M: invalid int value: 'auto'"),  # the legacy flag stays an integer
+])
+def test_bad_snapshots_value_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                extra: list[str], match: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--run-dir", str(tmp_path / "run"), *extra])
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("snapens: error: ") and match in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_explicit_snapshots_are_never_replaced_by_auto() -> None:
+    assert (_cfg(["--epochs", "12", "--snapshots", "5"]).snapshots, _cfg(["--epochs", "12"]).snapshots) == (5, 5)
+    assert not _cfg(["--epochs", "12", "--M", "5"]).snapshots_auto
+    assert _cfg(["--preset", "paper-densenet-40-12-cifar10"]).snapshots == 6
+    cfg = _cfg(["--preset", "paper-densenet-40-12-cifar10", "--snapshots", "auto"])
+    assert (cfg.snapshots, cfg.snapshots_auto) == (6, True)  # 300 epochs // 8, at most 6
 
 
 # --------------------------------------------------------------------------------------- kill and resume

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from snapens.config import PRESETS, TrainConfig, resolve_config
+from snapens.config import AUTO_MAX_SNAPSHOTS, PRESETS, TrainConfig, auto_snapshots, resolve_config
 
 
 def test_defaults_are_valid_and_round_trip():
@@ -84,3 +84,44 @@ def test_limits_default_to_every_image_and_are_recorded():
     assert (TrainConfig().limit_train, TrainConfig().limit_test) == (None, None)
     cfg = resolve_config(limit_train=5000, limit_test=1000)
     assert cfg.to_dict()["limit_train"] == 5000 and cfg.to_dict()["limit_test"] == 1000
+
+
+@pytest.mark.parametrize("dataset,epochs,m", [
+    ("digits", 12, 2), ("digits", 17, 2), ("digits", 18, 3), ("digits", 5, 1), ("digits", 1, 1),  # 1 at least
+    ("digits", 36, 6), ("digits", 300, 6),  # at most AUTO_MAX_SNAPSHOTS
+    ("cifar10", 40, 5), ("cifar100", 16, 2), ("cifar10", 200, 6), ("svhn", 40, 5), ("cifar10-jpeg", 24, 3),
+    ("CIFAR10", 7, 1), ("folder:/data/imgs", 16, 2), ("Folder:rel/path", 31, 3),
+])
+def test_auto_snapshots_is_epochs_over_the_shortest_cycle_clamped(dataset, epochs, m):
+    assert AUTO_MAX_SNAPSHOTS == 6
+    assert auto_snapshots(dataset, epochs) == m
+
+
+def test_auto_snapshots_refuses_a_dataset_without_a_rule():
+    with pytest.raises(ValueError, match="no rule for dataset 'mnist'.*give --snapshots M"):
+        auto_snapshots("mnist", 40)
+
+
+def test_snapshots_auto_resolves_after_the_preset_and_explicit_m_is_kept():
+    cfg = resolve_config(None, snapshots="auto", epochs=12)
+    assert (cfg.snapshots, cfg.snapshots_auto) == (2, True)
+    assert TrainConfig(**cfg.to_dict()) == cfg and cfg.to_dict()["snapshots_auto"] is True
+    # the preset's dataset and epochs decide: SVHN, 40 epochs // 8
+    cfg = resolve_config("paper-wrn-32-4-svhn", snapshots="auto")
+    assert (cfg.snapshots, cfg.snapshots_auto) == (5, True)
+    cfg = resolve_config("paper-densenet-40-12-cifar10", snapshots="auto", epochs=16)
+    assert (cfg.snapshots, cfg.snapshots_auto) == (2, True)
+    # auto is opt-in: presets keep their M, explicit M is never overridden
+    assert (resolve_config("paper-densenet-40-12-cifar10").snapshots, TrainConfig().snapshots_auto) == (6, False)
+    cfg = resolve_config(None, snapshots=3, epochs=12)
+    assert (cfg.snapshots, cfg.snapshots_auto) == (3, False)
+    # a recorded auto run keeps its stored M whatever the table says today
+    assert TrainConfig(epochs=12, snapshots=4, snapshots_auto=True).snapshots == 4
+
+
+@pytest.mark.parametrize("schedule", ["fge", "swa"])
+def test_snapshots_auto_is_refused_for_fge_and_swa(schedule):
+    with pytest.raises(ValueError, match=f"snapshots auto applies to .*the {schedule} schedule"):
+        resolve_config(None, schedule=schedule, snapshots="auto")
+    with pytest.raises(ValueError, match=f"the {schedule} schedule"):
+        TrainConfig(schedule=schedule, snapshots_auto=True)

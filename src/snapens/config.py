@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["TrainConfig", "DistillConfig", "PRESETS", "SCHEDULES", "M_SCHEDULES", "SCHEDULE_OPTIONS", "PRECISIONS",
-           "resolve_config"]
+           "AUTO_MIN_CYCLE_EPOCHS", "AUTO_MAX_SNAPSHOTS", "auto_snapshots", "resolve_config"]
 
 #: Schedules the engine knows: the snapshot ensemble, the paper's single-model step baseline (its snapshots at
 #: the same steps give the "NoCycle" ensemble), M independently initialised models trained one cycle each, Fast
@@ -27,6 +27,37 @@ SCHEDULE_OPTIONS = {"cosine-cycles": ("cycle_decay", "cycle_mult"), "single-cycl
                     "swa": ("swa_start", "swa_lr")}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
+#: ``--snapshots auto``: the shortest cycle, in epochs, worth a snapshot on each dataset family (``folder:PATH``
+#: datasets are "folder"). From the budget study, benchmarks/results/budget_study.md; edit it there and here.
+AUTO_MIN_CYCLE_EPOCHS: dict[str, int] = {"cifar10": 8, "cifar100": 8, "cifar10-jpeg": 8, "svhn": 8, "folder": 8,
+                                         "digits": 6}
+#: ``--snapshots auto`` never picks more snapshots than this, however long the budget.
+AUTO_MAX_SNAPSHOTS = 6
+
+
+def _dataset_family(dataset: str) -> str:
+    name = dataset.lower()
+    return "folder" if name.startswith("folder:") else name
+
+
+def auto_min_cycle_epochs(dataset: str) -> int:
+    """The shortest cycle ``--snapshots auto`` allows on ``dataset`` (:data:`AUTO_MIN_CYCLE_EPOCHS`)."""
+    family = _dataset_family(dataset)
+    if family not in AUTO_MIN_CYCLE_EPOCHS:
+        raise ValueError(f"--snapshots auto has no rule for dataset {dataset!r} (known: "
+                         f"{', '.join(AUTO_MIN_CYCLE_EPOCHS)}); give --snapshots M")
+    return AUTO_MIN_CYCLE_EPOCHS[family]
+
+
+def auto_snapshots(dataset: str, epochs: int) -> int:
+    """M for ``--snapshots auto``: ``clamp(epochs // c, 1, AUTO_MAX_SNAPSHOTS)``.
+
+    ``c`` is the dataset family's shortest useful cycle (:data:`AUTO_MIN_CYCLE_EPOCHS`; ``folder:PATH`` is
+    "folder"): as many cycles of at least ``c`` epochs as the budget holds, at least one, at most
+    :data:`AUTO_MAX_SNAPSHOTS`. The table comes from the budget study, benchmarks/results/budget_study.md.
+    """
+    return max(1, min(epochs // auto_min_cycle_epochs(dataset), AUTO_MAX_SNAPSHOTS))
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -39,6 +70,9 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 30
     snapshots: int = 5
+    #: ``--snapshots auto``: ``snapshots`` was picked by :func:`auto_snapshots` when the run was configured. The
+    #: picked M is what config.json stores and what evaluate and --resume read, even if the table changes later.
+    snapshots_auto: bool = False
     schedule: str = "cosine-cycles"
     lr: float = 0.1
     lr_min: float = 0.0
@@ -86,6 +120,9 @@ class TrainConfig:
             raise ValueError(f"snapshots (M) must be >= 1, got {self.snapshots}")
         if self.snapshots > self.epochs and self.schedule in M_SCHEDULES:
             raise ValueError(f"snapshots (M={self.snapshots}) must not exceed epochs ({self.epochs})")
+        if self.snapshots_auto and self.schedule not in M_SCHEDULES:
+            raise ValueError(f"snapshots auto applies to {', '.join(M_SCHEDULES)}; the {self.schedule} schedule "
+                             "takes as many snapshots as its budget holds")
         if not 0 < self.lr < float("inf"):
             raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
         if not 0 <= self.lr_min < self.lr:
@@ -198,7 +235,11 @@ del _model, _epochs, _m, _dataset
 
 
 def resolve_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults, then the preset, then explicit overrides (``None`` values are ignored)."""
+    """Defaults, then the preset, then explicit overrides (``None`` values are ignored).
+
+    ``snapshots="auto"`` picks M with :func:`auto_snapshots` from the resolved dataset and epochs and sets
+    ``snapshots_auto``; an integer M (explicit or the preset's) is kept as given.
+    """
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
@@ -209,4 +250,12 @@ def resolve_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+    if values.get("snapshots") == "auto":
+        d = TrainConfig()
+        schedule = values.get("schedule", d.schedule)
+        if schedule not in M_SCHEDULES:  # before auto_snapshots: its table error would hide the real one
+            raise ValueError(f"snapshots auto applies to {', '.join(M_SCHEDULES)}; the {schedule} schedule "
+                             "takes as many snapshots as its budget holds")
+        values["snapshots"] = auto_snapshots(values.get("dataset", d.dataset), values.get("epochs", d.epochs))
+        values["snapshots_auto"] = True
     return TrainConfig(**values)

@@ -68,12 +68,15 @@ from snapens.distributed import (
 from snapens.runs import CONFIG_FILE
 from snapens.schedule import make_scheduler
 from snapens.config import (
+    AUTO_MAX_SNAPSHOTS,
     M_SCHEDULES,
     PRECISIONS,
     PRESETS,
     SCHEDULE_OPTIONS,
     SCHEDULES,
     TrainConfig,
+    auto_min_cycle_epochs,
+    auto_snapshots,
     resolve_config,
 )
 
@@ -110,7 +113,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--model", help=f"wrn-D-K, densenet-D-K, densenet-bc-D-K, resnet-D, cnn-small (default: "
                                    f"{d.model}); legacy: wrn, dn")
     g.add_argument("--epochs", type=int, help=f"training budget in epochs (default: {d.epochs})")
-    g.add_argument("--snapshots", type=int, metavar="M", help=f"cycles = snapshots (default: {d.snapshots})")
+    g.add_argument("--snapshots", type=_snapshots, metavar="M",
+                   help=f"cycles = snapshots, or auto: epochs // the dataset's shortest useful cycle, 1 to "
+                        f"{AUTO_MAX_SNAPSHOTS} (README, Training runs; default: {d.snapshots})")
     g.add_argument("--schedule", choices=SCHEDULES, help=f"(default: {d.schedule})")
     g.add_argument("--lr", type=float, help=f"restart learning rate lr0 (default: {d.lr})")
     g.add_argument("--lr-min", type=float, help=f"learning rate at the end of each cycle (default: {d.lr_min})")
@@ -167,6 +172,15 @@ def register(subparsers: Any) -> None:
     g.add_argument("--dn_depth", type=int, metavar="D", help="with --model dn: depth (default 40)")
     g.add_argument("--dn_growth_rate", type=int, metavar="K", help="with --model dn: growth rate (default 12)")
     p.set_defaults(func=run)
+
+
+def _snapshots(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer M or auto, got {text!r}") from None
 
 
 def _val_size(text: str) -> int | float:
@@ -227,7 +241,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then ``--preset``, then explicit flags: the resolved :class:`TrainConfig`."""
     overrides = explicit_overrides(args)
     if overrides["snapshots"] is not None and overrides["schedule"] not in (None, *M_SCHEDULES):
-        raise CLIError(f"--snapshots applies to {', '.join(M_SCHEDULES)}; the {overrides['schedule']} schedule "
+        raise CLIError(f"--snapshots {overrides['snapshots']} applies to {', '.join(M_SCHEDULES)}; the {overrides['schedule']} schedule "
                        "takes as many snapshots as its budget holds (see --cycle-epochs, --swa-start)")
     return resolve_config(args.preset, **overrides)
 
@@ -275,12 +289,27 @@ def run_header(cfg: TrainConfig, run_dir: Path, device: torch.device, precision:
     """
     procs = (f", {world_size} processes (batch {cfg.batch_size} each, global batch {cfg.batch_size * world_size})"
              if world_size > 1 else "")
-    snaps = (f"M={plural(cfg.snapshots, 'snapshot')}" if cfg.schedule in M_SCHEDULES or n_snapshots is None
-             else plural(n_snapshots, "snapshot"))
+    snaps = (f"M={plural(cfg.snapshots, 'snapshot')}{_auto_note(cfg)}"
+             if cfg.schedule in M_SCHEDULES or n_snapshots is None else plural(n_snapshots, "snapshot"))
     return (f"snapens train: {cfg.dataset}, {cfg.model}, {plural(cfg.epochs, 'epoch')}, {snaps} "
             f"({cfg.schedule}, lr {cfg.lr:g} -> {cfg.lr_min:g}), batch {cfg.batch_size}, seed {cfg.seed}\n"
             f"device {device}, precision {precision}, threads {threads}{procs}\n"
             f"run dir: {run_dir}{' (resuming)' if resume else ''}")
+
+
+def _auto_note(cfg: TrainConfig) -> str:
+    """`` (auto: 16 epochs // 8)`` for a ``--snapshots auto`` run, empty otherwise."""
+    if not cfg.snapshots_auto:
+        return ""
+    try:
+        cycle = auto_min_cycle_epochs(cfg.dataset)
+    except ValueError:
+        cycle = None
+    if cycle is None or auto_snapshots(cfg.dataset, cfg.epochs) != cfg.snapshots:
+        return " (auto, as recorded in config.json)"  # the table changed since the run was configured
+    bound = (f", at most {AUTO_MAX_SNAPSHOTS}" if cfg.epochs // cycle > AUTO_MAX_SNAPSHOTS
+             else ", at least 1" if cfg.epochs < cycle else "")
+    return f" (auto: {cfg.epochs} epochs // {cycle}{bound})"
 
 
 def schedule_options(cfg: TrainConfig) -> dict[str, Any]:
@@ -460,6 +489,8 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig:
                        "do not pass --preset")
     overrides = explicit_overrides(args)
     saved = _read_run_config(args.run_dir)
+    if overrides["snapshots"] == "auto" and saved.get("snapshots_auto"):
+        overrides["snapshots"] = None  # the original command repeated: keep the M it picked, even if the table changed
     # Repeating the original command with --resume is fine; changing what the run computes is not.
     changed = sorted(k for k, v in overrides.items()
                      if v is not None and k not in RESUME_OVERRIDABLE and saved.get(k) != v)
