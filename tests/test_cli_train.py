@@ -354,7 +354,7 @@ def test_explicit_snapshots_are_never_replaced_by_auto() -> None:
     assert not _cfg(["--epochs", "12", "--M", "5"]).snapshots_auto
     assert _cfg(["--preset", "paper-densenet-40-12-cifar10"]).snapshots == 6
     cfg = _cfg(["--preset", "paper-densenet-40-12-cifar10", "--snapshots", "auto"])
-    assert (cfg.snapshots, cfg.snapshots_auto) == (6, True)  # 300 epochs // 8, at most 6
+    assert (cfg.snapshots, cfg.snapshots_auto) == (6, True)  # 300 epochs // 16, at most 6
 
 
 # --------------------------------------------------------------------------------------- kill and resume

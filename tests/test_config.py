@@ -89,8 +89,8 @@ def test_limits_default_to_every_image_and_are_recorded():
 @pytest.mark.parametrize("dataset,epochs,m", [
     ("digits", 12, 2), ("digits", 17, 2), ("digits", 18, 3), ("digits", 5, 1), ("digits", 1, 1),  # 1 at least
     ("digits", 36, 6), ("digits", 300, 6),  # at most AUTO_MAX_SNAPSHOTS
-    ("cifar10", 40, 5), ("cifar100", 16, 2), ("cifar10", 200, 6), ("svhn", 40, 5), ("cifar10-jpeg", 24, 3),
-    ("CIFAR10", 7, 1), ("folder:/data/imgs", 16, 2), ("Folder:rel/path", 31, 3),
+    ("cifar10", 40, 2), ("cifar100", 16, 1), ("cifar10", 200, 6), ("svhn", 48, 3), ("cifar10-jpeg", 32, 2),
+    ("CIFAR10", 7, 1), ("folder:/data/imgs", 64, 4), ("Folder:rel/path", 31, 1),
 ])
 def test_auto_snapshots_is_epochs_over_the_shortest_cycle_clamped(dataset, epochs, m):
     assert AUTO_MAX_SNAPSHOTS == 6
@@ -106,11 +106,11 @@ def test_snapshots_auto_resolves_after_the_preset_and_explicit_m_is_kept():
     cfg = resolve_config(None, snapshots="auto", epochs=12)
     assert (cfg.snapshots, cfg.snapshots_auto) == (2, True)
     assert TrainConfig(**cfg.to_dict()) == cfg and cfg.to_dict()["snapshots_auto"] is True
-    # the preset's dataset and epochs decide: SVHN, 40 epochs // 8
+    # the preset's dataset and epochs decide: SVHN, 40 epochs // 16
     cfg = resolve_config("paper-wrn-32-4-svhn", snapshots="auto")
-    assert (cfg.snapshots, cfg.snapshots_auto) == (5, True)
-    cfg = resolve_config("paper-densenet-40-12-cifar10", snapshots="auto", epochs=16)
     assert (cfg.snapshots, cfg.snapshots_auto) == (2, True)
+    cfg = resolve_config("paper-densenet-40-12-cifar10", snapshots="auto", epochs=48)
+    assert (cfg.snapshots, cfg.snapshots_auto) == (3, True)
     # auto is opt-in: presets keep their M, explicit M is never overridden
     assert (resolve_config("paper-densenet-40-12-cifar10").snapshots, TrainConfig().snapshots_auto) == (6, False)
     cfg = resolve_config(None, snapshots=3, epochs=12)

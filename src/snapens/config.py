@@ -29,8 +29,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 #: ``--snapshots auto``: the shortest cycle, in epochs, worth a snapshot on each dataset family (``folder:PATH``
 #: datasets are "folder"). From the budget study, benchmarks/results/budget_study.md; edit it there and here.
-AUTO_MIN_CYCLE_EPOCHS: dict[str, int] = {"cifar10": 8, "cifar100": 8, "cifar10-jpeg": 8, "svhn": 8, "folder": 8,
-                                         "digits": 6}
+AUTO_MIN_CYCLE_EPOCHS: dict[str, int] = {"cifar10": 16, "cifar100": 16, "cifar10-jpeg": 16, "svhn": 16,
+                                         "folder": 16, "digits": 6}
 #: ``--snapshots auto`` never picks more snapshots than this, however long the budget.
 AUTO_MAX_SNAPSHOTS = 6
 

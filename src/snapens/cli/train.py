@@ -298,7 +298,7 @@ def run_header(cfg: TrainConfig, run_dir: Path, device: torch.device, precision:
 
 
 def _auto_note(cfg: TrainConfig) -> str:
-    """`` (auto: 16 epochs // 8)`` for a ``--snapshots auto`` run, empty otherwise."""
+    """`` (auto: 32 epochs // 16)`` for a ``--snapshots auto`` run, empty otherwise."""
     if not cfg.snapshots_auto:
         return ""
     try:
