@@ -168,6 +168,9 @@ def distill_run(
         cfg = student_config(info, dcfg, device=device, precision=precision, threads=threads)
         entry = None
     _check_model(cfg.model)
+    from snapens.cli._common import set_threads
+
+    set_threads(cfg.threads)  # before the teacher's fit too: its weights are recorded, and threads change sums
     dev = engine.resolve_device(cfg.device)
     used_precision = engine.resolve_precision(cfg.precision, dev)
     data = load_run_dataset(info, data_dir=cfg.data_dir)
