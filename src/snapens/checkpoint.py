@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 import torch
 from torch import nn
 
@@ -220,7 +221,7 @@ def _read_bytes(path: Path, what: str) -> bytes:
 
 def _decode_safetensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
-        tensors = safetensors.torch.load(data)  # parses tensors only: never runs code
+        tensors = load_safetensors_bytes(data)  # parses tensors only: never runs code
     except Exception as e:  # safetensors raises its own SafetensorError (a plain Exception), truncation included
         raise SnapshotError(f"{path} is truncated or not a safetensors file: {e}") from e
     # safetensors has no public call for the metadata of bytes in memory; load() has just validated the
@@ -253,7 +254,7 @@ def _encode_safetensors(state_dict: Mapping[str, torch.Tensor] | nn.Module, meta
         meta = json.dumps(dict(metadata))
     except TypeError as e:
         raise ValueError(f"snapshot metadata is not JSON-serialisable: {e}") from e
-    return safetensors.torch.save(tensors, metadata={METADATA_KEY: meta})
+    return save_safetensors_bytes(tensors, metadata={METADATA_KEY: meta})
 
 
 def save_weights(

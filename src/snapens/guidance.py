@@ -72,7 +72,8 @@ def _cross_validated_fit_nll(member_probs: torch.Tensor, labels: torch.Tensor, f
 def _hint(rec_use: str, worse: bool, last_m: int, n_members: int) -> str:
     if not worse and rec_use == "equal":
         return f"the equal-weight ensemble of all {n_members} snapshots is the best choice on validation"
-    advice = {"last-m": f"use the last m={last_m} snapshots (`snapens evaluate --last {last_m}`)",
+    last = "only the last snapshot" if last_m == 1 else f"the last m={last_m} snapshots"
+    advice = {"last-m": f"use {last} (`snapens evaluate --last {last_m}`)",
               "fitted": "use the weights fitted on validation (the 'weights fitted on validation' row; "
                         "`snapens export --weights fitted`)",
               "equal": "the equal weights are still the best of the three combinations"}[rec_use]
