@@ -315,6 +315,23 @@ def _table_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
+def _recommendation_lines(rec: dict[str, Any]) -> list[str]:
+    """The recommendation's hint, the criterion it was chosen by and, where recorded, the combination itself.
+
+    Summaries written before the recommendation carried its choice (no ``criterion``/``weights``) still render.
+    """
+    criterion = rec.get("criterion", "validation NLL")
+    lines = [f"Recommendation (validation only, chosen by {criterion}): {rec['hint']}"]
+    if rec.get("weights") is not None:
+        passes = rec["forward_passes"]
+        temperature = (f"T={_num(rec['temperature'], '.3f')}" if rec.get("temperature_fitted")
+                       else "T=1 (not fitted)")
+        lines.append("Recommended combination: weights " + ", ".join(_num(w, ".3f") for w in rec["weights"])
+                     + f" ({passes} forward pass{'' if passes == 1 else 'es'} per image), {temperature}; "
+                     f"{rec['reason']}")
+    return lines
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """Render a :func:`summarize` dict as a fixed-width table, the ensemble-size curve and the diversity means.
 
@@ -350,7 +367,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{summary['price']['device']} (one warm-up batch, then one timed pass)")
     rec = summary.get("recommendation")
     if rec:
-        lines.append(f"Recommendation (validation only): {rec['hint']}")
+        lines.extend(_recommendation_lines(rec))
     for note in summary.get("notes", []):
         lines.append(f"Note: {note}")
     return "\n".join(lines)
