@@ -306,7 +306,7 @@ def test_temperature_fitted_to_one_validation_mistake_is_kept_at_1_by_cross_vali
     val_mp[:, 0] = torch.tensor([0.45, 0.55] + [0.0] * 8, dtype=torch.float64)
     ensemble = val_mp.mean(0)
     assert int((ensemble.argmax(1) != val_y).sum()) == 1
-    in_sample = weighting.fit_temperature(ensemble, val_y)
+    in_sample = weighting.fit_temperature(ensemble, val_y, folds=None)
     assert in_sample < 1.0
     s = summarize(val_mp, val_y, test_mp, test_y, member_names=["snapshot-01", "snapshot-02"], optimize=-1)
     row = s["ensemble_temperature"]

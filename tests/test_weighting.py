@@ -246,12 +246,12 @@ def test_temperature_is_kept_at_1_when_the_minimum_is_outside_the_bounds() -> No
     assert len(reasons) == 1 and "no minimum inside the search bounds 0.1 <= T <= 2" in reasons[0]
 
 
-def test_one_validation_mistake_is_enough_to_fit_a_temperature() -> None:
+def test_one_validation_mistake_is_enough_for_the_in_sample_fit() -> None:
     probs, labels = _confident_digits_like()
     labels = labels.clone()
     labels[0] = (labels[0] + 1) % 10  # one confident mistake
     reasons: list[str] = []
-    t = fit_temperature(probs, labels, explain=reasons)
+    t = fit_temperature(probs, labels, folds=None, explain=reasons)  # the in-sample fit
     assert reasons == [] and 0.01 < t < 100 and t != 1.0
     f = metrics.nll(apply_temperature(probs, t), labels)  # a true interior minimum
     assert f <= metrics.nll(apply_temperature(probs, t * 1.02), labels)
@@ -299,7 +299,7 @@ def test_a_temperature_fitted_on_one_mistake_is_not_confirmed_by_cross_validatio
     probs, labels = _confident_digits_like()
     labels = labels.clone()
     labels[0] = (labels[0] + 1) % 10
-    in_sample = fit_temperature(probs, labels)
+    in_sample = fit_temperature(probs, labels, folds=None)
     assert in_sample < 1.0
     reasons: list[str] = []
     with caplog.at_level(logging.WARNING, logger="snapens.weighting"):
@@ -311,11 +311,12 @@ def test_a_temperature_fitted_on_one_mistake_is_not_confirmed_by_cross_validatio
     hand = 0.0
     for k in range(5):
         rest = folds != k
-        t_k = 0.01 if k == 0 else fit_temperature(probs[rest], labels[rest])
+        t_k = 0.01 if k == 0 else fit_temperature(probs[rest], labels[rest], folds=None)
         hand += metrics.nll(apply_temperature(probs[folds == k], t_k), labels[folds == k]) * int((folds == k).sum())
     assert fit.cv_nll == pytest.approx(hand / 144, rel=1e-4) and fit.cv_nll > fit.val_nll
     assert len(reasons) == 1 and "does not lower the validation NLL under 5-fold cross-validation" in reasons[0]
     assert reasons[0].startswith("temperature not fitted, T=1 kept: ") and "T=1 kept" in caplog.text
+    assert fit_temperature(probs, labels) == 1.0  # the default cross-validates
 
 
 def test_a_temperature_confirmed_by_cross_validation_is_fitted() -> None:
@@ -328,7 +329,8 @@ def test_a_temperature_confirmed_by_cross_validation_is_fitted() -> None:
     reasons: list[str] = []
     fit = weighting.fit_temperature_checked(probs, labels, explain=reasons)
     assert fit.fitted and reasons == [] and fit.reason is None
-    assert fit.temperature == fit.candidate == pytest.approx(fit_temperature(probs, labels))
+    assert fit.temperature == fit.candidate == pytest.approx(fit_temperature(probs, labels, folds=None))
+    assert fit_temperature(probs, labels) == fit.temperature  # the default cross-validates too
     assert fit.temperature == pytest.approx(0.5, rel=0.1)
     assert fit.cv_nll < fit.val_nll
     assert fit.to_dict()["temperature"] == fit.temperature

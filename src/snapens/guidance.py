@@ -18,7 +18,7 @@ import torch
 
 from snapens import metrics, weighting
 from snapens._checks import check_probs
-from snapens.weighting import DROP_BELOW, fit_ensemble_weights, prune_weights, weighted_average
+from snapens.weighting import fit_ensemble_weights, prune_weights, weighted_average
 
 __all__ = ["CV_FOLDS", "MIN_GAIN_NLL", "NOISE_STANDARD_ERRORS", "Recommendation", "recommend"]
 

@@ -352,6 +352,7 @@ def fit_temperature(
     val_probs: Any,
     val_labels: Any,
     *,
+    folds: int | None = TEMPERATURE_CV_FOLDS,
     bounds: tuple[float, float] = _TEMPERATURE_BOUNDS,
     explain: list[str] | None = None,
 ) -> float:
@@ -369,11 +370,14 @@ def fit_temperature(
     same when the minimiser lies outside ``bounds`` (it lands on one): the data do not pin ``T`` down there. Both
     are logged as a warning and, when ``explain`` is a list, appended to it as one sentence.
 
-    This is the in-sample fit; :func:`fit_temperature_checked` also asks cross-validation whether it helps.
+    With ``folds`` (the default, :data:`TEMPERATURE_CV_FOLDS`) the fitted ``T`` is also kept at 1 unless
+    cross-validation inside the validation split confirms that it lowers the NLL of images its fit did not see
+    (:func:`fit_temperature_checked`, which also returns the details); ``folds=None`` is the bare in-sample fit.
 
     Args:
         val_probs: ``[N, C]`` ensemble probabilities on the validation split.
         val_labels: ``[N]`` validation labels.
+        folds: cross-validation folds (``>= 2``) that must confirm the fit, or ``None`` for the in-sample fit.
         bounds: search interval ``(T_min, T_max)``, ``0 < T_min < T_max``.
         explain: receives the reason when ``T = 1`` is kept instead of a fitted value.
 
@@ -383,6 +387,8 @@ def fit_temperature(
     Raises:
         ValueError: bad bounds, shapes, probabilities or labels.
     """
+    if folds is not None:
+        return fit_temperature_checked(val_probs, val_labels, folds=folds, bounds=bounds, explain=explain).temperature
     d, margins, lo, hi = _temperature_inputs(val_probs, val_labels, bounds)
     t, reason = _bounded_temperature(d, margins, lo, hi)
     if reason is not None:
@@ -415,7 +421,7 @@ def fit_temperature_checked(
     bounds: tuple[float, float] = _TEMPERATURE_BOUNDS,
     explain: list[str] | None = None,
 ) -> TemperatureFit:
-    """:func:`fit_temperature`, kept only where ``folds``-fold cross-validation inside validation confirms it.
+    """The in-sample temperature fit, kept only where ``folds``-fold cross-validation inside validation confirms it.
 
     A temperature fitted on a small validation split can follow its few mistakes: one confident mistake among
     144 digits gave ``T = 0.18``, which doubled the test NLL. So the fit is also judged on images it did not see:
@@ -427,7 +433,7 @@ def fit_temperature_checked(
     cap each image's term at ``-log EPS``, as :func:`snapens.metrics.nll` measures it.
 
     ``T = 1`` is kept, with the reason logged as a warning and appended to ``explain``, when the in-sample fit
-    keeps it (:func:`fit_temperature`), when there are fewer than ``2 K`` images, or when ``CV >= NLL(1)``.
+    keeps it (:func:`fit_temperature` with ``folds=None``), when there are fewer than ``2 K`` images, or when ``CV >= NLL(1)``.
 
     Args:
         val_probs: ``[N, C]`` ensemble probabilities on the validation split.
