@@ -221,7 +221,7 @@ def _error_case(argv: list[str], folder: Path, capsys: pytest.CaptureFixture[str
 ])
 def test_new_schedules_train_on_digits(tmp_path: Path, extra: list[str], spec: str,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from snapens.schedule import cycle_bounds, fge_snapshot_steps, swa_snapshot_steps
+    from snapens.schedule import cosine_snapshot_steps, fge_snapshot_steps, swa_snapshot_steps
 
     run_dir = tmp_path / "run"
     small = SMALL if spec == "shaped" else [a for a in SMALL if a not in ("--snapshots", "2")]  # M: cosine only
@@ -230,7 +230,7 @@ def test_new_schedules_train_on_digits(tmp_path: Path, extra: list[str], spec: s
     spe = -(-cfg["dataset"]["num_train"] // 64)
     total = 4 * spe
     expected = {"fge": fge_snapshot_steps(total, spe, 0.5), "swa": swa_snapshot_steps(total, spe, 0.5),
-                "shaped": cycle_bounds(total, 2, 2.0)}[spec]
+                "shaped": cosine_snapshot_steps(total, 2, 2.0)}[spec]
     infos = checkpoint.SnapshotStore(run_dir / "snapshots").list()
     assert [i.step for i in infos] == [s + 1 for s in expected]
     if spec == "fge":

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from snapens import checkpoint, engine
-from snapens.schedule import SnapshotLR, cosine_snapshot_lr, cycle_bounds, fge_lr, step_decay_lr, swa_lr
+from snapens.schedule import SnapshotLR, cosine_snapshot_lr, cosine_snapshot_steps, fge_lr, step_decay_lr, swa_lr
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -111,7 +111,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 @pytest.mark.parametrize("schedule", ["cosine-cycles", "step"])
-def test_snapshots_at_cycle_bounds_with_the_lr_each_step_used(tmp_path: Path, schedule: str) -> None:
+def test_snapshots_at_cycle_ends_with_the_lr_each_step_used(tmp_path: Path, schedule: str) -> None:
     # 5 epochs of 3 steps = 15 steps, M = 4: cycles of 4, 4, 4, 3 steps, three snapshots fall mid-epoch.
     x, y = toy_data(24)
     model = toy_model()
@@ -130,7 +130,7 @@ def test_snapshots_at_cycle_bounds_with_the_lr_each_step_used(tmp_path: Path, sc
     expected = [cosine_snapshot_lr(t, total, m, 0.2) if schedule == "cosine-cycles" else step_decay_lr(t, total, 0.2)
                 for t in range(total)]
     assert used_lr == pytest.approx(expected, abs=1e-12)
-    bounds = cycle_bounds(total, m)
+    bounds = cosine_snapshot_steps(total, m)
     assert bounds == [3, 7, 11, 14]
     assert [s.step for s in result.snapshots] == [b + 1 for b in bounds]
     assert [e.index for e in events] == [1, 2, 3, 4]

@@ -525,8 +525,10 @@ class SnapshotStore:
         Args:
             model_or_state_dict: The model (unwrapped automatically) or its state dict.
             index: 1-based snapshot number (cycle number + 1).
-            step: Optimizer steps done when the snapshot was taken.
-            epoch: Epochs done (may be fractional: cycles end on steps, not epochs).
+            step: Optimizer steps done when the snapshot was taken, counting the step that ended the cycle:
+                ``k + 1`` for a snapshot after 0-based step ``k`` (a scheduler's ``steps_done``, not its
+                ``last_epoch``). :func:`snapens.engine.fit` and the Lightning/``transformers`` callbacks store this.
+            epoch: Epochs done, ``step / steps_per_epoch`` (fractional: cycles end on steps, not epochs).
             lr: Learning rate of the last step of the cycle.
             model_name: Name for the model builder, e.g. ``"wrn-16-4"``.
             model_kwargs: The builder's keyword arguments (JSON-serialisable).

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from snapens.checkpoint import SnapshotStore
-from snapens.schedule import cosine_snapshot_steps
+from snapens.schedule import check_lr_min, cosine_anneal, cosine_snapshot_steps, group_peaks
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +29,7 @@ def check_callback_args(n_snapshots: int, dirpath: str | os.PathLike[str], lr_mi
     """Validate the arguments both callbacks take; returns ``dirpath`` as a :class:`~pathlib.Path`."""
     if isinstance(n_snapshots, bool) or not isinstance(n_snapshots, int) or n_snapshots < 1:
         raise ValueError(f"Expected an integer n_snapshots (M) >= 1, but got {n_snapshots!r}")
-    if isinstance(lr_min, bool) or not isinstance(lr_min, (int, float)) or not math.isfinite(lr_min) or lr_min < 0:
-        raise ValueError(f"Expected a finite lr_min >= 0, but got {lr_min!r}")
+    check_lr_min(lr_min)
     if not isinstance(dirpath, (str, os.PathLike)) or not os.fspath(dirpath):
         raise ValueError(f"Expected a folder path for dirpath, but got {dirpath!r}")
     return Path(dirpath)
@@ -55,15 +54,6 @@ def check_budget(total_steps: float, n_snapshots: int, where: str) -> int:
     return total
 
 
-def group_peaks(optimizer: Any) -> list[float]:
-    """Each param group's peak: its ``initial_lr`` when a scheduler recorded one, otherwise its ``lr``."""
-    peaks = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
-    for peak in peaks:
-        if not math.isfinite(peak) or peak <= 0:
-            raise ValueError(f"Expected a finite learning rate > 0 in every param group (the peak), but got {peak!r}")
-    return peaks
-
-
 @dataclass
 class SnapshotPlan:
     """``M`` cycles over ``total_steps`` optimizer steps, each param group annealed from its own peak."""
@@ -84,15 +74,15 @@ class SnapshotPlan:
     def lrs(self, step: int) -> list[float]:
         """The rate of every param group for the 0-based optimizer ``step``: ``cosine_snapshot_lr`` of each peak.
 
-        Computed here from the cached cycle bounds, with the same expression, because it runs before every
-        optimizer step (``cosine_snapshot_lr`` re-derives and re-checks the cycles on each call).
+        The cycle is located from the cached cycle bounds, because this runs before every optimizer step
+        (``cosine_snapshot_lr`` re-derives and re-checks the cycles on each call); the rate is the schedule's own
+        :func:`~snapens.schedule.cosine_anneal`.
         """
         cycle = min(bisect.bisect_left(self.bounds, step), self.n_snapshots - 1)
         start = self.bounds[cycle - 1] + 1 if cycle else 0
         length = self.bounds[cycle] - start + 1
         pos = min(max(step - start, 0), length - 1)  # past the budget: stay at the last step
-        shape = 0.5 * (1.0 + math.cos(math.pi * pos / length))
-        return [self.lr_min + (peak - self.lr_min) * shape for peak in self.peaks]
+        return [cosine_anneal(pos, length, peak, self.lr_min) for peak in self.peaks]
 
     def apply(self, optimizer: Any, step: int) -> None:
         """Set every param group's ``lr`` for the optimizer step ``step`` (0-based) that is about to run."""
