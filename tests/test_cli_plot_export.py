@@ -78,8 +78,8 @@ def test_lr_curve_recomputes_the_schedule() -> None:
     {"schedule": "cosine-cycles", "cycle_decay": 0.5, "cycle_mult": 2.0, "snapshots": 3},
 ])
 def test_lr_curve_follows_the_new_schedules(options: dict) -> None:
-    from snapens import engine
     from snapens.cli.train import schedule_options
+    from snapens.schedule import make_scheduler
     from snapens.config import TrainConfig
 
     cfg = TrainConfig(epochs=10, lr=0.2, batch_size=10, **options)
@@ -87,8 +87,8 @@ def test_lr_curve_follows_the_new_schedules(options: dict) -> None:
     lrs, marks = lr_curve(info)
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=0.2)
-    sched = engine.make_scheduler(cfg.schedule, opt, total_steps=30, n_cycles=cfg.snapshots, steps_per_epoch=3,
-                                  **schedule_options(cfg))
+    sched = make_scheduler(cfg.schedule, opt, total_steps=30, n_cycles=cfg.snapshots, steps_per_epoch=3,
+                           **schedule_options(cfg))
     expected = []
     for _ in range(30):
         expected.append(opt.param_groups[0]["lr"])

@@ -428,9 +428,9 @@ def test_make_scheduler_rejects_bad_options(schedule: str, kwargs: dict, match: 
 
 def test_make_scheduler_shapes_the_cosine_cycles() -> None:
     sched = make_scheduler("cosine-cycles", _sgd(), total_steps=70, n_cycles=3, cycle_mult=2.0,
-                                  cycle_decay=0.5)
+                           cycle_decay=0.5)
     assert sched.snapshot_steps == [9, 29, 69] and (sched.cycle_mult, sched.cycle_decay) == (2.0, 0.5)
     swa = make_scheduler("swa", _sgd(lr=0.2), total_steps=24, n_cycles=2, steps_per_epoch=3,
-                                swa_lr=0.05)
+                         swa_lr=0.05)
     assert swa.swa_factor == 0.25 and swa.snapshot_steps == [20, 23]
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from snapens.checkpoint import SnapshotStore
-from snapens.schedule import check_lr_min, cosine_anneal, cosine_snapshot_steps, group_peaks
+from snapens.schedule import check_lr_min, cosine_anneal, cosine_snapshot_steps
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,41 @@ def save_snapshot(
     )
     logger.info("snapshot %d/%d (after step %d of %d) saved to %s", index, plan.n_snapshots, bound + 1,
                 plan.total_steps, store.folder)
+
+
+class SnapshotCallbackBase:
+    """What the Lightning and ``transformers`` ``SnapshotCallback`` share: their arguments and their state.
+
+    Args:
+        n_snapshots: ``M``, the number of cycles and snapshots.
+        dirpath: the snapshot folder (created on the first save); ``<run>/snapshots`` suits ``from_run``.
+        lr_min: the floor each cycle anneals to (0 in the paper).
+        model_name: the architecture name recorded in the manifest (default: the model's class name).
+        model_kwargs: JSON-serialisable constructor arguments recorded with it (default: none).
+
+    Attributes:
+        saved: the snapshot indices this process wrote (empty on every process but the one that writes).
+    """
+
+    def __init__(
+        self,
+        n_snapshots: int,
+        dirpath: str | os.PathLike[str],
+        lr_min: float = 0.0,
+        *,
+        model_name: str | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.dirpath: Path = check_callback_args(n_snapshots, dirpath, lr_min)
+        self.n_snapshots = n_snapshots
+        self.lr_min = float(lr_min)
+        self.model_name = model_name
+        self.model_kwargs = dict(model_kwargs or {})
+        self.store = SnapshotStore(self.dirpath)
+        self.plan: SnapshotPlan | None = None
+        self.taken = 0
+        self.saved: list[int] = []
 
 
 def model_identity(module: torch.nn.Module, name: str | None, kwargs: Mapping[str, Any] | None,

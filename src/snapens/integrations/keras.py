@@ -29,7 +29,6 @@ installed backend first (e.g. ``KERAS_BACKEND=torch``).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -40,17 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 
-try:
-    import keras
-except ImportError as exc:  # pragma: no cover - exercised in a test by hiding keras
-    if exc.name == "keras" or importlib.util.find_spec("keras") is None:
-        raise ImportError(
-            "snapens.integrations.keras needs Keras 3: pip install keras h5py (or pip install -e '.[keras]' in a clone)"
-        ) from exc
-    raise ImportError(
-        f"Keras is installed but failed to import ({exc}); set KERAS_BACKEND to an installed backend "
-        "(torch, jax or tensorflow) before importing it"
-    ) from exc
+from snapens.integrations._optional import import_optional
+
+keras = import_optional("keras", extra="keras", needs="Keras 3", pip="keras h5py",
+                        broken_hint="set KERAS_BACKEND to an installed backend (torch, jax or tensorflow) before "
+                                    "importing it")
 
 from snapens import metrics, weighting
 from snapens._io import atomic_path
