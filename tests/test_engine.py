@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from snapens import checkpoint, engine, runs
+from snapens.engine._background import _SignalGuard
 from snapens.schedule import SnapshotLR, make_scheduler, cosine_snapshot_lr, cosine_snapshot_steps, fge_lr, step_decay_lr, swa_lr
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -484,7 +485,7 @@ def test_a_snapshot_is_written_after_the_pending_epoch_state(tmp_path: Path, mon
         on_disk.append(runs.load_training_state(tmp_path / "run" / "state.pt")["step"])
         snapshot_taken.set()
 
-    monkeypatch.setattr(engine.runs, "save_training_state", slow_save)
+    monkeypatch.setattr(runs, "save_training_state", slow_save)
     on_disk: list[int] = []
     run_toy(tmp_path / "run", on_cycle_end=on_cycle_end)
     # Snapshots after steps 7, 14, 20; epoch ends at 5, 10, 15, 20 (the state of step 20 comes after snapshot 3).
@@ -502,7 +503,7 @@ def test_a_second_signal_during_a_state_write_does_not_cut_it_short(tmp_path: Pa
             os.kill(os.getpid(), signal.SIGINT)
         real(path, state)
 
-    monkeypatch.setattr(engine.runs, "save_training_state", save)
+    monkeypatch.setattr(runs, "save_training_state", save)
     with pytest.raises(engine.TrainingInterrupted) as info:
         run_toy(tmp_path / "run", on_cycle_end=lambda ev: os.kill(os.getpid(), signal.SIGINT))
     assert info.value.signum == signal.SIGINT
@@ -568,10 +569,10 @@ def test_a_state_from_several_processes_is_not_resumed_by_one(tmp_path: Path) ->
 
 def test_patient_signal_guard_only_flags_a_second_signal(tmp_path: Path) -> None:
     # Under torchrun a Ctrl-C reaches each worker twice (terminal and launcher): both must end in one stop.
-    with engine._SignalGuard(True, tmp_path / "state.pt", second_raises=False) as guard:
+    with _SignalGuard(True, tmp_path / "state.pt", second_raises=False) as guard:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGTERM)
     assert guard.signum == signal.SIGINT
-    with pytest.raises(engine.TrainingInterrupted), engine._SignalGuard(True, tmp_path / "state.pt") as guard:
+    with pytest.raises(engine.TrainingInterrupted), _SignalGuard(True, tmp_path / "state.pt") as guard:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGTERM)
