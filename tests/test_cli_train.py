@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from snapens import checkpoint, engine, runs
+from snapens import checkpoint, runs
 from snapens.cli import build_parser, main
 from snapens.cli.train import config_from_args
 from snapens.config import AUTO_MIN_CYCLE_EPOCHS, PRESETS, TrainConfig
