@@ -18,14 +18,8 @@ import torch
 from torch import nn
 
 from snapens._io import NotARegularFileError, atomic_write_bytes, atomic_write_json, read_json
-from snapens.checkpoint.weights import (
-    SnapshotError,
-    _decode_safetensors,
-    _encode_safetensors,
-    _load_checked,
-    _read_bytes,
-    _refuse_non_finite_weights,
-)
+from snapens.checkpoint.weights import SnapshotError, _decode_safetensors, _encode_safetensors, _load_checked
+from snapens.checkpoint.weights import _read_bytes, _refuse_non_finite_weights
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "SnapshotInfo", "SnapshotStore", "snapshot_filename"]
 

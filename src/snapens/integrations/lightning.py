@@ -35,14 +35,8 @@ from snapens.integrations._optional import import_optional
 pl = import_optional("lightning.pytorch", extra="lightning", needs="Lightning", pip="lightning")
 
 from snapens.checkpoint import unwrap_state_dict
-from snapens.integrations._plan import (
-    SnapshotCallbackBase,
-    SnapshotPlan,
-    check_budget,
-    describe_missing,
-    model_identity,
-    save_snapshot,
-)
+from snapens.integrations._plan import SnapshotCallbackBase, SnapshotPlan, check_budget, describe_missing
+from snapens.integrations._plan import model_identity, save_snapshot
 from snapens.schedule import group_peaks
 
 __all__ = ["SnapshotCallback"]

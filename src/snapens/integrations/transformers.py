@@ -42,14 +42,8 @@ if not hasattr(transformers.TrainerCallback, "on_pre_optimizer_step"):  # pragma
 from torch.optim.lr_scheduler import LambdaLR
 
 from snapens.checkpoint import unwrap_state_dict
-from snapens.integrations._plan import (
-    SnapshotCallbackBase,
-    SnapshotPlan,
-    check_budget,
-    describe_missing,
-    model_identity,
-    save_snapshot,
-)
+from snapens.integrations._plan import SnapshotCallbackBase, SnapshotPlan, check_budget, describe_missing
+from snapens.integrations._plan import model_identity, save_snapshot
 from snapens.schedule import group_peaks
 
 __all__ = ["SnapshotCallback"]

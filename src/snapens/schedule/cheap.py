@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from snapens.schedule.cosine import step_decay_lr
+from snapens.schedule.cosine import _check_rate_and_step, step_decay_lr
 
 __all__ = ["fge_cycles", "fge_lr", "fge_snapshot_steps", "swa_lr", "swa_snapshot_steps"]
 
@@ -74,15 +74,8 @@ def fge_snapshot_steps(total_steps: int, cycle_steps: int, fge_start: float = 0.
     return steps
 
 
-def fge_lr(
-    step: int,
-    total_steps: int,
-    cycle_steps: int,
-    lr0: float,
-    fge_start: float = 0.5,
-    lr1_factor: float = 0.5,
-    lr2_factor: float = 0.005,
-) -> float:
+def fge_lr(step: int, total_steps: int, cycle_steps: int, lr0: float, fge_start: float = 0.5,
+           lr1_factor: float = 0.5, lr2_factor: float = 0.005) -> float:
     """Fast Geometric Ensembling's learning rate at 0-based ``step`` (Garipov et al. 2018).
 
     Before ``start_step`` (:func:`fge_cycles`): the step schedule compressed into that phase,
@@ -99,12 +92,9 @@ def fge_lr(
         >>> fge_lr(54, 100, 10, 0.1)  # the middle of the first cycle: a2
         0.0005
     """
-    if not math.isfinite(lr0) or lr0 <= 0:
-        raise ValueError(f"Expected a finite lr0 > 0, but got {lr0!r}")
+    _check_rate_and_step("lr0", lr0, step)
     _check_factor("lr1_factor", lr1_factor)
     _check_factor("lr2_factor", lr2_factor)
-    if step < 0:
-        raise ValueError(f"Expected a step >= 0, but got {step!r}")
     start, lengths = fge_cycles(total_steps, cycle_steps, fge_start)
     if step < start:
         return step_decay_lr(step, start, lr0)
@@ -167,12 +157,9 @@ def swa_lr(step: int, total_steps: int, lr0: float, swa_start: float = 0.75, swa
         >>> swa_lr(0, 100, 0.1), swa_lr(80, 100, 0.1)
         (0.1, 0.05)
     """
-    if not math.isfinite(lr0) or lr0 <= 0:
-        raise ValueError(f"Expected a finite lr0 > 0, but got {lr0!r}")
+    _check_rate_and_step("lr0", lr0, step)
     _check_fraction("swa_start", swa_start)
     _check_factor("swa_factor", swa_factor)
-    if step < 0:
-        raise ValueError(f"Expected a step >= 0, but got {step!r}")
     t = step / _swa_start_step(total_steps, swa_start)
     if t <= 0.5:
         return lr0

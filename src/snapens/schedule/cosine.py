@@ -181,14 +181,19 @@ def step_decay_lr(
     """
     if total_steps < 1:
         raise ValueError(f"Expected a positive total_steps, but got {total_steps!r}")
-    if not math.isfinite(lr_max) or lr_max <= 0:
-        raise ValueError(f"Expected a finite lr_max > 0, but got {lr_max!r}")
+    _check_rate_and_step("lr_max", lr_max, step)
     if not 0 < gamma <= 1:
         raise ValueError(f"Expected 0 < gamma <= 1, but got {gamma!r}")
-    if step < 0:
-        raise ValueError(f"Expected a step >= 0, but got {step!r}")
     passed = sum(step >= round(f * total_steps) for f in milestones)
     return lr_max * gamma**passed
+
+
+def _check_rate_and_step(name: str, rate: float, step: int) -> None:
+    """A rate function's peak ``name`` (finite, > 0) and its 0-based ``step`` (>= 0)."""
+    if not math.isfinite(rate) or rate <= 0:
+        raise ValueError(f"Expected a finite {name} > 0, but got {rate!r}")
+    if step < 0:
+        raise ValueError(f"Expected a step >= 0, but got {step!r}")
 
 
 def keras_epoch_lr(epoch: int, n_epochs: int, n_snapshots: int, lr0: float) -> float:
