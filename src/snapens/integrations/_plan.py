@@ -62,25 +62,25 @@ class SnapshotPlan:
     total_steps: int
     peaks: list[float]
     lr_min: float = 0.0
-    bounds: list[int] = field(init=False)
+    snapshot_steps: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         for peak in self.peaks:
             if peak <= self.lr_min:
                 raise ValueError(f"Expected every param group's learning rate (peak) > lr_min ({self.lr_min!r}), "
                                  f"but got {peak!r}")
-        self.bounds = cosine_snapshot_steps(self.total_steps, self.n_snapshots)
+        self.snapshot_steps = cosine_snapshot_steps(self.total_steps, self.n_snapshots)
 
     def lrs(self, step: int) -> list[float]:
         """The rate of every param group for the 0-based optimizer ``step``: ``cosine_snapshot_lr`` of each peak.
 
-        The cycle is located from the cached cycle bounds, because this runs before every optimizer step
+        The cycle is located from the cached snapshot steps, because this runs before every optimizer step
         (``cosine_snapshot_lr`` re-derives and re-checks the cycles on each call); the rate is the schedule's own
         :func:`~snapens.schedule.cosine_anneal`.
         """
-        cycle = min(bisect.bisect_left(self.bounds, step), self.n_snapshots - 1)
-        start = self.bounds[cycle - 1] + 1 if cycle else 0
-        length = self.bounds[cycle] - start + 1
+        cycle = min(bisect.bisect_left(self.snapshot_steps, step), self.n_snapshots - 1)
+        start = self.snapshot_steps[cycle - 1] + 1 if cycle else 0
+        length = self.snapshot_steps[cycle] - start + 1
         pos = min(max(step - start, 0), length - 1)  # past the budget: stay at the last step
         return [cosine_anneal(pos, length, peak, self.lr_min) for peak in self.peaks]
 
@@ -95,7 +95,7 @@ class SnapshotPlan:
 
     def taken_by(self, steps_done: int) -> int:
         """How many snapshots are due once ``steps_done`` optimizer steps have run."""
-        return sum(bound < steps_done for bound in self.bounds)
+        return sum(bound < steps_done for bound in self.snapshot_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return {"n_snapshots": self.n_snapshots, "total_steps": self.total_steps, "peaks": list(self.peaks),
@@ -113,7 +113,7 @@ def save_snapshot(
     model_kwargs: Mapping[str, Any],
 ) -> None:
     """Write snapshot ``index`` (1-based) of ``plan``: taken after step ``bounds[index - 1]``."""
-    bound = plan.bounds[index - 1]
+    bound = plan.snapshot_steps[index - 1]
     store.save(
         state_dict, index=index, step=bound + 1, epoch=max(float(epoch), 0.0), lr=plan.lrs(bound)[0],
         model_name=model_name, model_kwargs=model_kwargs,

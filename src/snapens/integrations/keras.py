@@ -158,7 +158,7 @@ class SnapshotScheduleCallback(keras.callbacks.Callback):
         self.lr_min = float(lr_min)
         self.steps_per_epoch: int | None = None
         self.total_steps: int | None = None
-        self._bounds: list[int] = []
+        self._snapshot_steps: list[int] = []
         self._epoch = 0
         self._batch_begin = 0
         self._lr: Any = None
@@ -201,10 +201,10 @@ class SnapshotScheduleCallback(keras.callbacks.Callback):
             )
         self.steps_per_epoch = int(steps)
         self.total_steps = self.nb_epochs * self.steps_per_epoch
-        self._bounds = cosine_snapshot_steps(self.total_steps, self.nb_snapshots)
+        self._snapshot_steps = cosine_snapshot_steps(self.total_steps, self.nb_snapshots)
         logger.info(
             "snapshot schedule: %d steps (%d epochs x %d), %d cycles ending after steps %s",
-            self.total_steps, self.nb_epochs, self.steps_per_epoch, self.nb_snapshots, self._bounds,
+            self.total_steps, self.nb_epochs, self.steps_per_epoch, self.nb_snapshots, self._snapshot_steps,
         )
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -224,7 +224,7 @@ class SnapshotScheduleCallback(keras.callbacks.Callback):
         base = self._epoch * self.steps_per_epoch
         first, last = base + self._batch_begin, base + batch
         # One Keras "batch" may span several steps (steps_per_execution); save each cycle that ended inside it.
-        for k, bound in enumerate(self._bounds, start=1):
+        for k, bound in enumerate(self._snapshot_steps, start=1):
             if first <= bound <= last:
                 self._save(k, step=bound)
 

@@ -103,7 +103,7 @@ class SnapshotCallback(SnapshotCallbackBase, pl.Callback):
                 logger.warning("snapshots %s are not in %s (they were taken before the checkpoint)", missing,
                                self.store.folder)
         logger.info("snapshot schedule: %d optimizer steps, %d cycles ending after steps %s",
-                    self.plan.total_steps, self.n_snapshots, [b + 1 for b in self.plan.bounds])
+                    self.plan.total_steps, self.n_snapshots, [b + 1 for b in self.plan.snapshot_steps])
         self._save_due(trainer, pl_module, trainer.fit_loop.epoch_loop.batch_progress.current.completed)
 
     # ---------------------------------------------------------------------------------------- every step
@@ -122,7 +122,7 @@ class SnapshotCallback(SnapshotCallbackBase, pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         plan = self.plan
-        if plan is not None and self.taken < plan.n_snapshots and plan.bounds[self.taken] < trainer.global_step:
+        if plan is not None and self.taken < plan.n_snapshots and plan.snapshot_steps[self.taken] < trainer.global_step:
             self._save_due(trainer, pl_module, batch_idx + 1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -139,7 +139,7 @@ class SnapshotCallback(SnapshotCallbackBase, pl.Callback):
         # Every rank calls this: strategies that shard the model gather its state dict collectively.
         state = trainer.strategy.lightning_module_state_dict()
         for index in range(self.taken + 1, due + 1):
-            bound = self.plan.bounds[index - 1]
+            bound = self.plan.snapshot_steps[index - 1]
             if bound + 1 != trainer.global_step:
                 logger.warning("snapshot %d belongs after step %d but is taken after step %d", index, bound + 1,
                                trainer.global_step)

@@ -95,7 +95,7 @@ class SnapshotCallback(SnapshotCallbackBase, transformers.TrainerCallback):
                 logger.warning("resumed at step %d, but snapshots %s are not in %s", state.global_step, missing,
                                self.store.folder)
         logger.info("snapshot schedule: %d optimizer steps, %d cycles ending after steps %s", total,
-                    self.n_snapshots, [b + 1 for b in self.plan.bounds])
+                    self.n_snapshots, [b + 1 for b in self.plan.snapshot_steps])
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         assert self.plan is not None
@@ -104,7 +104,7 @@ class SnapshotCallback(SnapshotCallbackBase, transformers.TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         plan = self.plan
-        if plan is None or self.taken >= plan.n_snapshots or plan.bounds[self.taken] >= state.global_step:
+        if plan is None or self.taken >= plan.n_snapshots or plan.snapshot_steps[self.taken] >= state.global_step:
             return
         due = plan.taken_by(state.global_step)
         if state.is_world_process_zero:

@@ -27,8 +27,8 @@ def make_scheduler(
     * ``cosine-cycles``: :class:`~snapens.schedule.SnapshotLR`, ``M`` cosine cycles (the snapshot ensemble);
       ``options`` ``cycle_decay`` and ``cycle_mult`` shape them.
     * ``step``: :class:`~snapens.schedule.StepDecayLR` with snapshots at the same steps (the paper's NoCycle).
-    * ``single-cycle``: ``M`` cosine cycles too; :func:`snapens.engine.fit` re-initialises the model at each cycle start when
-      given ``reinit_factory`` (``M`` independent models, each trained for ``T / M`` steps).
+    * ``single-cycle``: ``M`` cosine cycles too; :func:`snapens.engine.fit` re-initialises the model at each cycle
+      start when given ``reinit_factory`` (``M`` independent models, each trained for ``T / M`` steps).
     * ``fge``: :class:`~snapens.schedule.FGELR`; ``options`` ``cycle_epochs`` (required; converted to
       ``cycle_epochs * steps_per_epoch`` steps), ``fge_start``, ``fge_lr1`` and ``fge_lr2`` (multiples of lr0).
     * ``swa``: :class:`~snapens.schedule.SWAScheduleLR`, a snapshot every ``steps_per_epoch`` steps of the SWA

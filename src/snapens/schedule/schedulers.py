@@ -50,7 +50,8 @@ class _StepwiseLR(LRScheduler):
         _check_budget(total_steps, n_cycles)
         self.total_steps = total_steps
         self.n_cycles = n_cycles
-        self._bounds = list(snapshot_steps) if snapshot_steps is not None else cosine_snapshot_steps(total_steps, n_cycles)
+        self._snapshot_steps = (list(snapshot_steps) if snapshot_steps is not None
+                                else cosine_snapshot_steps(total_steps, n_cycles))
         super().__init__(optimizer, last_epoch=last_step)
 
     def _lr_at(self, step: int, peak: float) -> float:
@@ -65,7 +66,7 @@ class _StepwiseLR(LRScheduler):
 
     def is_cycle_end(self) -> bool:
         """Whether the optimizer step just taken (index ``last_epoch``) ends a cycle: where snapshots are taken."""
-        return self.last_epoch in self._bounds
+        return self.last_epoch in self._snapshot_steps
 
     @property
     def cycle(self) -> int:
@@ -73,7 +74,7 @@ class _StepwiseLR(LRScheduler):
 
         Cycle ``k`` is the steps after snapshot ``k - 1`` up to and including snapshot ``k``'s step.
         """
-        return min(bisect.bisect_left(self._bounds, self.last_epoch), len(self._bounds) - 1)
+        return min(bisect.bisect_left(self._snapshot_steps, self.last_epoch), len(self._snapshot_steps) - 1)
 
     @property
     def steps_done(self) -> int:
@@ -86,7 +87,7 @@ class _StepwiseLR(LRScheduler):
     def snapshot_steps(self) -> list[int]:
         """0-based steps after which the ``M`` snapshots are taken (:func:`cosine_snapshot_steps` for the cyclic
         schedule)."""
-        return list(self._bounds)
+        return list(self._snapshot_steps)
 
 
 class SnapshotLR(_StepwiseLR):
