@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_cli_train import DRIVER, folder_hash, snapshots
 
-from snapens import engine
+from snapens import runs
 from snapens.cli import main
 
 # One thread, fp32, CPU: bit-identical across processes (the kill test compares bits).
@@ -107,7 +107,7 @@ def test_sigkill_then_resume_is_bit_exact(teacher: Path, tmp_path: Path, cli_err
                           env={**env, "SIGNAL": "KILL",
                                "AT_STEP": str(steps_per_epoch + 5)}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert engine.read_resume_state(killed)["epoch"] in (0, 1)  # epoch 1's state, or the one before step 1
+    assert runs.read_resume_state(killed)["epoch"] in (0, 1)  # epoch 1's state, or the one before step 1
     assert not (killed / "distill.json").exists()
     cli("distill", teacher, "--resume", "--run-dir", killed, "--quiet")
     ref, got = snapshots(reference), snapshots(killed)

@@ -18,7 +18,7 @@ from snapens.cli.plot import PLOT_FILES, correlation_labels, lr_curve, plot_run
 from snapens.data import load_dataset
 from snapens.ensemble import SnapshotEnsemble
 from snapens.models import build_model
-from snapens.schedule import cosine_snapshot_lr, cycle_bounds, step_decay_lr
+from snapens.schedule import cosine_snapshot_lr, cosine_snapshot_steps, step_decay_lr
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _NO_RESULTS = shutil.ignore_patterns("summary.json", "ensemble_weights.json", "plots")
@@ -63,7 +63,7 @@ def test_lr_curve_recomputes_the_schedule() -> None:
     info = {"config": {"epochs": 4, "snapshots": 2, "lr": 0.2, "lr_min": 0.0, "schedule": "cosine-cycles",
                        "batch_size": 10}, "dataset": {"num_train": 25}}
     lrs, marks = lr_curve(info)  # ceil(25 / 10) = 3 steps per epoch, T = 12
-    assert len(lrs) == 12 and marks == cycle_bounds(12, 2) == [5, 11]
+    assert len(lrs) == 12 and marks == cosine_snapshot_steps(12, 2) == [5, 11]
     assert lrs == pytest.approx([cosine_snapshot_lr(s, 12, 2, 0.2) for s in range(12)])
     assert lrs[0] == pytest.approx(0.2) and lrs[6] == pytest.approx(0.2)
     info["config"]["schedule"] = "step"
@@ -78,8 +78,8 @@ def test_lr_curve_recomputes_the_schedule() -> None:
     {"schedule": "cosine-cycles", "cycle_decay": 0.5, "cycle_mult": 2.0, "snapshots": 3},
 ])
 def test_lr_curve_follows_the_new_schedules(options: dict) -> None:
-    from snapens import engine
     from snapens.cli.train import schedule_options
+    from snapens.schedule import make_scheduler
     from snapens.config import TrainConfig
 
     cfg = TrainConfig(epochs=10, lr=0.2, batch_size=10, **options)
@@ -87,8 +87,8 @@ def test_lr_curve_follows_the_new_schedules(options: dict) -> None:
     lrs, marks = lr_curve(info)
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=0.2)
-    sched = engine.make_scheduler(cfg.schedule, opt, total_steps=30, n_cycles=cfg.snapshots, steps_per_epoch=3,
-                                  **schedule_options(cfg))
+    sched = make_scheduler(cfg.schedule, opt, total_steps=30, n_cycles=cfg.snapshots, steps_per_epoch=3,
+                           **schedule_options(cfg))
     expected = []
     for _ in range(30):
         expected.append(opt.param_groups[0]["lr"])

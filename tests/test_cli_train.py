@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from snapens import checkpoint, engine
+from snapens import checkpoint, runs
 from snapens.cli import build_parser, main
 from snapens.cli.train import config_from_args
 from snapens.config import AUTO_MIN_CYCLE_EPOCHS, PRESETS, TrainConfig
@@ -221,7 +221,7 @@ def _error_case(argv: list[str], folder: Path, capsys: pytest.CaptureFixture[str
 ])
 def test_new_schedules_train_on_digits(tmp_path: Path, extra: list[str], spec: str,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from snapens.schedule import cycle_bounds, fge_snapshot_steps, swa_snapshot_steps
+    from snapens.schedule import cosine_snapshot_steps, fge_snapshot_steps, swa_snapshot_steps
 
     run_dir = tmp_path / "run"
     small = SMALL if spec == "shaped" else [a for a in SMALL if a not in ("--snapshots", "2")]  # M: cosine only
@@ -230,7 +230,7 @@ def test_new_schedules_train_on_digits(tmp_path: Path, extra: list[str], spec: s
     spe = -(-cfg["dataset"]["num_train"] // 64)
     total = 4 * spe
     expected = {"fge": fge_snapshot_steps(total, spe, 0.5), "swa": swa_snapshot_steps(total, spe, 0.5),
-                "shaped": cycle_bounds(total, 2, 2.0)}[spec]
+                "shaped": cosine_snapshot_steps(total, 2, 2.0)}[spec]
     infos = checkpoint.SnapshotStore(run_dir / "snapshots").list()
     assert [i.step for i in infos] == [s + 1 for s in expected]
     if spec == "fge":
@@ -396,7 +396,7 @@ def test_sigkill_before_the_first_epoch_end_resumes_from_the_start(finished_run:
     proc = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1", "SIGNAL": "KILL", "AT_STEP": "3"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    state = engine.read_resume_state(run_dir)
+    state = runs.read_resume_state(run_dir)
     assert (state["epoch"], state["batch"], state["step"]) == (0, 0, 0)
     assert main(["train", "--resume", "--run-dir", str(run_dir), "--no-eval", "--quiet", "--threads", "1"]) == 0
     ref, got = snapshots(reference), snapshots(run_dir)
@@ -420,13 +420,13 @@ def test_sigkill_then_sigterm_then_resume_matches_uninterrupted(finished_run: tu
     proc = subprocess.run(argv, env={**env, "SIGNAL": "KILL", "AT_STEP": str(steps_per_epoch + 5)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert engine.read_resume_state(run_dir)["epoch"] in (0, 1)
+    assert runs.read_resume_state(run_dir)["epoch"] in (0, 1)
     # Resume, then SIGTERM in the middle of epoch 3 (after snapshot 1): exit 143, a message, a mid-epoch state.
     proc = subprocess.run([*argv, "--resume"], env={**env, "SIGNAL": "TERM", "AT_STEP": str(2 * steps_per_epoch + 3)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 143, proc.stderr
     assert "SIGTERM" in proc.stderr and "--resume" in proc.stderr
-    state = engine.read_resume_state(run_dir)
+    state = runs.read_resume_state(run_dir)
     assert (state["epoch"], state["batch"]) == (2, 3)
     # Finish in this process.
     assert main(["train", "--resume", "--run-dir", str(run_dir), "--no-eval", "--quiet", "--threads", "1"]) == 0
@@ -459,7 +459,7 @@ def test_kill_between_config_and_first_state_resumes_with_the_recorded_threads_a
                           env={**env, "AT_STEP": "3"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert "will differ" in proc.stderr and "uninterrupted" in proc.stderr
-    assert engine.read_resume_state(run_dir)["step"] == 0
+    assert runs.read_resume_state(run_dir)["step"] == 0
     # Resume here with torch at 2 threads and no --threads: the run's 1 thread is used, bits are the same.
     torch.set_num_threads(2)
     assert main(["train", "--resume", "--run-dir", str(run_dir)]) == 0
@@ -579,7 +579,7 @@ def test_disk_full_is_one_line_and_leaves_a_resumable_folder(tmp_path: Path, cap
     assert len(lines) == 1 and lines[0].startswith("snapens: error: ") and "Traceback" not in err, err
     assert "No space left on device" in lines[0] and "state.pt" in lines[0]
     assert time.time() - before < 250
-    assert engine.read_resume_state(run_dir)["step"] == 0  # the state before it is whole and resumable
+    assert runs.read_resume_state(run_dir)["step"] == 0  # the state before it is whole and resumable
     assert not list(run_dir.rglob(".*.tmp"))
 
 
@@ -621,4 +621,4 @@ def test_two_trainers_on_one_folder_one_wins(tmp_path: Path) -> None:
     assert "in use by another snapens process" in lines[0] or "already holds a run" in lines[0]
     cfg = json.loads((run_dir / "config.json").read_text())["config"]
     assert (cfg["seed"], cfg["lr"]) == (winner, 0.05 if winner == 4 else TrainConfig().lr)
-    assert checkpoint.load_training_state(run_dir / "state.pt")["finished"]
+    assert runs.load_training_state(run_dir / "state.pt")["finished"]

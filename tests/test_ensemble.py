@@ -434,7 +434,12 @@ def test_from_run_takes_raw_images_by_default_and_normalized_on_request(tmp_path
     snaps, _ = fake_run(tmp_path, n_snapshots=2)
     with pytest.raises(SnapshotError, match=r"config\.json is missing.*inputs='normalized'"):
         SnapshotEnsemble.from_run(tmp_path, builder)
-    (tmp_path / "config.json").write_text(json.dumps({"dataset": {"mean": list(MEAN), "std": list(STD)}}))
+    config = {"config": {"dataset": "toy", "seed": 0, "val_size": 0, "batch_size": 4, "epochs": 2, "snapshots": 2,
+                         "lr": 0.1, "schedule": "cosine-cycles"},
+              "model": {"name": "tiny", "kwargs": {}},
+              "dataset": {"classes": [0, 1, 2], "num_train": 8, "num_val": 0, "num_test": 4, "mean": list(MEAN),
+                          "std": list(STD)}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     raw = SnapshotEnsemble.from_run(tmp_path, builder, precision="fp32")
     x = images.float() / 255
     normalized = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
@@ -491,3 +496,15 @@ def test_cuda_reduced_precision_is_close_to_fp32(nets, x, precision):
     assert probs.device.type == "cpu" and probs.dtype == torch.float32
     torch.testing.assert_close(probs, exact, rtol=0, atol=2e-2)
     torch.testing.assert_close(ens.materialize()(x.cuda()).cpu(), probs, rtol=0, atol=1e-3)
+
+
+def test_the_ensemble_takes_the_engines_precision_object(nets, x):
+    from snapens._precision import Precision
+
+    prec = Precision.resolve("fp32", torch.device("cpu"))  # what engine.fit takes, resolved once
+    ens = make(nets, precision=prec)
+    assert ens.precision == "fp32" and ens.resolved_precision() is prec
+    torch.testing.assert_close(ens.predict_proba(x), make(nets, precision="fp32").predict_proba(x), rtol=0, atol=0)
+    assert ens.materialize().resolved_precision() is prec
+    with pytest.raises(ValueError, match="unknown precision"):
+        make(nets, precision="fp64")

@@ -10,12 +10,12 @@ from snapens.schedule import (
     StepDecayLR,
     SWAScheduleLR,
     cosine_snapshot_lr,
-    cycle_bounds,
+    cosine_snapshot_steps,
     cycle_lengths,
     fge_cycles,
     fge_lr,
     fge_snapshot_steps,
-    seed_epoch_lr,
+    keras_epoch_lr,
     step_decay_lr,
     swa_lr,
     swa_snapshot_steps,
@@ -51,7 +51,7 @@ def test_values_match_formula_per_cycle(total, m):
 def test_uneven_budget_splits_into_balanced_cycles():
     # Eq. 2's ceil would give 4 + 4 + 4 + 1; we give 4 + 3 + 3 + 3.
     assert cycle_lengths(13, 4) == [4, 3, 3, 3]
-    assert cycle_bounds(13, 4) == [3, 6, 9, 12]
+    assert cosine_snapshot_steps(13, 4) == [3, 6, 9, 12]
     lrs = [cosine_snapshot_lr(s, 13, 4, 1.0) for s in range(13)]
     assert [lrs[i] for i in (0, 4, 7, 10)] == [1.0, 1.0, 1.0, 1.0]
     assert lrs[3] == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 4)))
@@ -59,9 +59,9 @@ def test_uneven_budget_splits_into_balanced_cycles():
 
 
 @pytest.mark.parametrize("total,m", BUDGETS)
-def test_minima_exactly_at_cycle_bounds(total, m):
+def test_minima_exactly_at_cosine_snapshot_steps(total, m):
     lrs = [cosine_snapshot_lr(s, total, m, 0.1) for s in range(total)]
-    bounds = cycle_bounds(total, m)
+    bounds = cosine_snapshot_steps(total, m)
     assert len(bounds) == m and bounds[-1] == total - 1
     start = 0
     for end in bounds:
@@ -77,12 +77,12 @@ def test_single_cycle_is_plain_cosine():
 
 def test_seed_formula_known_values():
     # The Keras seed: floor(T/M) = 40, 0-based epoch; epoch 39 is one step before the restart.
-    assert seed_epoch_lr(39, 200, 5, 0.1) == pytest.approx(1.541333e-4, rel=1e-5)
-    assert seed_epoch_lr(0, 200, 5, 0.1) == 0.1
-    assert seed_epoch_lr(40, 200, 5, 0.1) == 0.1
-    assert seed_epoch_lr(20, 200, 5, 0.1) == pytest.approx(0.05)
+    assert keras_epoch_lr(39, 200, 5, 0.1) == pytest.approx(1.541333e-4, rel=1e-5)
+    assert keras_epoch_lr(0, 200, 5, 0.1) == 0.1
+    assert keras_epoch_lr(40, 200, 5, 0.1) == 0.1
+    assert keras_epoch_lr(20, 200, 5, 0.1) == pytest.approx(0.05)
     # T not divisible by M: floor(13/4) = 3, so epoch 12 restarts at lr0 and is never saved.
-    assert seed_epoch_lr(12, 13, 4, 0.1) == 0.1
+    assert keras_epoch_lr(12, 13, 4, 0.1) == 0.1
 
 
 def test_step_decay_baseline():
@@ -139,7 +139,7 @@ def test_scheduler_sets_lr_before_each_step(total, m):
         assert lr_a == pytest.approx(cosine_snapshot_lr(step, total, m, 0.1, 0.001), abs=1e-15)
         # Each group keeps its own peak.
         assert lr_b == pytest.approx(cosine_snapshot_lr(step, total, m, 0.02, 0.001), abs=1e-15)
-    assert snaps == [(b, k) for k, b in enumerate(cycle_bounds(total, m))]
+    assert snaps == [(b, k) for k, b in enumerate(cosine_snapshot_steps(total, m))]
 
 
 def test_no_lag_at_restart():
@@ -174,7 +174,7 @@ def test_step_decay_scheduler_marks_same_snapshot_steps():
     opt = _optimizer()
     sched = StepDecayLR(opt, total_steps=20, n_cycles=4)
     seen, snaps = _run(sched, opt, 20)
-    assert [s for s, _ in snaps] == cycle_bounds(20, 4)
+    assert [s for s, _ in snaps] == cosine_snapshot_steps(20, 4)
     assert [lr for (lr,) in seen] == pytest.approx([step_decay_lr(s, 20, 0.1) for s in range(20)])
 
 
@@ -190,10 +190,10 @@ def test_scheduler_rejects_bad_budget():
 def test_docstring_examples_run():
     import doctest
 
-    import snapens.schedule
+    from snapens.schedule import cheap, cosine, schedulers
 
-    result = doctest.testmod(snapens.schedule)
-    assert result.attempted >= 5 and result.failed == 0
+    results = [doctest.testmod(module) for module in (cosine, cheap, schedulers)]
+    assert sum(r.attempted for r in results) >= 5 and sum(r.failed for r in results) == 0
 
 
 # ------------------------------------------------------------------------------------- cosine cycle shaping
@@ -204,7 +204,7 @@ def test_shaping_defaults_reproduce_plain_schedule_bit_exact():
         plain = SnapshotLR(_optimizer((0.1, 0.03)), total_steps=total, n_cycles=m, lr_min=0.001)
         shaped = SnapshotLR(_optimizer((0.1, 0.03)), total_steps=total, n_cycles=m, lr_min=0.001,
                             cycle_decay=1.0, cycle_mult=1.0)
-        assert shaped.snapshot_steps == plain.snapshot_steps == cycle_bounds(total, m)
+        assert shaped.snapshot_steps == plain.snapshot_steps == cosine_snapshot_steps(total, m)
         for step in range(total):
             base, extra = divmod(total, m)
             lengths = [base + 1 if k < extra else base for k in range(m)]
@@ -221,7 +221,7 @@ def test_cycle_mult_lengths_hand_computed():
     assert cycle_lengths(70, 3, cycle_mult=2.0) == [10, 20, 40]
     # ideal 20/7 * (1, 2, 4) = 2.86, 5.71, 11.43: floors 2, 5, 11, the 2 steps left to the largest fractions.
     assert cycle_lengths(20, 3, cycle_mult=2.0) == [3, 6, 11]
-    assert cycle_bounds(20, 3, cycle_mult=2.0) == [2, 8, 19]
+    assert cosine_snapshot_steps(20, 3, cycle_mult=2.0) == [2, 8, 19]
     # ideal (1, 1.5, 2.25) * 10 / 4.75 = 2.11, 3.16, 4.74: floors 2, 3, 4, the step left to the third cycle.
     assert cycle_lengths(10, 3, cycle_mult=1.5) == [2, 3, 5]
     for total, m, mult in [(100, 4, 1.3), (37, 5, 2.0), (1000, 6, 1.7), (9, 3, 1.01)]:
@@ -241,7 +241,7 @@ def test_shaped_values_and_snapshots(total, m, mult, decay):
     sched = SnapshotLR(opt, total_steps=total, n_cycles=m, cycle_decay=decay, cycle_mult=mult)
     seen, snaps = _run(sched, opt, total)
     assert [lr for (lr,) in seen] == pytest.approx(expected, abs=1e-15)
-    assert snaps == [(b, k) for k, b in enumerate(cycle_bounds(total, m, mult))]
+    assert snaps == [(b, k) for k, b in enumerate(cosine_snapshot_steps(total, m, mult))]
     assert snaps[-1][0] == total - 1
 
 
@@ -428,17 +428,9 @@ def test_make_scheduler_rejects_bad_options(schedule: str, kwargs: dict, match: 
 
 def test_make_scheduler_shapes_the_cosine_cycles() -> None:
     sched = make_scheduler("cosine-cycles", _sgd(), total_steps=70, n_cycles=3, cycle_mult=2.0,
-                                  cycle_decay=0.5)
+                           cycle_decay=0.5)
     assert sched.snapshot_steps == [9, 29, 69] and (sched.cycle_mult, sched.cycle_decay) == (2.0, 0.5)
     swa = make_scheduler("swa", _sgd(lr=0.2), total_steps=24, n_cycles=2, steps_per_epoch=3,
-                                swa_lr=0.05)
+                         swa_lr=0.05)
     assert swa.swa_factor == 0.25 and swa.snapshot_steps == [20, 23]
 
-
-def test_old_names_are_deprecated_aliases():
-    from snapens.schedule import cosine_snapshot_steps, keras_epoch_lr
-
-    with pytest.deprecated_call(match="cosine_snapshot_steps"):
-        assert cycle_bounds(13, 4) == cosine_snapshot_steps(13, 4) == [3, 6, 9, 12]
-    with pytest.deprecated_call(match="keras_epoch_lr"):
-        assert seed_epoch_lr(39, 200, 5, 0.1) == keras_epoch_lr(39, 200, 5, 0.1)

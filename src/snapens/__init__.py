@@ -7,8 +7,8 @@ The pieces a training loop needs::
     ...
     optimizer.step()
     if sched.is_cycle_end():
-        store.save(model, index=sched.cycle + 1, step=sched.last_epoch, epoch=epoch, lr=lr,
-                   model_name="resnet-20", model_kwargs={"num_classes": 10})
+        store.save(model, index=sched.cycle + 1, step=sched.steps_done, epoch=sched.steps_done / len(loader),
+                   lr=lr, model_name="resnet-20", model_kwargs={"num_classes": 10})
     sched.step()
     ...
     ensemble = SnapshotEnsemble.from_run("run", build_model)     # mean of the members' softmax probabilities
@@ -28,9 +28,7 @@ from snapens.schedule import (
     StepDecayLR,
     cosine_snapshot_lr,
     cosine_snapshot_steps,
-    cycle_bounds,
     keras_epoch_lr,
-    seed_epoch_lr,
 )
 from snapens.weighting import fit_ensemble_weights, fit_temperature
 
@@ -39,8 +37,6 @@ __all__ = [
     "cosine_snapshot_lr",
     "cosine_snapshot_steps",
     "keras_epoch_lr",
-    "cycle_bounds",
-    "seed_epoch_lr",
     "SnapshotLR",
     "StepDecayLR",
     "SnapshotStore",

@@ -28,6 +28,7 @@ from snapens.data.splits import (
     Split,
     _check_limit,
     channel_stats,
+    derive_seed,
     limit_splits,
     stratified_split,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "stratified_split",
     "limit_splits",
     "channel_stats",
+    "derive_seed",
     "epoch_permutation",
     "augment_batch",
     "user_cache_dir",

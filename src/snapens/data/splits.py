@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import numbers
@@ -20,6 +21,7 @@ __all__ = [
     "channel_stats",
     "make_splits",
     "limit_splits",
+    "derive_seed",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,15 @@ class DatasetSplits:
     @property
     def image_size(self) -> tuple[int, int]:
         return int(self.train.images.shape[2]), int(self.train.images.shape[3])
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple, e.g. ``("order", seed, epoch)``: the first 8 bytes of its SHA-256.
+
+    Hashing keeps nearby tuples such as ``(0, 1)`` and ``(1, 0)`` from giving related streams.
+    """
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def resolve_val_count(val_size: int | float | None, n: int, default: int | float) -> int:
@@ -250,8 +261,6 @@ def limit_splits(
     Raises:
         ValueError: a limit that is not a positive integer.
     """
-    from snapens.data.loader import derive_seed  # lazy: loader imports this module
-
     _check_limit(limit_train, "limit_train")
     _check_limit(limit_test, "limit_test")
     train, val, test = data.train, data.val, data.test
