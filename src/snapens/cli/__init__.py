@@ -14,19 +14,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import snapens
+from snapens.cli._common import PROG, CLIError, fail
 
-PROG = "snapens"
-
-
-class CLIError(Exception):
-    """A user error: printed as one line ``snapens: error: ...``, exit code 2."""
-
-
-def fail(message: str) -> int:
-    """Print ``snapens: error: <message>`` as one line on stderr and return the exit code 2."""
-    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
-    print(f"{PROG}: error: {first_line}", file=sys.stderr)
-    return 2
+__all__ = ["CLIError", "build_parser", "fail", "main", "plain_text"]
 
 
 _ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")

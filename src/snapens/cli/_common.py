@@ -1,4 +1,5 @@
-"""Printing helpers shared by the ``snapens`` subcommands: logging to stderr, progress bars, tables.
+"""Printing helpers shared by the ``snapens`` subcommands: the one-line error, logging to stderr, progress bars,
+tables.
 
 What is not printing lives in the library layer: threads, loaders, the environment record and the default run
 folder in :mod:`snapens.workflows.common`; the torchrun launch, devices and the process group in
@@ -13,12 +14,29 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "PROG",
+    "CLIError",
+    "fail",
     "configure_logging",
     "progress_enabled",
     "format_table",
     "METHOD_COLUMNS",
     "method_table",
 ]
+
+
+PROG = "snapens"
+
+
+class CLIError(Exception):
+    """A user error: printed as one line ``snapens: error: ...``, exit code 2."""
+
+
+def fail(message: str) -> int:
+    """Print ``snapens: error: <message>`` as one line on stderr and return the exit code 2."""
+    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"{PROG}: error: {first_line}", file=sys.stderr)
+    return 2
 
 
 class _ProgressAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]

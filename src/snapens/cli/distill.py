@@ -20,8 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snapens.cli import CLIError
-from snapens.cli._common import configure_logging, method_table, progress_enabled
+from snapens.cli._common import CLIError, configure_logging, method_table, progress_enabled
 
 __all__ = ["format_distill", "register", "run"]
 

@@ -21,8 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snapens.cli import CLIError
-from snapens.cli._common import configure_logging, progress_enabled
+from snapens.cli._common import CLIError, configure_logging, progress_enabled
 
 __all__ = ["register", "run"]
 

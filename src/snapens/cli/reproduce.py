@@ -31,8 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snapens.cli import CLIError
-from snapens.cli._common import METHOD_COLUMNS, configure_logging, method_table, progress_enabled
+from snapens.cli._common import CLIError, METHOD_COLUMNS, configure_logging, method_table, progress_enabled
 from snapens.workflows.common import plural
 from snapens.workflows.reproduction import METHODS
 

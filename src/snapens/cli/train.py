@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from snapens import engine
-from snapens.cli import CLIError
-from snapens.cli._common import configure_logging, format_table, progress_enabled
+from snapens.cli._common import CLIError, configure_logging, format_table, progress_enabled
 from snapens.config import (
     AUTO_MAX_SNAPSHOTS,
     M_SCHEDULES,
