@@ -95,7 +95,7 @@ def make_loader(split: Any, info: dict[str, Any], device: str | torch.device) ->
     from snapens.data import BatchLoader
 
     ds = info["dataset"]
-    return BatchLoader(split, batch_size=max(256, int(info["config"]["batch_size"])), shuffle=False,
+    return BatchLoader(split, batch_size=eval_batch_size(info["config"]["batch_size"]), shuffle=False,
                        augment=None, mean=tuple(ds["mean"]), std=tuple(ds["std"]), device=device)
 
 

@@ -108,6 +108,11 @@ def export_run(
     Returns:
         The description stored in the file, plus ``"max_abs_diff"``: the largest difference between the reloaded
         file's probabilities and the ensemble's on a batch of test images.
+
+    Raises:
+        ValueError: a bad format, weights or precision, ``out`` one of the run's own files, a run that is not
+            complete, or a file that disagrees with the ensemble (it is written, then refused).
+        FileNotFoundError: ``out``'s folder, the dataset or (``weights="fitted"``) the saved weights are missing.
     """
     from snapens._io import atomic_write_bytes
     from snapens.ensemble import SnapshotEnsemble
