@@ -47,20 +47,26 @@ MAX_FUNCTION_LINES = 100
 
 
 def _face_module(name: str) -> str | None:
-    """The module of ours that ``from snapens import name`` runs: ``snapens.<name>`` for a submodule, the defining
-    module for a lazily re-exported function (``snapens.train``), ``snapens`` itself for an eager re-export."""
+    """The module of ours behind ``from snapens import name``: ``snapens.<name>`` for a submodule, the module it
+    is re-exported from for a name of the package's face (eager or lazy, e.g. ``snapens.train``); None for
+    ``__version__``. The package's ``__init__`` is a face, not a room: importing through it is importing that."""
     if (SRC / f"{name}.py").is_file() or (SRC / name / "__init__.py").is_file():
         return f"snapens.{name}"
-    if name == "__version__" or name in _eager_names():
-        return "snapens"
+    if name == "__version__":
+        return None
+    eager = _eager_names()
+    if name in eager:
+        return eager[name]
     home = getattr(getattr(snapens, name, None), "__module__", None)
     return home if isinstance(home, str) and home.startswith("snapens.") else "snapens"
 
 
-def _eager_names() -> set[str]:
-    """The names ``snapens/__init__.py`` binds by a top-level import (its face, loaded with the package)."""
+def _eager_names() -> dict[str, str]:
+    """Name -> module, for the names ``snapens/__init__.py`` binds by a top-level ``from snapens.X import``."""
     tree = ast.parse((SRC / "__init__.py").read_text())
-    return {a.asname or a.name for node in tree.body if isinstance(node, ast.ImportFrom) for a in node.names}
+    return {a.asname or a.name: node.module for node in tree.body
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("snapens.")
+            for a in node.names}
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
@@ -87,6 +93,8 @@ def _ours(path: Path) -> set[str]:
                 face = _face_module(name)
                 if face is not None and face != "snapens":
                     found.add(face.split(".")[1])
+                elif face == "snapens":
+                    found.add(name)  # not a name of ours: reported as it is
         else:
             found.add(module.split(".")[1])
     return found
@@ -103,8 +111,8 @@ def _modules() -> dict[str, Path]:
 
 def _targets(module: str, names: list[str], known: set[str]) -> set[str]:
     """The modules of ours an import statement runs: ``from a.b import c`` is ``a.b.c`` when that is a module."""
-    if module == "snapens":
-        return {m for m in (_face_module(n) for n in names) if m is not None} or {"snapens"}
+    if module == "snapens":  # ``import snapens`` runs the face itself; ``from snapens import x``, x's module
+        return {m for m in (_face_module(n) for n in names) if m is not None} if names else {"snapens"}
     subs = {f"{module}.{n}" for n in names} & known
     if subs and len(subs) == len(names):
         return subs
@@ -205,8 +213,10 @@ def test_no_function_body_over_100_lines() -> None:
 
 def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from snapens.models import build_model\n    import snapens.data.loader\n")
-    assert _ours(bad) == {"models", "data"}
+    bad.write_text("def f():\n    from snapens.models import build_model\n    import snapens.data.loader\n"
+                   "    from snapens import SnapshotError, train\n")
+    # names of the package's face count as the modules behind them
+    assert _ours(bad) == {"models", "data", "checkpoint", "workflows"}
 
 
 def test_the_circle_finder_sees_a_circle_and_only_one() -> None:

@@ -234,7 +234,8 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig:
         raise CLIError(f"--resume continues the run as configured in {args.run_dir / CONFIG_FILE}; "
                        "do not pass --preset")
     overrides = explicit_overrides(args)
-    saved = resume_info(args.run_dir)["config"]
+    info = resume_info(args.run_dir)
+    saved = dict(info["config"])
     if overrides["snapshots"] == "auto" and saved.get("snapshots_auto"):
         overrides["snapshots"] = None  # the original command repeated: keep the M it picked, even if the table changed
     # Repeating the original command with --resume is fine; changing what the run computes is not.
@@ -245,7 +246,7 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig:
         raise CLIError(f"--resume continues the run as configured in {args.run_dir / CONFIG_FILE}; "
                        f"do not change {names}")
     if saved.get("threads") is None:  # written before the count was recorded: the one the run used
-        saved["threads"] = (resume_info(args.run_dir).get("environment") or {}).get("threads")
+        saved["threads"] = (info.get("environment") or {}).get("threads")
     if overrides["threads"] is not None and saved["threads"] is not None and overrides["threads"] != saved["threads"]:
         logger.warning("warning: --threads %d, but the run started with %d threads: the resumed run's results "
                        "will differ (slightly) from an uninterrupted run's; resume without --threads to keep them "
