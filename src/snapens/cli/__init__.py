@@ -1,7 +1,10 @@
 """The ``snapens`` command line: the only place that parses arguments, prints, or picks presets.
 
 Each subcommand lives in its own module with ``register(subparsers) -> None``, which adds its parser and sets
-``func=run`` where ``run(args: argparse.Namespace) -> int`` returns the exit code.
+``func=run`` where ``run(args: argparse.Namespace) -> int`` returns the exit code. ``run`` calls the library
+layer (:mod:`snapens.workflows`) and prints; the library's errors (``ValueError``, ``OSError``) become the one
+line ``snapens: error: ...`` here. Subcommand modules import no other one: only this package and
+:mod:`snapens.cli._common` (the error and the printing helpers).
 """
 
 from __future__ import annotations
