@@ -9,18 +9,14 @@ Each function works on a run folder (:mod:`snapens.runs`), raises ``ValueError``
     run = snapens.train(TrainConfig(epochs=2, snapshots=2), "runs/py")   # snapens train --run-dir runs/py
     summary = snapens.evaluate(run)                                        # snapens evaluate runs/py
 
-=====================  ==========================================================  =======================
-module                 entry points                                                subcommand
-=====================  ==========================================================  =======================
-``training``           :func:`train`, :func:`train_run`                            ``snapens train``
-``evaluation``         :func:`evaluate`, :func:`evaluate_run`, the run's dataset   ``snapens evaluate``
-``weight_average``     :func:`average_run`                                         ``snapens average``
-``distillation``       :func:`distill`, :func:`distill_run`                        ``snapens distill``
-``exporting``          :func:`export`, :func:`export_run`, :func:`load_exported`   ``snapens export``
-``plotting``           :func:`plot`, :func:`plot_run`, :func:`plot_price`          ``snapens plot``
-``reproduction``       :func:`reproduce`                                           ``snapens reproduce``
-``common``             threads, loaders, the environment record, the default folder
-=====================  ==========================================================  =======================
+- ``training``: :func:`train`, :func:`train_run` (``snapens train``);
+- ``evaluation``: :func:`evaluate`, :func:`evaluate_run`, the run's dataset and loaders (``snapens evaluate``);
+- ``weight_average``: :func:`average_run` (``snapens average``);
+- ``distillation``: :func:`distill`, :func:`distill_run` (``snapens distill``);
+- ``exporting``: :func:`export`, :func:`export_run`, :func:`load_exported` (``snapens export``);
+- ``plotting``: :func:`plot`, :func:`plot_run`, :func:`plot_price` (``snapens plot``);
+- ``reproduction``: :func:`reproduce` (``snapens reproduce``);
+- ``common``: threads, loaders, the environment record, the default run folder.
 """
 
 from __future__ import annotations
