@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from snapens.cli import CLIError, main
-from snapens.cli.export import load_exported
-from snapens.cli import plot as plot_module
-from snapens.cli.evaluate import evaluate_run
-from snapens.cli.plot import PLOT_FILES, correlation_labels, lr_curve, plot_run
+from snapens.cli import main
+from snapens.workflows.exporting import load_exported
+from snapens.workflows import plotting as plot_module
+from snapens.workflows.evaluation import evaluate_run
+from snapens.workflows.plotting import PLOT_FILES, correlation_labels, lr_curve, plot_run
 from snapens.data import load_dataset
 from snapens.ensemble import SnapshotEnsemble
 from snapens.models import build_model
@@ -78,8 +78,8 @@ def test_lr_curve_recomputes_the_schedule() -> None:
     {"schedule": "cosine-cycles", "cycle_decay": 0.5, "cycle_mult": 2.0, "snapshots": 3},
 ])
 def test_lr_curve_follows_the_new_schedules(options: dict) -> None:
-    from snapens.cli.train import schedule_options
     from snapens.schedule import make_scheduler
+    from snapens.workflows.training import schedule_options
     from snapens.config import TrainConfig
 
     cfg = TrainConfig(epochs=10, lr=0.2, batch_size=10, **options)
@@ -99,7 +99,7 @@ def test_lr_curve_follows_the_new_schedules(options: dict) -> None:
 
 def test_plot_without_matplotlib_says_how_to_install(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(CLIError, match=r"plotting needs matplotlib: pip install matplotlib$"):
+    with pytest.raises(ImportError, match=r"plotting needs matplotlib: pip install matplotlib$"):
         plot_run(run_dir)
 
 

@@ -284,7 +284,7 @@ def test_run_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_config_records_absolute_data_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from snapens.cli.train import _absolute_data_paths
+    from snapens.workflows.training import _absolute_data_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = _absolute_data_paths(TrainConfig(dataset="folder:imgs", epochs=2, snapshots=1))
@@ -504,12 +504,12 @@ def test_a_plot_failure_is_a_warning_and_exit_0(finished_run: tuple[Path, str], 
                                                capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # Item 12: plots are optional output; the training (here: its final evaluation) stays a success.
-    import snapens.cli.plot
+    import snapens.workflows.plotting
 
     def unwritable(*a, **k):
         raise PermissionError(13, "Permission denied", "plots/lr.png")
 
-    monkeypatch.setattr(snapens.cli.plot, "plot_run", unwritable)
+    monkeypatch.setattr(snapens.workflows.plotting, "plot_run", unwritable)
     run_dir = _copy_run(finished_run[0], tmp_path / "run")
     (run_dir / "summary.json").unlink()
     assert main(["train", "--resume", "--run-dir", str(run_dir), "--quiet"]) == 0

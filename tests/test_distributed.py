@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from snapens import checkpoint, distributed, engine, runs
-from snapens.cli._common import build_loaders
+from snapens.workflows.common import build_loaders
 from snapens.distributed import DistContext, launch_context, process_device
 from snapens.data import AugmentSpec, BatchLoader, Split
 from snapens.schedule import make_scheduler

@@ -184,7 +184,8 @@ def test_bad_inputs_are_refused() -> None:
 def test_evaluate_gives_the_guidance_validation_data_only(tiny_run: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """What evaluate hands the guidance is the validation members and labels, never the test split's."""
-    from snapens.cli.evaluate import evaluate_run, load_run_dataset, read_run_info
+    from snapens.runs import read_run_info
+    from snapens.workflows.evaluation import evaluate_run, load_run_dataset
 
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     seen = []

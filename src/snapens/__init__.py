@@ -12,6 +12,11 @@ The pieces a training loop needs::
     sched.step()
     ...
     ensemble = SnapshotEnsemble.from_run("run", build_model)     # mean of the members' softmax probabilities
+
+Whole runs (:mod:`snapens.workflows`)::
+
+    run = snapens.train(TrainConfig(epochs=2, snapshots=2), "runs/py")   # snapens train, as a function
+    summary = snapens.evaluate(run)                                        # snapens evaluate
 """
 
 from __future__ import annotations
@@ -51,15 +56,22 @@ __all__ = [
 #: names above should pay for, and ``integrations`` must stay lazy (its extras are optional).
 _SUBMODULES = frozenset({
     "averaging", "checkpoint", "cli", "config", "cost", "data", "distill", "distributed", "engine", "ensemble",
-    "guidance", "integrations", "metrics", "models", "report", "runs", "schedule", "weighting",
+    "guidance", "integrations", "metrics", "models", "report", "runs", "schedule", "weighting", "workflows",
 })
+#: Whole-run entry points of :mod:`snapens.workflows`, ``snapens.train(config, run_dir)`` and
+#: ``snapens.evaluate(run_dir)``: imported on first use like the submodules (they pull in models and data).
+_WORKFLOWS = frozenset({"train", "evaluate"})
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"snapens.{name}")  # the import also binds it as an attribute here
+    if name in _WORKFLOWS:
+        value = getattr(importlib.import_module("snapens.workflows"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'snapens' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _SUBMODULES)
+    return sorted(set(globals()) | _SUBMODULES | _WORKFLOWS)
