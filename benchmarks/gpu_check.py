@@ -142,7 +142,7 @@ class Check:
             self.budgets[name] = float(seconds)
         self.work = Path(args.work_dir or tempfile.mkdtemp(prefix="snapens-gpu-check-"))
         self.out = Path(args.out)
-        self.name = "cpu-dry-run"
+        self.name = "cpu-dry-run" if args.dry_run else "no-gpu"  # the GPU's name once stage env has seen it
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -335,8 +335,8 @@ def throughput_worker(cfg: dict[str, Any]) -> None:
     loader = BatchLoader(train, cfg["batch_size"], seed=0, augment=AugmentSpec(4, True), mean=(0.5,) * 3,
                          std=(0.29,) * 3, device=device, channels_last=True)
     images = cfg["epochs"] * loader.num_samples
-    for name in cfg["models"]:
-        for compiled in cfg["compile"]:
+    for compiled in cfg["compile"]:  # every model uncompiled first: compiling is what a cut stage loses
+        for name in cfg["models"]:
             hand, eng = _timed_pairs(bench_engine, name, compiled, loader, device, cfg)
             h, e = statistics.median(images / s for s in hand), statistics.median(images / s for s in eng)
             print("ROW " + json.dumps({"model": name, "compile": compiled, "precision": cfg["precision"],
@@ -652,7 +652,7 @@ def markdown(res: dict[str, Any]) -> str:
             continue
         lines += [f"## {name}: {s.get('status')}", ""]
         if name == "env":
-            lines += [f"- {k}: {v}" for k, v in s.items() if k != "status"]
+            lines += [f"- {k}: {v}" for k, v in s.items() if k not in ("status", "error")]
         elif name == "tests":
             lines += [f"`{s.get('cmd', '')}`: {s.get('counts') or s.get('note')}"]
         elif name == "train":
@@ -742,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
         check.save()
         print(f"gpu_check: {name}: {check.results['stages'][name]['status']} "
               f"({result['stage_seconds']} s)", flush=True)
+        if name == "env" and check.results["stages"]["env"]["status"] != "ok":
+            break  # no CUDA device (or no torch): every later stage would fail the same way
     md, js = check.paths()
     print(f"gpu_check: results in {md} and {js}", flush=True)
     return 0 if all(s["status"] in ("ok", "skipped", "unavailable") for s in check.results["stages"].values()) else 1
