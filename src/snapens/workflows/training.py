@@ -41,7 +41,7 @@ from snapens.distributed import (
     process_device,
 )
 from snapens.runs import CONFIG_FILE
-from snapens.schedule import make_scheduler
+from snapens.schedule import SWA_FACTOR, make_scheduler
 from snapens.workflows.common import (
     build_loaders,
     check_model_name,
@@ -84,9 +84,21 @@ def run_header(cfg: TrainConfig, run_dir: Path, device: torch.device, precision:
     snaps = (f"M={plural(cfg.snapshots, 'snapshot')}{_auto_note(cfg)}"
              if cfg.schedule in M_SCHEDULES or n_snapshots is None else plural(n_snapshots, "snapshot"))
     return (f"snapens train: {cfg.dataset}, {cfg.model}, {plural(cfg.epochs, 'epoch')}, {snaps} "
-            f"({cfg.schedule}, lr {cfg.lr:g} -> {cfg.lr_min:g}), batch {cfg.batch_size}, seed {cfg.seed}\n"
+            f"({cfg.schedule}, {_lr_note(cfg)}), batch {cfg.batch_size}, seed {cfg.seed}\n"
             f"device {device}, precision {precision}, threads {threads}{procs}\n"
             f"run dir: {run_dir}{' (resuming)' if resume else ''}")
+
+
+def _lr_note(cfg: TrainConfig) -> str:
+    """The rates ``cfg.schedule`` runs, from its own parameters: ``lr 0.1 -> 0`` for the cosine schedules."""
+    if cfg.schedule == "fge":
+        return f"lr {cfg.lr:g} step phase, then cycles {cfg.fge_lr1 * cfg.lr:g} -> {cfg.fge_lr2 * cfg.lr:g}"
+    if cfg.schedule == "swa":
+        swa = cfg.swa_lr if cfg.swa_lr is not None else SWA_FACTOR * cfg.lr
+        return f"lr {cfg.lr:g} -> swa_lr {swa:g} constant from {cfg.swa_start:.0%} of the budget"
+    if cfg.schedule == "step":
+        return f"lr {cfg.lr:g}, x0.1 at 50% and 75% of the budget"
+    return f"lr {cfg.lr:g} -> {cfg.lr_min:g}"
 
 
 def _auto_note(cfg: TrainConfig) -> str:
