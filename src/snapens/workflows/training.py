@@ -178,13 +178,15 @@ def _run_record(cfg: TrainConfig, splits: Any, model_kwargs: dict[str, Any], dev
                 precision: Precision, ctx: DistContext, sync_bn: bool, evaluate: bool,
                 extra_info: Mapping[str, Any] | None) -> dict[str, Any]:
     """The content of config.json: the resolved config, the model, the dataset and the environment."""
+    from snapens.data import split_fingerprint  # dataset.split_sha256: evaluate & co. rebuild this very split
+
     return {
         "format_version": 1,
         "config": cfg.to_dict(),
         "model": {"name": cfg.model, "kwargs": model_kwargs},
         "dataset": {"name": splits.name, "classes": list(splits.classes), "num_train": len(splits.train),
                     "num_val": len(splits.val), "num_test": len(splits.test), "mean": list(splits.mean),
-                    "std": list(splits.std)},
+                    "std": list(splits.std), "split_sha256": split_fingerprint(splits)},
         "environment": environment_info(device, precision.name, ctx.world_size),
         "distributed": {"world_size": ctx.world_size, "global_batch_size": cfg.batch_size * ctx.world_size,
                         "sync_bn": bool(sync_bn and ctx.enabled)},
