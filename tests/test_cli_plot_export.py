@@ -422,3 +422,51 @@ def test_price_outliers_need_a_real_gap() -> None:
     assert plot_module.price_outliers([1.0, 1.2, 1.1, 30.0, 0.9, 1.3, 1.0, 45.0]) == [7, 3]  # highest first
     assert plot_module.price_outliers([1.0, 50.0, 1.1]) == []  # at most a quarter of the points
     assert plot_module.price_outliers([float("nan"), 1.0, 1.1, 1.2, 99.0]) == [4]
+
+
+# ------------------------------------------------------------------- one input contract (issue 20.3)
+
+
+def _digits_test_images(run_dir: Path) -> torch.Tensor:
+    info = json.loads((run_dir / "config.json").read_text())
+    cfg = info["config"]
+    return load_dataset(cfg["dataset"], val_size=cfg["val_size"], seed=cfg["seed"]).test.images[:13]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load is deprecated, still supported
+def test_exported_torchscript_keeps_the_ensembles_input_contract(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ens.pt"
+    assert main(["export", str(run_dir), str(out), "--quiet", "--precision", "fp32"]) == 0
+    module, meta = load_exported(out)
+    u8 = _digits_test_images(run_dir)
+    expected = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32").predict_proba(u8)
+    assert meta["input_dtypes"] == ["uint8", "float32"] and meta["input_shape"] == ["N", 1, 8, 8]
+    with torch.no_grad():  # uint8 pixels give the ensemble's probabilities (before: 0..255 fed as floats)
+        torch.testing.assert_close(module(u8), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(module(u8.float() / 255), expected, atol=1e-5, rtol=0)
+    for bad, message in [(u8.long(), "got another dtype"), (u8.to(torch.int16), "got another dtype"),
+                         (u8 > 128, "got another dtype"), (u8.float(), "got values in [0"),
+                         (u8.float().expand(-1, 3, -1, -1) / 255, "expected images [N, 1, 8, 8]"),
+                         (torch.rand(2, 1, 16, 16), "got a tensor of shape [2, 1, 16, 16]"),
+                         (torch.rand(8, 64), "expected images [N, 1, 8, 8]")]:
+        with pytest.raises(torch.jit.Error, match="snapens: expected") as info:
+            module(bad)
+        assert message in str(info.value)
+
+
+def test_exported_program_refuses_what_it_can_and_says_what_it_cannot(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ens.pt2"
+    assert main(["export", str(run_dir), str(out), "--quiet", "--precision", "fp32"]) == 0
+    module, meta = load_exported(out)
+    u8 = _digits_test_images(run_dir)
+    expected = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32").predict_proba(u8)
+    with torch.no_grad():
+        torch.testing.assert_close(module(u8.float() / 255), expected, atol=1e-5, rtol=0)
+    # 0..255 floats, uint8 and int64 pixels are refused by the in-graph range check with the conversion to do
+    for bad in (u8.float(), u8, u8.long()):
+        with pytest.raises(RuntimeError, match=r"snapens: expected float32 images in \[0, 1\].*x.float\(\) / 255"):
+            module(bad)
+    for bad in (torch.rand(2, 3, 8, 8), torch.rand(2, 1, 16, 16)):  # other channels or sizes: torch.export's guard
+        with pytest.raises(Exception, match="size"):
+            module(bad)
+    assert meta["input_dtypes"] == ["float32"] and "does NOT check the dtype" in meta["input_checks"]

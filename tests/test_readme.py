@@ -95,6 +95,24 @@ assert len(ens) == 3 and probs.shape == (5, 10)
 assert torch.allclose(probs.sum(1), torch.ones(5), atol=1e-5)
 """,
     ),
+    # The .pt2 block: a program exported from a 2-epoch, 2-snapshot digits run (what `snapens export` writes).
+    "pt2": Prelude(
+        code="""\
+import torch
+import snapens
+from snapens.config import TrainConfig
+from snapens.workflows.exporting import export
+
+snapens.train(TrainConfig(epochs=2, snapshots=2, limit_train=300, device="cpu", precision="fp32", threads=1),
+              "runs/RUN")
+export("runs/RUN", "ens.pt2", precision="fp32")
+images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+""",
+        check="""\
+assert probs.shape == (5, 10)
+assert torch.allclose(probs.sum(1), torch.ones(5), atol=1e-5)
+""",
+    ),
     # Keras 3 on the torch backend: a softmax regression on random data, T=4 epochs, M=2.
     "keras": Prelude(
         extras=("h5py", "keras"),
