@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from snapens import engine
+from snapens._precision import resolve_precision
+from snapens.distributed import resolve_device
 from snapens.data import AugmentSpec, BatchLoader, Split, load_dataset
 from snapens.models import build_model
 from snapens.schedule import SnapshotLR
@@ -103,8 +105,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = engine.resolve_device(args.device)
-    precision = engine.resolve_precision(args.precision, device)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     if args.synthetic:
         g = torch.Generator().manual_seed(0)
         train = Split(torch.randint(0, 256, (args.synthetic, 3, 32, 32), dtype=torch.uint8, generator=g),

@@ -151,7 +151,7 @@ def _bench_device(args: argparse.Namespace, device: Any) -> None:
     best = speeds[best_label]
 
     if args.run_dir:
-        from snapens.cli.evaluate import evaluate_run
+        from snapens.workflows.evaluation import evaluate_run
 
         t0 = time.perf_counter()
         summary = evaluate_run(args.run_dir, optimize=-1, device=device, data_dir=args.data_dir, precision="auto")

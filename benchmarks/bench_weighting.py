@@ -64,7 +64,7 @@ def main() -> None:
     from snapens import _checks
 
     rows = []
-    med, best, _ = _time(lambda: (_checks.check_probs(member_probs, "val_probs", 3),
+    med, best, _ = _time(lambda: (_checks.check_probs(member_probs, "val_member_probs", 3),
                                   _checks.check_labels(labels, n, c)), args.repeats)
     rows.append(("input checks only", med, best, float("nan")))
     for method in ("equal", "nll", "greedy"):

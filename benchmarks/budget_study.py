@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from snapens import metrics
-from snapens.cli.evaluate import load_run_dataset, read_run_info
+from snapens.runs import read_run_info
+from snapens.workflows.evaluation import load_run_dataset
 from snapens.ensemble import SnapshotEnsemble
 from snapens.models import build_model
 

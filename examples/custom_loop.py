@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 loss.backward()
                 optimizer.step()
                 if scheduler.is_cycle_end():  # the step just taken ended a cycle: a learning-rate minimum
-                    store.save(model, index=scheduler.cycle + 1, step=scheduler.last_epoch, epoch=epoch,
-                               lr=optimizer.param_groups[0]["lr"], model_name="mlp", model_kwargs={})
+                    store.save(model, index=scheduler.cycle + 1, step=scheduler.steps_done,
+                               epoch=scheduler.steps_done / steps_per_epoch, lr=optimizer.param_groups[0]["lr"],
+                               model_name="mlp", model_kwargs={})
                 scheduler.step()
 
         members = [store.load_state_dict(info.index) for info in store.list()]

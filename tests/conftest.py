@@ -86,7 +86,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Shared and read-only: a test that writes into a run (evaluate writes summary.json) copies it first
     (``shutil.copytree``).
     """
-    from snapens.cli.train import train_run
+    from snapens.workflows.training import train_run
     from snapens.config import resolve_config
 
     before = torch.get_num_threads()

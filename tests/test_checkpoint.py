@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from snapens import checkpoint, runs
+from snapens._io import atomic_write_bytes, atomic_write_json
 from snapens.checkpoint import (
     SnapshotError,
     SnapshotStore,
-    atomic_write_bytes,
-    atomic_write_json,
     load_weights,
     save_weights,
     unwrap_model,
@@ -289,7 +288,7 @@ def test_atomic_write_keeps_old_file_when_replace_fails(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk fell off")
 
-    monkeypatch.setattr(checkpoint.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk fell off"):
         atomic_write_bytes(target, b"new contents")
     with pytest.raises(OSError, match="disk fell off"):
@@ -308,7 +307,7 @@ def test_atomic_snapshot_save_keeps_old_snapshot_and_manifest(tmp_path, monkeypa
     def broken_fsync(fd):
         raise OSError("fsync failed")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", broken_fsync)
+    monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="fsync failed"):
         store.save(trained_net(1), index=1, **save_kwargs(step=2))
     monkeypatch.undo()
@@ -318,7 +317,7 @@ def test_atomic_snapshot_save_keeps_old_snapshot_and_manifest(tmp_path, monkeypa
 
 
 def test_atomic_path_keeps_suffix_and_cleans_up(tmp_path):
-    from snapens.checkpoint import atomic_path
+    from snapens._io import atomic_path
 
     target = tmp_path / "Model-1.weights.h5"
     target.write_bytes(b"old")

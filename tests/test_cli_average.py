@@ -14,14 +14,15 @@ from snapens import checkpoint, metrics
 from snapens.averaging import average_state_dicts
 from snapens.cli import main
 from snapens.cli.average import format_result
-from snapens.cli.evaluate import load_run_dataset, make_loader, read_run_info
+from snapens.runs import read_run_info
+from snapens.workflows.evaluation import load_run_dataset, make_loader
 from snapens.models import build_model
 
 
 @pytest.fixture(scope="module")
 def swa_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A digits run with the swa schedule: 4 epochs, the SWA rate from epoch 2, three snapshots."""
-    from snapens.cli.train import train_run
+    from snapens.workflows.training import train_run
     from snapens.config import resolve_config
 
     before = torch.get_num_threads()

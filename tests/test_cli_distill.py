@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_cli_train import folder_hash, snapshots
 
-from snapens import engine
+from snapens import runs
 from snapens.cli import main
 
 # One thread, fp32, CPU: bit-identical runs (the resume test compares bits).
@@ -107,7 +107,7 @@ def test_sigterm_then_resume_is_bit_exact(teacher: Path, tmp_path: Path, cli_err
     assert _main([*argv, "--run-dir", stopped])[0] == 128 + signal.SIGTERM
     monkeypatch.setattr(SnapshotLR, "step", real_step)
     assert f"snapens distill {teacher} --resume --run-dir {stopped}" in capsys.readouterr().err
-    state = engine.read_resume_state(stopped)
+    state = runs.read_resume_state(stopped)
     assert (state["epoch"], state["batch"], state["step"]) == (0, 5, 5)
     assert not (stopped / "distill.json").exists()
     assert _main(["distill", teacher, "--resume", "--run-dir", stopped, "--quiet"])[0] == 0

@@ -19,8 +19,8 @@ import torch
 
 from snapens import report
 from snapens.checkpoint import SnapshotStore, load_weights
-from snapens.cli import CLIError, main
-from snapens.cli.evaluate import evaluate_run
+from snapens.cli import main
+from snapens.workflows.evaluation import evaluate_run
 from snapens.data import load_dataset
 from snapens.models import build_model
 
@@ -337,7 +337,7 @@ def test_variant_evaluations_keep_the_runs_summary_and_weights(run_copy: Path,
     again = evaluate_run(run_copy, include_best=True, optimize=0)
     assert again["ensemble_weighted"]["weights"] == pytest.approx(best["ensemble_weighted"]["weights"])
     assert json.loads((run_copy / "ensemble_weights-last1.json").read_text())["members"] == ["snapshot-02"]
-    with pytest.raises(CLIError, match=r"ensemble_weights-last1-best\.json does not exist; run `snapens evaluate "
+    with pytest.raises(FileNotFoundError, match=r"ensemble_weights-last1-best\.json does not exist; run `snapens evaluate "
                                        r"--optimize 1 --last 1 --include-best` first"):
         evaluate_run(run_copy, last=1, include_best=True, optimize=0)
 
@@ -384,7 +384,8 @@ def test_damaged_snapshot_tensor_is_refused_naming_file_and_tensor(run_copy: Pat
 
 def test_limited_run_records_its_subsets_and_evaluate_and_resume_use_them(tmp_path: Path, cli_error) -> None:
     from snapens.cli import build_parser
-    from snapens.cli.evaluate import load_run_dataset, read_run_info
+    from snapens.runs import read_run_info
+    from snapens.workflows.evaluation import load_run_dataset
     from snapens.cli.train import _resume_config
 
     run = tmp_path / "run"

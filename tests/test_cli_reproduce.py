@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from snapens.cli import main
-from snapens.cli.reproduce import PAPER_TABLE1, _mean_std, format_reproduce, paper_errors
+from snapens.cli.reproduce import format_reproduce
+from snapens.workflows.reproduction import PAPER_TABLE1, _mean_std, paper_errors
 
 
 @pytest.fixture()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from snapens import checkpoint, engine
+from snapens import checkpoint, runs
 from snapens.cli import build_parser, main
 from snapens.cli.train import config_from_args
 from snapens.config import AUTO_MIN_CYCLE_EPOCHS, PRESETS, TrainConfig
@@ -221,7 +221,7 @@ def _error_case(argv: list[str], folder: Path, capsys: pytest.CaptureFixture[str
 ])
 def test_new_schedules_train_on_digits(tmp_path: Path, extra: list[str], spec: str,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from snapens.schedule import cycle_bounds, fge_snapshot_steps, swa_snapshot_steps
+    from snapens.schedule import cosine_snapshot_steps, fge_snapshot_steps, swa_snapshot_steps
 
     run_dir = tmp_path / "run"
     small = SMALL if spec == "shaped" else [a for a in SMALL if a not in ("--snapshots", "2")]  # M: cosine only
@@ -230,7 +230,7 @@ def test_new_schedules_train_on_digits(tmp_path: Path, extra: list[str], spec: s
     spe = -(-cfg["dataset"]["num_train"] // 64)
     total = 4 * spe
     expected = {"fge": fge_snapshot_steps(total, spe, 0.5), "swa": swa_snapshot_steps(total, spe, 0.5),
-                "shaped": cycle_bounds(total, 2, 2.0)}[spec]
+                "shaped": cosine_snapshot_steps(total, 2, 2.0)}[spec]
     infos = checkpoint.SnapshotStore(run_dir / "snapshots").list()
     assert [i.step for i in infos] == [s + 1 for s in expected]
     if spec == "fge":
@@ -284,7 +284,7 @@ def test_run_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_config_records_absolute_data_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from snapens.cli.train import _absolute_data_paths
+    from snapens.workflows.training import _absolute_data_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = _absolute_data_paths(TrainConfig(dataset="folder:imgs", epochs=2, snapshots=1))
@@ -413,7 +413,7 @@ def test_kills_and_a_sigterm_then_resume_match_uninterrupted_with_the_recorded_t
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert "will differ" in proc.stderr and "uninterrupted" in proc.stderr
-    state = engine.read_resume_state(run_dir)
+    state = runs.read_resume_state(run_dir)
     assert (state["epoch"], state["batch"], state["step"]) == (0, 0, 0)
     # (c) Resume (the run's 1 thread), SIGTERM in mid-epoch 3 (after snapshot 1): exit 143, a message, a mid-epoch
     # state.
@@ -421,7 +421,7 @@ def test_kills_and_a_sigterm_then_resume_match_uninterrupted_with_the_recorded_t
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 143, proc.stderr
     assert "SIGTERM" in proc.stderr and "--resume" in proc.stderr
-    state = engine.read_resume_state(run_dir)
+    state = runs.read_resume_state(run_dir)
     assert (state["epoch"], state["batch"]) == (2, 3)
     # (d) Finish here with torch at 2 threads and no --threads: the run's 1 thread is used, bits are the same.
     torch.set_num_threads(2)
@@ -468,12 +468,12 @@ def test_a_plot_failure_is_a_warning_and_exit_0(finished_run: tuple[Path, str], 
                                                capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # Item 12: plots are optional output; the training (here: its final evaluation) stays a success.
-    import snapens.cli.plot
+    import snapens.workflows.plotting
 
     def unwritable(*a, **k):
         raise PermissionError(13, "Permission denied", "plots/lr.png")
 
-    monkeypatch.setattr(snapens.cli.plot, "plot_run", unwritable)
+    monkeypatch.setattr(snapens.workflows.plotting, "plot_run", unwritable)
     run_dir = _copy_run(finished_run[0], tmp_path / "run")
     (run_dir / "summary.json").unlink()
     assert main(["train", "--resume", "--run-dir", str(run_dir), "--quiet"]) == 0
@@ -543,7 +543,7 @@ def test_disk_full_is_one_line_and_leaves_a_resumable_folder(tmp_path: Path, cap
     assert len(lines) == 1 and lines[0].startswith("snapens: error: ") and "Traceback" not in err, err
     assert "No space left on device" in lines[0] and "state.pt" in lines[0]
     assert time.time() - before < 250
-    assert engine.read_resume_state(run_dir)["step"] == 0  # the state before it is whole and resumable
+    assert runs.read_resume_state(run_dir)["step"] == 0  # the state before it is whole and resumable
     assert not list(run_dir.rglob(".*.tmp"))
 
 
@@ -585,4 +585,23 @@ def test_two_trainers_on_one_folder_one_wins(tmp_path: Path) -> None:
     assert "in use by another snapens process" in lines[0] or "already holds a run" in lines[0]
     cfg = json.loads((run_dir / "config.json").read_text())["config"]
     assert (cfg["seed"], cfg["lr"]) == (winner, 0.05 if winner == 4 else TrainConfig().lr)
-    assert checkpoint.load_training_state(run_dir / "state.pt")["finished"]
+    assert runs.load_training_state(run_dir / "state.pt")["finished"]
+
+
+@pytest.mark.parametrize("options,rates", [
+    # issue 20.15: fge and swa said "lr 0.1 -> 0"; the header states the rates their schedules run
+    ({"schedule": "fge"}, "(fge, lr 0.1 step phase, then cycles 0.05 -> 0.0005)"),
+    ({"schedule": "fge", "lr": 0.2, "fge_lr1": 0.25, "fge_lr2": 0.01},
+     "(fge, lr 0.2 step phase, then cycles 0.05 -> 0.002)"),
+    ({"schedule": "swa"}, "(swa, lr 0.1 -> swa_lr 0.05 constant from 75% of the budget)"),
+    ({"schedule": "swa", "swa_lr": 0.02, "swa_start": 0.5},
+     "(swa, lr 0.1 -> swa_lr 0.02 constant from 50% of the budget)"),
+    ({"schedule": "step"}, "(step, lr 0.1, x0.1 at 50% and 75% of the budget)"),
+    ({"schedule": "cosine-cycles", "lr": 0.2, "lr_min": 0.001}, "(cosine-cycles, lr 0.2 -> 0.001)"),
+])
+def test_header_states_the_schedules_rates(options: dict, rates: str) -> None:
+    from snapens.workflows.training import run_header
+
+    cfg = TrainConfig(dataset="digits", model="cnn-small", epochs=8, **options)
+    header = run_header(cfg, Path("run"), torch.device("cpu"), "fp32", 1, n_snapshots=3)
+    assert rates in header.splitlines()[0], header

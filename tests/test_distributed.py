@@ -25,10 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from snapens import checkpoint, distributed, engine
-from snapens.cli._common import build_loaders
+from snapens import checkpoint, distributed, engine, runs
+from snapens.workflows.common import build_loaders
 from snapens.distributed import DistContext, launch_context, process_device
 from snapens.data import AugmentSpec, BatchLoader, Split
+from snapens.schedule import make_scheduler
 
 WORLD = 2
 PER_RANK_BATCH = 4
@@ -69,8 +70,8 @@ def toy_fit(run_dir: Path, *, rank: int, world: int, resume: bool = False, loade
     if loader_wrapper is not None:
         loader = loader_wrapper(loader)
     val = BatchLoader(toy_split(20, 2), 8, shuffle=False, **stats)
-    sched = engine.make_scheduler("cosine-cycles", opt, total_steps=scheduler_steps or EPOCHS * len(loader),
-                                  n_cycles=M)
+    sched = make_scheduler("cosine-cycles", opt, total_steps=scheduler_steps or EPOCHS * len(loader),
+                           n_cycles=M)
     return engine.fit(model=model, optimizer=opt, scheduler=sched, train_loader=loader, epochs=EPOCHS,
                       run_dir=run_dir, model_name="toy", val_loader=val, channels_last=False, resume=resume,
                       stop_check_every=STOP_CHECK_EVERY, **kwargs)
@@ -123,7 +124,7 @@ def worker(rank: int, tmp: str) -> None:
         results["interrupted"] = outcome(lambda: toy_fit(root / "int", rank=rank, world=WORLD,
                                                          loader_wrapper=sigterm))
         if rank == 0:  # read before the resume overwrites it (rank 1 waits for rank 0 inside fit)
-            state = checkpoint.load_training_state(root / "int" / "state.pt")
+            state = runs.load_training_state(root / "int" / "state.pt")
             results["interrupted"]["state"] = {k: state[k] for k in ("epoch", "batch", "step", "world_size")}
             results["interrupted"]["state"]["n_rng"] = len(state["rng_ranks"])
             results["interrupted"]["snapshots"] = len(checkpoint.SnapshotStore(root / "int" / "snapshots"))
@@ -234,7 +235,7 @@ def test_only_rank_0_writes_the_run_folder(ddp_job) -> None:
     assert (r0["fresh"]["snapshots"], r1["fresh"]["snapshots"]) == (M, 0)
     with open(root / "ddp" / "metrics.csv", newline="") as f:
         assert [int(row["step"]) for row in csv.DictReader(f)] == [6, 12, 18]
-    state = checkpoint.load_training_state(root / "ddp" / "state.pt")
+    state = runs.load_training_state(root / "ddp" / "state.pt")
     assert state["finished"] and state["world_size"] == WORLD and len(state["rng_ranks"]) == WORLD
     assert torch.equal(state["rng"]["torch"], state["rng_ranks"][0]["torch"])
 
@@ -259,7 +260,7 @@ def test_resume_restores_every_ranks_own_dropout_stream(ddp_job) -> None:
     root, r0, r1, _ = ddp_job
     for r in (r0, r1):
         assert r["drop_int"]["error"] == "TrainingInterrupted" and r["drop_resumed"]["error"] is None
-    state = checkpoint.load_training_state(root / "drop" / "state.pt")
+    state = runs.load_training_state(root / "drop" / "state.pt")
     assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
     for a, b in zip(snapshot_tensors(root / "drop-int"), snapshot_tensors(root / "drop"), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -319,7 +320,7 @@ def test_torchrun_snapens_train_on_two_cpu_processes(tmp_path: Path) -> None:
         assert [int(row["step"]) for row in csv.DictReader(f)] == [per_epoch, 2 * per_epoch]
     infos = checkpoint.SnapshotStore(run_dir / "snapshots").list()
     assert [i.step for i in infos] == [per_epoch, 2 * per_epoch]
-    state = checkpoint.load_training_state(run_dir / "state.pt")
+    state = runs.load_training_state(run_dir / "state.pt")
     assert state["finished"] and state["world_size"] == 2
 
 
@@ -368,6 +369,5 @@ def test_single_process_helpers_are_identities() -> None:
     distributed.raise_if_any_rank_failed(None)
     with pytest.raises(KeyError):
         distributed.raise_if_any_rank_failed(KeyError("x"))
-    assert engine.all_ranks_agree is distributed.all_ranks_agree  # the old public names still work
     with pytest.raises(ValueError, match="bad"), distributed.all_ranks_agree():
         raise ValueError("bad")

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from snapens import checkpoint, engine
-from snapens.schedule import SnapshotLR, cosine_snapshot_lr, cycle_bounds, fge_lr, step_decay_lr, swa_lr
+from snapens import checkpoint, engine, runs
+from snapens.engine._background import _SignalGuard
+from snapens.schedule import SnapshotLR, make_scheduler, cosine_snapshot_lr, cosine_snapshot_steps, fge_lr, step_decay_lr, swa_lr
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -84,7 +85,7 @@ def run_toy(run_dir: Path, *, epochs: int = 4, batch_size: int = 8, n_cycles: in
     model = toy_model()
     opt = sgd(model)
     loader = ToyLoader(x, y, batch_size)
-    sched = engine.make_scheduler(schedule, opt, total_steps=epochs * len(loader), n_cycles=n_cycles)
+    sched = make_scheduler(schedule, opt, total_steps=epochs * len(loader), n_cycles=n_cycles)
     val = ToyLoader(*toy_data(24, seed=7), 8, shuffle=False, noise=0.0)
     return engine.fit(model=model, optimizer=opt, scheduler=sched, train_loader=loader, epochs=epochs,
                       run_dir=run_dir, model_name="toy", model_kwargs={"width": 4}, val_loader=val,
@@ -111,14 +112,14 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 @pytest.mark.parametrize("schedule", ["cosine-cycles", "step"])
-def test_snapshots_at_cycle_bounds_with_the_lr_each_step_used(tmp_path: Path, schedule: str) -> None:
+def test_snapshots_at_cycle_ends_with_the_lr_each_step_used(tmp_path: Path, schedule: str) -> None:
     # 5 epochs of 3 steps = 15 steps, M = 4: cycles of 4, 4, 4, 3 steps, three snapshots fall mid-epoch.
     x, y = toy_data(24)
     model = toy_model()
     opt = sgd(model, lr=0.2)
     loader = ToyLoader(x, y, 8)
     total, m = 15, 4
-    sched = engine.make_scheduler(schedule, opt, total_steps=total, n_cycles=m)
+    sched = make_scheduler(schedule, opt, total_steps=total, n_cycles=m)
     used_lr: list[float] = []
     weights_after: list[dict[str, torch.Tensor]] = []
     opt.register_step_pre_hook(lambda o, a, k: used_lr.append(o.param_groups[0]["lr"]))
@@ -130,7 +131,7 @@ def test_snapshots_at_cycle_bounds_with_the_lr_each_step_used(tmp_path: Path, sc
     expected = [cosine_snapshot_lr(t, total, m, 0.2) if schedule == "cosine-cycles" else step_decay_lr(t, total, 0.2)
                 for t in range(total)]
     assert used_lr == pytest.approx(expected, abs=1e-12)
-    bounds = cycle_bounds(total, m)
+    bounds = cosine_snapshot_steps(total, m)
     assert bounds == [3, 7, 11, 14]
     assert [s.step for s in result.snapshots] == [b + 1 for b in bounds]
     assert [e.index for e in events] == [1, 2, 3, 4]
@@ -143,8 +144,9 @@ def test_snapshots_at_cycle_bounds_with_the_lr_each_step_used(tmp_path: Path, sc
 
 
 @pytest.mark.parametrize("schedule,options,snaps", [
-    # 8 epochs of 3 steps: FGE from step round(0.5 * 24) = 12, cycles of 2 epochs = 6 steps, lows at 14 and 20.
-    ("fge", {"fge_start": 0.5, "cycle_epochs": 2}, [14, 20]),
+    # 8 epochs of 3 steps, cycles of 2 epochs = 6 steps: the 12 steps after round(0.5 * 24) = 12 hold one cycle and
+    # the descent of another (6 + 3); FGE starts at step 15, lows at 17 and 23 (the budget's last step).
+    ("fge", {"fge_start": 0.5, "cycle_epochs": 2}, [17, 23]),
     # SWA from step 18: a model at each epoch end of the phase, steps 20 and 23.
     ("swa", {"swa_start": 0.75, "swa_lr": 0.05}, [20, 23]),
 ])
@@ -154,7 +156,7 @@ def test_fit_snapshots_wherever_the_fge_and_swa_schedules_say(tmp_path: Path, sc
     model = toy_model()
     opt = sgd(model, lr=0.2)
     loader = ToyLoader(x, y, 8)
-    sched = engine.make_scheduler(schedule, opt, total_steps=24, n_cycles=5, steps_per_epoch=3, **options)
+    sched = make_scheduler(schedule, opt, total_steps=24, n_cycles=5, steps_per_epoch=3, **options)
     assert sched.snapshot_steps == snaps  # n_cycles=5 is ignored: the count follows from the budget
     used_lr: list[float] = []
     weights_after: list[dict[str, torch.Tensor]] = []
@@ -164,7 +166,7 @@ def test_fit_snapshots_wherever_the_fge_and_swa_schedules_say(tmp_path: Path, sc
                         run_dir=tmp_path, model_name="toy", channels_last=False)
     if schedule == "fge":
         expected = [fge_lr(t, 24, 6, 0.2) for t in range(24)]
-        assert expected[14] == expected[20] == pytest.approx(0.2 * 0.005)  # snapshots at the lowest rate
+        assert expected[17] == expected[23] == pytest.approx(0.2 * 0.005)  # snapshots at the lowest rate
     else:
         expected = [swa_lr(t, 24, 0.2, 0.75, 0.25) for t in range(24)]
         assert expected[18:] == [0.05] * 6
@@ -215,7 +217,7 @@ def test_metrics_csv_rows_and_state(tmp_path: Path) -> None:
     result = run_toy(tmp_path, epochs=3, n_cycles=3)
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == list(engine.METRICS_FIELDS)
+    assert list(rows[0]) == list(runs.METRICS_FIELDS)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert [int(r["step"]) for r in rows] == [5, 10, 15]  # 40 images, batch 8
     for r, mem in zip(rows, result.rows):
@@ -223,7 +225,7 @@ def test_metrics_csv_rows_and_state(tmp_path: Path) -> None:
         assert 0 <= float(r["train_acc"]) <= 1 and float(r["train_loss"]) > 0
     # LR column: the rate of each epoch's last step, the cycle minimum here (one cycle per epoch).
     assert [float(r["lr"]) for r in rows] == pytest.approx([cosine_snapshot_lr(4, 15, 3, 0.1)] * 3, rel=1e-5)
-    state = checkpoint.load_training_state(tmp_path / "state.pt")
+    state = runs.load_training_state(tmp_path / "state.pt")
     assert state["finished"] and state["step"] == 15 and len(state["rows"]) == 3
 
 
@@ -289,7 +291,7 @@ def test_nan_loss_stops_and_keeps_earlier_snapshots(tmp_path: Path) -> None:
     kept = snapshot_tensors(tmp_path)
     assert len(kept) == 2
     assert all(torch.isfinite(t).all() for sd in kept for t in sd.values() if t.is_floating_point())
-    state = checkpoint.load_training_state(tmp_path / "state.pt")
+    state = runs.load_training_state(tmp_path / "state.pt")
     assert state["epoch"] == 2 and not state["finished"]  # the last good epoch end, resumable
     assert isinstance(engine.NonFiniteLossError("x"), RuntimeError)
 
@@ -314,9 +316,9 @@ def test_refuses_to_overwrite_resume_finished_or_foreign(tmp_path: Path) -> None
 
 def test_resume_with_a_different_budget_is_refused(tmp_path: Path) -> None:
     run_toy(tmp_path, epochs=2, n_cycles=2)
-    state = checkpoint.load_training_state(tmp_path / "state.pt")
+    state = runs.load_training_state(tmp_path / "state.pt")
     state["finished"] = False
-    checkpoint.save_training_state(tmp_path / "state.pt", state)
+    runs.save_training_state(tmp_path / "state.pt", state)
     with pytest.raises(ValueError, match="total_steps"):
         run_toy(tmp_path, epochs=3, n_cycles=2, resume=True)
 
@@ -339,7 +341,7 @@ def test_single_cycle_reinitialises_model_and_optimizer(tmp_path: Path) -> None:
     model = toy_model(seed=0)
     opt = sgd(model)
     loader = ToyLoader(x, y, 8)  # 2 steps per epoch, 3 epochs, 3 cycles: cycle k starts at step 2k
-    sched = engine.make_scheduler("single-cycle", opt, total_steps=6, n_cycles=3)
+    sched = make_scheduler("single-cycle", opt, total_steps=6, n_cycles=3)
     before: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
     opt.register_step_pre_hook(
         lambda o, a, k: before.__setitem__(sched.last_epoch, (checkpoint.unwrap_state_dict(model), len(o.state))))
@@ -427,12 +429,12 @@ def test_sigkill_and_sigterm_then_resume_is_bit_identical(tmp_path: Path, monkey
     assert _drive(tmp_path, run, "fresh", KILL_ON_REPLACE="snapshot-02.safetensors") == -signal.SIGKILL
     assert [s.index for s in checkpoint.SnapshotStore(run / "snapshots").list()] == [1]
     assert list((run / "snapshots").glob(".snapshot-02.safetensors.*.tmp"))
-    assert checkpoint.load_training_state(run / "state.pt")["step"] == 10
+    assert runs.load_training_state(run / "state.pt")["step"] == 10
     # (b) SIGKILL while renaming the state at the end of epoch 3 (after snapshot 2 reached the disk): snapshot
     # 3 (step 20) waits for that write, so the process dies before it, however slow the writer thread is.
     assert _drive(tmp_path, run, "resume", KILL_ON_REPLACE="state.pt") == -signal.SIGKILL
     assert [s.index for s in checkpoint.SnapshotStore(run / "snapshots").list()] == [1, 2]
-    assert checkpoint.load_training_state(run / "state.pt")["step"] == 10
+    assert runs.load_training_state(run / "state.pt")["step"] == 10
     # (c) SIGTERM in mid-epoch 4 (the replay re-takes snapshot 2 on the way): TrainingInterrupted, a mid-epoch
     # state.
     real_step = SnapshotLR.step
@@ -449,7 +451,7 @@ def test_sigkill_and_sigterm_then_resume_is_bit_identical(tmp_path: Path, monkey
             run_toy(run, resume=True)
         assert info.value.signum == signal.SIGTERM
         monkeypatch.setattr(SnapshotLR, "step", real_step)
-        state = checkpoint.load_training_state(run / "state.pt")
+        state = runs.load_training_state(run / "state.pt")
         assert (state["step"], state["epoch"], state["batch"], state["finished"]) == (17, 3, 2, False)
         # (d) resume from the mid-epoch state to the end.
         run_toy(run, resume=True)
@@ -466,7 +468,7 @@ def test_sigkill_and_sigterm_then_resume_is_bit_identical(tmp_path: Path, monkey
     assert strip(run / "metrics.csv") == strip(ref / "metrics.csv")
     assert len(strip(run / "metrics.csv")) == 5  # header + 4 epochs, none duplicated
     assert not list(run.rglob(".*.tmp"))  # stale temp files were cleaned on resume
-    assert checkpoint.load_training_state(run / "state.pt")["finished"]
+    assert runs.load_training_state(run / "state.pt")["finished"]
 
 
 def test_a_snapshot_is_written_after_the_pending_epoch_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -474,7 +476,7 @@ def test_a_snapshot_is_written_after_the_pending_epoch_state(tmp_path: Path, mon
     # The first epoch-end write waits until snapshot 1 is taken (or 2 s, when the engine rightly waits for it).
     import threading
 
-    real = checkpoint.save_training_state
+    real = runs.save_training_state
     snapshot_taken = threading.Event()
 
     def slow_save(path, state):
@@ -483,10 +485,10 @@ def test_a_snapshot_is_written_after_the_pending_epoch_state(tmp_path: Path, mon
         real(path, state)
 
     def on_cycle_end(event: engine.SnapshotEvent) -> None:
-        on_disk.append(checkpoint.load_training_state(tmp_path / "run" / "state.pt")["step"])
+        on_disk.append(runs.load_training_state(tmp_path / "run" / "state.pt")["step"])
         snapshot_taken.set()
 
-    monkeypatch.setattr(engine.checkpoint, "save_training_state", slow_save)
+    monkeypatch.setattr(runs, "save_training_state", slow_save)
     on_disk: list[int] = []
     run_toy(tmp_path / "run", on_cycle_end=on_cycle_end)
     # Snapshots after steps 7, 14, 20; epoch ends at 5, 10, 15, 20 (the state of step 20 comes after snapshot 3).
@@ -497,30 +499,30 @@ def test_a_second_signal_during_a_state_write_does_not_cut_it_short(tmp_path: Pa
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # First SIGINT in mid-epoch 2; the second arrives while the stop's state is being written. The state must
     # still be the mid-epoch one (after snapshot 1 at step 7), whole, and the second signal must end training right after it.
-    real = checkpoint.save_training_state
+    real = runs.save_training_state
 
     def save(path, state):
         if state["batch"]:  # the stop's state: the impatient second Ctrl-C comes now
             os.kill(os.getpid(), signal.SIGINT)
         real(path, state)
 
-    monkeypatch.setattr(engine.checkpoint, "save_training_state", save)
+    monkeypatch.setattr(runs, "save_training_state", save)
     with pytest.raises(engine.TrainingInterrupted) as info:
         run_toy(tmp_path / "run", on_cycle_end=lambda ev: os.kill(os.getpid(), signal.SIGINT))
     assert info.value.signum == signal.SIGINT
-    state = checkpoint.load_training_state(tmp_path / "run" / "state.pt")
+    state = runs.load_training_state(tmp_path / "run" / "state.pt")
     assert (state["step"], state["epoch"], state["batch"]) == (7, 1, 2)
 
 
 def _run_fge(run_dir: Path, *, resume: bool = False) -> engine.FitResult:
-    """8 epochs of 5 steps with FGE from step 20, cycles of 2 epochs: snapshots after steps 24 and 34."""
+    """8 epochs of 5 steps with FGE from step 25, cycles of 2 epochs: snapshots after steps 29 and 39."""
     torch.manual_seed(0)
     x, y = toy_data()
     model = toy_model()
     opt = sgd(model)
     loader = ToyLoader(x, y, 8)
-    sched = engine.make_scheduler("fge", opt, total_steps=8 * len(loader), n_cycles=1, steps_per_epoch=len(loader),
-                                  fge_start=0.5, cycle_epochs=2)
+    sched = make_scheduler("fge", opt, total_steps=8 * len(loader), n_cycles=1, steps_per_epoch=len(loader),
+                           fge_start=0.5, cycle_epochs=2)
     val = ToyLoader(*toy_data(24, seed=7), 8, shuffle=False, noise=0.0)
     return engine.fit(model=model, optimizer=opt, scheduler=sched, train_loader=loader, epochs=8, run_dir=run_dir,
                       model_name="toy", val_loader=val, resume=resume)
@@ -531,20 +533,20 @@ def test_fge_interrupted_mid_cycle_then_resumed_is_bit_identical(tmp_path: Path,
     from snapens.schedule import FGELR
 
     ref, run = tmp_path / "ref", tmp_path / "run"
-    assert [s.step for s in _run_fge(ref).snapshots] == [25, 35]
+    assert [s.step for s in _run_fge(ref).snapshots] == [30, 40]
     real_step = FGELR.step
 
     def step(self, *a, **k):
         real_step(self, *a, **k)
-        if self.last_epoch == 28:  # mid-epoch, in the second cycle, after the first snapshot
+        if self.last_epoch == 33:  # mid-epoch, in the second cycle, after the first snapshot
             os.kill(os.getpid(), signal.SIGTERM)  # caught by fit: the state is saved, TrainingInterrupted raised
 
     monkeypatch.setattr(FGELR, "step", step)
     with pytest.raises(engine.TrainingInterrupted):
         _run_fge(run)
     monkeypatch.setattr(FGELR, "step", real_step)
-    state = checkpoint.load_training_state(run / "state.pt")
-    assert state["step"] == 28 and not state["finished"] and state["snapshot_steps"] == [24, 34]
+    state = runs.load_training_state(run / "state.pt")
+    assert state["step"] == 33 and not state["finished"] and state["snapshot_steps"] == [29, 39]
     _run_fge(run, resume=True)
     ref_snaps, run_snaps = snapshot_tensors(ref), snapshot_tensors(run)
     assert len(ref_snaps) == len(run_snaps) == 2
@@ -558,10 +560,10 @@ def test_fge_interrupted_mid_cycle_then_resumed_is_bit_identical(tmp_path: Path,
 def test_a_state_from_several_processes_is_not_resumed_by_one(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run_toy(run, epochs=2, n_cycles=2)
-    state = checkpoint.load_training_state(run / "state.pt")
+    state = runs.load_training_state(run / "state.pt")
     assert state["world_size"] == 1 and state["rng_ranks"] is None  # a single process stores its own RNG only
     state.update(finished=False, world_size=2)  # as torchrun --nproc_per_node=2 would have left it
-    checkpoint.save_training_state(run / "state.pt", state)
+    runs.save_training_state(run / "state.pt", state)
     before = folder_hash(run)
     with pytest.raises(ValueError, match="world_size is 2 but this call has 1"):
         run_toy(run, epochs=2, n_cycles=2, resume=True)
@@ -570,10 +572,10 @@ def test_a_state_from_several_processes_is_not_resumed_by_one(tmp_path: Path) ->
 
 def test_patient_signal_guard_only_flags_a_second_signal(tmp_path: Path) -> None:
     # Under torchrun a Ctrl-C reaches each worker twice (terminal and launcher): both must end in one stop.
-    with engine._SignalGuard(True, tmp_path / "state.pt", second_raises=False) as guard:
+    with _SignalGuard(True, tmp_path / "state.pt", second_raises=False) as guard:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGTERM)
     assert guard.signum == signal.SIGINT
-    with pytest.raises(engine.TrainingInterrupted), engine._SignalGuard(True, tmp_path / "state.pt") as guard:
+    with pytest.raises(engine.TrainingInterrupted), _SignalGuard(True, tmp_path / "state.pt") as guard:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGTERM)

@@ -5,8 +5,11 @@ import torch
 from torch import nn
 
 from snapens import SnapshotEnsemble
-from snapens.checkpoint import SnapshotStore, load_training_state
-from snapens.engine import fit, make_scheduler, resolve_precision
+from snapens._precision import resolve_precision
+from snapens.checkpoint import SnapshotStore
+from snapens.engine import fit
+from snapens.runs import load_training_state
+from snapens.schedule import make_scheduler
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

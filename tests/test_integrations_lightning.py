@@ -18,7 +18,7 @@ L = pytest.importorskip("lightning.pytorch")
 from snapens.checkpoint import SnapshotStore, snapshot_filename  # noqa: E402
 from snapens.ensemble import SnapshotEnsemble  # noqa: E402
 from snapens.integrations.lightning import SnapshotCallback  # noqa: E402
-from snapens.schedule import cosine_snapshot_lr, cycle_bounds  # noqa: E402
+from snapens.schedule import cosine_snapshot_lr, cosine_snapshot_steps  # noqa: E402
 
 # 7 batches an epoch with accumulation 2 -> 4 optimizer steps an epoch (the last one after a single batch);
 # 3 epochs -> T = 12 steps, M = 5 cycles of 3, 3, 2, 2, 2 steps (T is not a multiple of M).
@@ -106,7 +106,7 @@ def test_rate_at_every_step_and_snapshots_at_cycle_ends(full_run) -> None:
     opt = module.optimizer
     assert callback.plan is not None and callback.plan.total_steps == T
     assert opt.seen_lrs == pytest.approx([cosine_snapshot_lr(s, T, M, LR0) for s in range(T)], abs=1e-12)
-    bounds = cycle_bounds(T, M)
+    bounds = cosine_snapshot_steps(T, M)
     assert bounds == [2, 5, 7, 9, 11]
 
     store = SnapshotStore(run / "snapshots")
@@ -162,7 +162,7 @@ def test_resume_from_checkpoint_gives_the_same_snapshots(tmp_path: Path, crash_s
     with pytest.raises(_Crash):
         _trainer([callback, _CrashAfter(crash_step, ckpt)], tmp_path).fit(TinyModule(), _loader())
     before = [i.index for i in SnapshotStore(tmp_path / "resumed").list()]
-    assert before == list(range(1, sum(b < crash_step for b in cycle_bounds(T, M)) + 1))
+    assert before == list(range(1, sum(b < crash_step for b in cosine_snapshot_steps(T, M)) + 1))
 
     torch.manual_seed(123)  # a fresh process: nothing but the checkpoint carries over
     module = TinyModule()
@@ -250,7 +250,7 @@ def test_ddp_two_cpu_processes_one_copy_by_rank_zero(tmp_path: Path) -> None:
     names = sorted(p.name for p in store.folder.iterdir())
     assert names == ["manifest.json"] + [snapshot_filename(k) for k in range(1, reports[0]["M"] + 1)]
     T_ddp, M_ddp = reports[0]["T"], reports[0]["M"]
-    assert [i.step for i in store.list()] == [b + 1 for b in cycle_bounds(T_ddp, M_ddp)]
+    assert [i.step for i in store.list()] == [b + 1 for b in cosine_snapshot_steps(T_ddp, M_ddp)]
     # Both ranks ran the same schedule, and the file holds the (synchronised) weights at the cycle end.
     for rank in (0, 1):
         assert reports[rank]["lrs"] == pytest.approx([cosine_snapshot_lr(s, T_ddp, M_ddp, LR0) for s in range(T_ddp)])

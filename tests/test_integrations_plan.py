@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from snapens.integrations._plan import SnapshotPlan, check_budget
-from snapens.schedule import cosine_snapshot_lr, cycle_bounds
+from snapens.schedule import cosine_snapshot_lr, cosine_snapshot_steps
 
 
 @pytest.mark.parametrize("total, m", [(12, 5), (13, 4), (100, 5), (7, 7), (9, 1)])
 def test_rates_equal_cosine_snapshot_lr_exactly(total: int, m: int) -> None:
     plan = SnapshotPlan(m, total, [0.2, 0.05], lr_min=0.001)
-    assert plan.bounds == cycle_bounds(total, m)
+    assert plan.snapshot_steps == cosine_snapshot_steps(total, m)
     for step in range(total + 3):  # past the budget too: the last cycle's last rate
         assert plan.lrs(step) == [cosine_snapshot_lr(step, total, m, peak, 0.001) for peak in (0.2, 0.05)]
 

@@ -15,7 +15,7 @@ pytest.importorskip("accelerate")
 from snapens.checkpoint import SnapshotStore, snapshot_filename  # noqa: E402
 from snapens.ensemble import SnapshotEnsemble  # noqa: E402
 from snapens.integrations.transformers import SnapshotCallback  # noqa: E402
-from snapens.schedule import cosine_snapshot_lr, cycle_bounds  # noqa: E402
+from snapens.schedule import cosine_snapshot_lr, cosine_snapshot_steps  # noqa: E402
 
 # 7 batches an epoch with accumulation 2 -> 4 optimizer steps an epoch (the last after a single batch);
 # 3 epochs -> T = 12, M = 5 cycles of 3, 3, 2, 2, 2 steps (T is not a multiple of M).
@@ -100,7 +100,7 @@ def test_rate_at_every_step_and_snapshots_at_cycle_ends(full_run) -> None:
     assert trainer.state.max_steps == T and callback.plan.total_steps == T
     assert opt.seen_lrs == pytest.approx([cosine_snapshot_lr(s, T, M, LR0) for s in range(T)], abs=1e-12)
 
-    bounds = cycle_bounds(T, M)
+    bounds = cosine_snapshot_steps(T, M)
     store = SnapshotStore(run / "snapshots")
     infos = store.list()
     assert [(i.index, i.step) for i in infos] == [(k, b + 1) for k, b in enumerate(bounds, start=1)]
@@ -162,7 +162,7 @@ def test_resume_from_checkpoint_gives_the_same_snapshots(tmp_path: Path, crash_s
     first = SnapshotCallback(M, tmp_path / "resumed")
     with pytest.raises(_Crash):
         _trainer(tmp_path / "out", [first, _CrashAfterSave(crash_step)], args=args)[0].train()
-    assert first.saved == list(range(1, sum(b < crash_step for b in cycle_bounds(T, M)) + 1))
+    assert first.saved == list(range(1, sum(b < crash_step for b in cosine_snapshot_steps(T, M)) + 1))
 
     second = SnapshotCallback(M, tmp_path / "resumed")
     trainer, opt = _trainer(tmp_path / "out", [second], args=args)

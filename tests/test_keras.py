@@ -23,7 +23,7 @@ from snapens.integrations.keras import (  # noqa: E402
     snapshot_member_probs,
     snapshot_predict_proba,
 )
-from snapens.schedule import cosine_snapshot_lr, cycle_bounds, seed_epoch_lr  # noqa: E402
+from snapens.schedule import cosine_snapshot_lr, cosine_snapshot_steps, keras_epoch_lr  # noqa: E402
 
 N, D, C, BATCH = 20, 4, 3, 4  # 5 steps per epoch
 STEPS = N // BATCH
@@ -141,7 +141,7 @@ def test_lr_before_every_batch_is_the_per_iteration_formula(trained):
 def test_exactly_m_snapshots_taken_at_cycle_ends_even_mid_epoch(trained):
     folder, rec = trained
     assert sorted(os.listdir(folder)) == [f"Model_-{k}.weights.h5" for k in range(1, M + 1)]  # no Best, no temp
-    bounds = cycle_bounds(EPOCHS * STEPS, M)
+    bounds = cosine_snapshot_steps(EPOCHS * STEPS, M)
     assert bounds == [6, 13, 19]
     for k, bound in enumerate(bounds, start=1):
         assert_same_weights(loaded_weights(folder / f"Model_-{k}.weights.h5"), rec.step_weights[bound])
@@ -178,7 +178,7 @@ def test_per_epoch_mode_reproduces_the_old_schedule_and_timing_and_best_on_valid
     model.fit(x, y, batch_size=BATCH, epochs=epochs, validation_data=val, verbose=0,
               callbacks=[*builder.get_callbacks(model_prefix="Old"), rec])
     for step, lr in rec.lrs.items():
-        assert lr == pytest.approx(seed_epoch_lr(step // STEPS, epochs, m, LR0), rel=1e-6, abs=1e-9), step
+        assert lr == pytest.approx(keras_epoch_lr(step // STEPS, epochs, m, LR0), rel=1e-6, abs=1e-9), step
     assert rec.lrs[4 * STEPS] == pytest.approx(LR0)  # the trailing epoch restarts
     snaps = [{f for f in files if "Best" not in f} for _, files in sorted(rec.epoch_files.items())]
     one, two = "Old-1.weights.h5", "Old-2.weights.h5"

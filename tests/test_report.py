@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from snapens import metrics
+from snapens import metrics, weighting
 from snapens.report import format_summary, json_safe, summarize, to_json
 
 # Three members, four test images, two classes. Labels are all class 0.
@@ -285,3 +285,69 @@ def test_temperature_not_identifiable_on_validation_is_kept_at_1_and_said():
     text = format_summary(summary)
     assert "ensemble + temperature (T=1.000 not fitted, fitted weights)" in text
     assert "Note: temperature not fitted, T=1 kept" in text
+
+
+def _sharp_members(labels: torch.Tensor, seed: int, boost: float, sharpen: float = 1.0) -> torch.Tensor:
+    """Two members' softmax of random 10-class logits with a true-class boost, multiplied by ``sharpen``."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, labels.shape[0], 10, generator=g, dtype=torch.float64)
+    logits[:, torch.arange(labels.shape[0]), labels] += boost
+    return (logits * sharpen).softmax(dim=-1)
+
+
+def test_temperature_fitted_to_one_validation_mistake_is_kept_at_1_by_cross_validation():
+    # Issue 20: a digits-like validation split of 144 confident predictions with one mistake. The in-sample fit
+    # gives a sharp T < 1, but the fold holding the mistake, scored with a T fitted on mistake-free folds, makes
+    # the held-out NLL worse than T = 1: T = 1 is kept and said.
+    val_y, test_y = torch.arange(144) % 10, torch.arange(50) % 10
+    wrong = val_y.clone()
+    wrong[0] = 1  # image 0 (class 0): both members put class 1 just above the true class
+    val_mp, test_mp = _sharp_members(wrong, 1, 8.0), _sharp_members(test_y, 2, 3.0)
+    val_mp[:, 0] = torch.tensor([0.45, 0.55] + [0.0] * 8, dtype=torch.float64)
+    ensemble = val_mp.mean(0)
+    assert int((ensemble.argmax(1) != val_y).sum()) == 1
+    in_sample = weighting.fit_temperature(ensemble, val_y, folds=None)
+    assert in_sample < 1.0
+    s = summarize(val_mp, val_y, test_mp, test_y, member_names=["snapshot-01", "snapshot-02"], optimize=-1)
+    row = s["ensemble_temperature"]
+    assert row["temperature"] == 1.0 and row["temperature_fitted"] is False
+    assert row["temperature_candidate"] == pytest.approx(in_sample)
+    assert "does not lower the validation NLL under 5-fold cross-validation" in row["temperature_reason"]
+    assert row["temperature_cv_val_nll"] > metrics.nll(ensemble, val_y)
+    assert row["nll"] == pytest.approx(s["ensemble_equal"]["nll"], rel=1e-9)  # T = 1 leaves the probabilities
+    assert any(n.startswith("temperature not fitted, T=1 kept: the fitted T=") for n in s["notes"])
+    assert "ensemble + temperature (T=1.000 not fitted, equal weights)" in format_summary(s)
+
+
+def test_temperature_confirmed_by_cross_validation_is_fitted():
+    # 300 validation images from members whose log-probabilities are twice too sharp: cross-validation confirms.
+    g = torch.Generator().manual_seed(4)
+    z = 2.0 * torch.randn(300, 10, generator=g, dtype=torch.float64)
+    val_y = torch.multinomial(z.softmax(dim=1), 1, generator=g).squeeze(1)
+    val_mp = torch.stack([(z * 2.0).softmax(1), (z * 2.0 + 0.1).softmax(1)])
+    test_y = torch.arange(20) % 10
+    s = summarize(val_mp, val_y, _sharp_members(test_y, 3, 1.0), test_y, member_names=["a", "b"], optimize=-1)
+    row = s["ensemble_temperature"]
+    assert row["temperature_fitted"] is True and row["temperature_reason"] is None
+    assert row["temperature"] == pytest.approx(weighting.fit_temperature(val_mp.mean(0), val_y))
+    assert row["temperature"] == row["temperature_candidate"] == pytest.approx(2.0, rel=0.15)
+    assert row["temperature_cv_val_nll"] < metrics.nll(val_mp.mean(0), val_y)
+    assert not any("temperature" in n for n in s["notes"])
+
+
+def test_the_recommendation_lines_state_the_criterion_and_the_combination():
+    from snapens.guidance import recommend
+
+    s = _summary()
+    a = torch.tensor([0.9] * 20 + [0.55] * 20, dtype=torch.float64)
+    probs = torch.stack([torch.stack([a, 1 - a], -1), torch.stack([a.flip(0), 1 - a.flip(0)], -1)])
+    s["recommendation"] = json.loads(to_json(recommend(probs, torch.zeros(40, dtype=torch.long)).to_dict()))
+    lines = format_summary(s).splitlines()
+    rec_line = next(line for line in lines if line.startswith("Recommendation"))
+    assert rec_line.startswith("Recommendation (validation only, chosen by validation NLL (5-fold cross-validated")
+    assert "by validation NLL" in rec_line.split("): ", 1)[1]
+    assert any(line.startswith("Recommended combination: weights 0.000, 1.000 (1 forward pass per image), "
+                               "T=1 (not fitted); validation NLL") for line in lines)
+    # a summary.json written before the choice was recorded still renders
+    s["recommendation"] = {"hint": "old hint"}
+    assert "Recommendation (validation only, chosen by validation NLL): old hint" in format_summary(s)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from snapens import checkpoint, engine, runs
+from snapens import runs
 from snapens.checkpoint import SnapshotError
 from snapens.runs import capture_rng_state, load_training_state, restore_rng_state, save_training_state
 
@@ -26,18 +26,6 @@ def assert_state_equal(a: dict, b: dict) -> None:
     for k in a:
         assert a[k].dtype == b[k].dtype, k
         assert torch.equal(a[k], b[k]), k
-
-
-def test_old_import_paths_still_reach_the_moved_code() -> None:
-    for name in ("save_training_state", "load_training_state", "capture_rng_state", "restore_rng_state"):
-        assert getattr(checkpoint, name) is getattr(runs, name)
-    from snapens.checkpoint import save_training_state as old  # a from-import goes through __getattr__ too
-
-    assert old is runs.save_training_state
-    assert (engine.STATE_FILE, engine.METRICS_FIELDS) == (runs.STATE_FILE, runs.METRICS_FIELDS)
-    assert engine.read_resume_state is runs.read_resume_state and engine.run_exists is runs.run_exists
-    with pytest.raises(AttributeError, match="no_such_name"):
-        checkpoint.no_such_name  # noqa: B018
 
 
 @pytest.mark.parametrize("name", [runs.STATE_FILE, runs.METRICS_FILE, runs.BEST_FILE, runs.SNAPSHOT_DIR])

@@ -246,21 +246,101 @@ def test_temperature_is_kept_at_1_when_the_minimum_is_outside_the_bounds() -> No
     assert len(reasons) == 1 and "no minimum inside the search bounds 0.1 <= T <= 2" in reasons[0]
 
 
-def test_one_validation_mistake_is_enough_to_fit_a_temperature() -> None:
+def test_one_validation_mistake_is_enough_for_the_in_sample_fit() -> None:
     probs, labels = _confident_digits_like()
     labels = labels.clone()
     labels[0] = (labels[0] + 1) % 10  # one confident mistake
     reasons: list[str] = []
-    t = fit_temperature(probs, labels, explain=reasons)
+    t = fit_temperature(probs, labels, folds=None, explain=reasons)  # the in-sample fit
     assert reasons == [] and 0.01 < t < 100 and t != 1.0
     f = metrics.nll(apply_temperature(probs, t), labels)  # a true interior minimum
     assert f <= metrics.nll(apply_temperature(probs, t * 1.02), labels)
     assert f <= metrics.nll(apply_temperature(probs, t / 1.02), labels)
 
 
-def test_val_probs_keyword_is_a_deprecated_alias_of_val_member_probs():
+def test_the_removed_val_probs_keyword_is_refused():
     p = torch.tensor([[[0.9, 0.1], [0.2, 0.8]], [[0.6, 0.4], [0.4, 0.6]]])
     y = torch.tensor([0, 1])
-    with pytest.deprecated_call(match="val_member_probs"):
-        old = weighting.fit_ensemble_weights(val_probs=p, val_labels=y)
-    assert torch.equal(old, weighting.fit_ensemble_weights(val_member_probs=p, val_labels=y))
+    with pytest.raises(TypeError, match="val_probs"):
+        weighting.fit_ensemble_weights(val_probs=p, val_labels=y)  # type: ignore[call-arg]
+    assert weighting.fit_ensemble_weights(val_member_probs=p, val_labels=y).shape == (2,)
+
+
+def test_prune_weights_drops_small_weights_and_renormalises():
+    # 0.0005 < DROP_BELOW = 1e-3 is dropped; the rest, 0.5 and 0.4995, are divided by their sum 0.9995.
+    w = weighting.prune_weights([0.5, 0.4995, 0.0005])
+    assert w.dtype == torch.float64 and float(w.sum()) == pytest.approx(1.0, abs=1e-15)
+    assert w.tolist() == pytest.approx([0.5 / 0.9995, 0.4995 / 0.9995, 0.0])
+    assert weighting.DROP_BELOW == 1e-3
+    # exactly at the threshold is kept; threshold 0 only renormalises
+    assert weighting.prune_weights([0.999, 0.001]).tolist() == pytest.approx([0.999, 0.001])
+    assert weighting.prune_weights([0.2, 0.3, 0.5], 0.0).tolist() == pytest.approx([0.2, 0.3, 0.5])
+    assert weighting.prune_weights([0.2, 0.3, 0.5], 0.25).tolist() == pytest.approx([0.0, 0.375, 0.625])
+
+
+def test_prune_weights_keeps_the_largest_when_all_are_below():
+    assert weighting.prune_weights([0.3, 0.45, 0.25], 0.5).tolist() == [0.0, 1.0, 0.0]
+    assert weighting.prune_weights([0.25] * 4, 0.5).tolist() == [0.0, 0.0, 0.0, 1.0]  # ties: the later member
+
+
+@pytest.mark.parametrize(("weights", "threshold", "match"), [
+    ([0.5, 0.6], 1e-3, "sum"), ([1.2, -0.2], 1e-3, "negative|>= 0"), ([0.5, 0.5], -1.0, "threshold"),
+    ([0.5, 0.5], float("nan"), "threshold")])
+def test_prune_weights_refuses_bad_input(weights: list, threshold: float, match: str):
+    with pytest.raises(ValueError, match=match):
+        weighting.prune_weights(weights, threshold)
+
+
+def test_a_temperature_fitted_on_one_mistake_is_not_confirmed_by_cross_validation(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The digits SWA case (issue 20): confident validation predictions with one mistake. The in-sample fit finds
+    # a T < 1, but the fold holding the mistake is scored by a fit on mistake-free folds (T at its lower bound),
+    # so the held-out NLL is far above NLL(T=1) and T = 1 is kept.
+    probs, labels = _confident_digits_like()
+    labels = labels.clone()
+    labels[0] = (labels[0] + 1) % 10
+    in_sample = fit_temperature(probs, labels, folds=None)
+    assert in_sample < 1.0
+    reasons: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="snapens.weighting"):
+        fit = weighting.fit_temperature_checked(probs, labels, explain=reasons)
+    assert fit.temperature == 1.0 and not fit.fitted and fit.candidate == pytest.approx(in_sample)
+    assert fit.val_nll == pytest.approx(metrics.nll(probs, labels))
+    # hand check of the held-out NLL: fold 0 (images 0, 5, 10, ...) holds the mistake; its T is the lower bound
+    folds = torch.arange(144) % 5
+    hand = 0.0
+    for k in range(5):
+        rest = folds != k
+        t_k = 0.01 if k == 0 else fit_temperature(probs[rest], labels[rest], folds=None)
+        hand += metrics.nll(apply_temperature(probs[folds == k], t_k), labels[folds == k]) * int((folds == k).sum())
+    assert fit.cv_nll == pytest.approx(hand / 144, rel=1e-4) and fit.cv_nll > fit.val_nll
+    assert len(reasons) == 1 and "does not lower the validation NLL under 5-fold cross-validation" in reasons[0]
+    assert reasons[0].startswith("temperature not fitted, T=1 kept: ") and "T=1 kept" in caplog.text
+    assert fit_temperature(probs, labels) == 1.0  # the default cross-validates
+
+
+def test_a_temperature_confirmed_by_cross_validation_is_fitted() -> None:
+    # 300 images of a model whose log-probs are twice too sharp (T0 = 0.5): every fold's fit finds ~0.5 and the
+    # held-out NLL drops well below NLL(T=1).
+    g = torch.Generator().manual_seed(7)
+    z = 2.0 * torch.randn(300, 10, generator=g, dtype=torch.float64)
+    labels = torch.multinomial(z.softmax(dim=1), 1, generator=g).squeeze(1)
+    probs = (z * 0.5).softmax(dim=1)
+    reasons: list[str] = []
+    fit = weighting.fit_temperature_checked(probs, labels, explain=reasons)
+    assert fit.fitted and reasons == [] and fit.reason is None
+    assert fit.temperature == fit.candidate == pytest.approx(fit_temperature(probs, labels, folds=None))
+    assert fit_temperature(probs, labels) == fit.temperature  # the default cross-validates too
+    assert fit.temperature == pytest.approx(0.5, rel=0.1)
+    assert fit.cv_nll < fit.val_nll
+    assert fit.to_dict()["temperature"] == fit.temperature
+
+
+def test_checked_temperature_keeps_1_on_too_few_images_and_refuses_bad_folds() -> None:
+    probs = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.7, 0.3]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1])
+    fit = weighting.fit_temperature_checked(probs, labels)
+    assert fit.temperature == 1.0 and fit.candidate is not None and fit.cv_nll is None
+    assert "only 3 validation images" in fit.reason
+    with pytest.raises(ValueError, match="folds"):
+        weighting.fit_temperature_checked(probs, labels, folds=1)

@@ -7,11 +7,16 @@ The pieces a training loop needs::
     ...
     optimizer.step()
     if sched.is_cycle_end():
-        store.save(model, index=sched.cycle + 1, step=sched.last_epoch, epoch=epoch, lr=lr,
-                   model_name="resnet-20", model_kwargs={"num_classes": 10})
+        store.save(model, index=sched.cycle + 1, step=sched.steps_done, epoch=sched.steps_done / len(loader),
+                   lr=lr, model_name="resnet-20", model_kwargs={"num_classes": 10})
     sched.step()
     ...
     ensemble = SnapshotEnsemble.from_run("run", build_model)     # mean of the members' softmax probabilities
+
+Whole runs (:mod:`snapens.workflows`)::
+
+    run = snapens.train(TrainConfig(epochs=2, snapshots=2), "runs/py")   # snapens train, as a function
+    summary = snapens.evaluate(run)                                        # snapens evaluate
 """
 
 from __future__ import annotations
@@ -28,9 +33,7 @@ from snapens.schedule import (
     StepDecayLR,
     cosine_snapshot_lr,
     cosine_snapshot_steps,
-    cycle_bounds,
     keras_epoch_lr,
-    seed_epoch_lr,
 )
 from snapens.weighting import fit_ensemble_weights, fit_temperature
 
@@ -39,8 +42,6 @@ __all__ = [
     "cosine_snapshot_lr",
     "cosine_snapshot_steps",
     "keras_epoch_lr",
-    "cycle_bounds",
-    "seed_epoch_lr",
     "SnapshotLR",
     "StepDecayLR",
     "SnapshotStore",
@@ -55,15 +56,26 @@ __all__ = [
 #: names above should pay for, and ``integrations`` must stay lazy (its extras are optional).
 _SUBMODULES = frozenset({
     "averaging", "checkpoint", "cli", "config", "cost", "data", "distill", "distributed", "engine", "ensemble",
-    "guidance", "integrations", "metrics", "models", "report", "runs", "schedule", "weighting",
+    "guidance", "integrations", "metrics", "models", "pretrained", "report", "runs", "schedule", "weighting",
+    "workflows",
 })
+#: Entry points imported on first use like the submodules (they pull in models and data): name -> (module,
+#: attribute). ``snapens.train(config, run_dir)``, ``snapens.evaluate(run_dir)`` (:mod:`snapens.workflows`) and
+#: ``snapens.from_pretrained(name)`` (:func:`snapens.pretrained.load`).
+_ENTRY_POINTS = {"train": ("workflows", "train"), "evaluate": ("workflows", "evaluate"),
+                 "from_pretrained": ("pretrained", "load")}
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"snapens.{name}")  # the import also binds it as an attribute here
+    if name in _ENTRY_POINTS:
+        module, attribute = _ENTRY_POINTS[name]
+        value = getattr(importlib.import_module(f"snapens.{module}"), attribute)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'snapens' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _SUBMODULES)
+    return sorted(set(globals()) | _SUBMODULES | set(_ENTRY_POINTS))

@@ -11,8 +11,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from snapens._precision import PRECISIONS
+
 __all__ = ["TrainConfig", "DistillConfig", "PRESETS", "SCHEDULES", "M_SCHEDULES", "SCHEDULE_OPTIONS", "PRECISIONS",
-           "AUTO_MIN_CYCLE_EPOCHS", "AUTO_MAX_SNAPSHOTS", "auto_snapshots", "resolve_config"]
+           "AUTO_MIN_CYCLE_EPOCHS", "AUTO_MAX_SNAPSHOTS", "auto_snapshots", "lr_min_problem",
+           "resolve_config"]
 
 #: Schedules the engine knows: the snapshot ensemble, the paper's single-model step baseline (its snapshots at
 #: the same steps give the "NoCycle" ensemble), M independently initialised models trained one cycle each, Fast
@@ -25,7 +28,18 @@ M_SCHEDULES = ("cosine-cycles", "step", "single-cycle")
 SCHEDULE_OPTIONS = {"cosine-cycles": ("cycle_decay", "cycle_mult"), "single-cycle": ("cycle_decay", "cycle_mult"),
                     "step": (), "fge": ("fge_start", "cycle_epochs", "fge_lr1", "fge_lr2"),
                     "swa": ("swa_start", "swa_lr")}
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def lr_min_problem(schedule: str, lr_min: float) -> str | None:
+    """Why a non-zero ``lr_min`` does not apply to ``schedule``, or None when it does: only the cosine schedules
+    (cosine-cycles, single-cycle) anneal to a floor."""
+    if not lr_min or schedule not in ("step", "fge", "swa"):
+        return None
+    if schedule == "step":
+        return (f"lr_min={lr_min} applies to the cosine schedules; the step schedule decays lr0 by 10x at 50% and "
+                "again at 75% of the budget")
+    return f"lr_min={lr_min} applies to the cosine schedules, not to {schedule}"
+
 
 #: ``--snapshots auto``: the shortest cycle, in epochs, worth a snapshot on each dataset family (``folder:PATH``
 #: datasets are "folder"). From the budget study, benchmarks/results/budget_study.md; edit it there and here.
@@ -133,11 +147,9 @@ class TrainConfig:
             raise ValueError(f"momentum and weight decay must be >= 0, got {self.momentum} and {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
-        if self.schedule == "step" and self.lr_min:
-            raise ValueError(f"lr_min={self.lr_min} applies to the cosine schedules; the step schedule decays lr0 "
-                             "by 10x at 50% and again at 75% of the budget")
-        if self.schedule in ("fge", "swa") and self.lr_min:
-            raise ValueError(f"lr_min={self.lr_min} applies to the cosine schedules, not to {self.schedule}")
+        problem = lr_min_problem(self.schedule, self.lr_min)
+        if problem is not None:
+            raise ValueError(problem)
         self._check_schedule_options()
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")

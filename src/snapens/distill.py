@@ -15,7 +15,7 @@ teacher runs online on the batch the student sees, augmentation included, in eva
 running statistics) and without gradients: every step costs ``M`` teacher forward passes and one student
 forward and backward pass. The student then predicts with one forward pass per image.
 
-Nothing here reads a run folder or a dataset: ``snapens distill`` (:mod:`snapens.cli.distill`) builds the
+Nothing here reads a run folder or a dataset: ``snapens distill`` (:mod:`snapens.workflows.distillation`) builds the
 teacher from a run and trains the student with :func:`snapens.engine.fit`.
 """
 

@@ -14,7 +14,8 @@ Rows of the summary, as in the paper's Table 1 and the old predict script:
 - "ensemble, equal weights" (the paper): ``p(x) = 1/M * sum_m softmax(f_m(x))``;
 - "ensemble, weights fitted on validation": ``w = argmin_{w in simplex} NLL(sum_m w_m p_m, y)`` on validation
   (:func:`snapens.weighting.fit_ensemble_weights`), or the saved weights with ``optimize=0``;
-- "ensemble + temperature": ``softmax(log p / T)`` with ``T`` fitted on validation.
+- "ensemble + temperature": ``softmax(log p / T)`` with ``T`` fitted on validation, kept at 1 unless
+  cross-validation inside the validation split confirms the fit (``temperature_fitted``, ``temperature_reason``).
 
 Plus the error of the ensemble of the last ``m`` snapshots for ``m = 1..M`` (over the snapshots only, not an
 extra member such as the best model) and the pairwise diversity of the members' test predictions, labelled by
@@ -243,17 +244,19 @@ def _weighted_row(optimize: int, weights: Tensor | None, test_mp: Tensor, test_y
 
 def _temperature_row(chosen: Tensor, base: str, test_mp: Tensor, test_y: Tensor, val_mp: Tensor | None,
                      val_y: Tensor | None, notes: list[str]) -> dict[str, Any] | None:
-    """The ensemble with weights ``chosen`` and a temperature fitted on validation NLL (None without val)."""
+    """The ensemble with weights ``chosen`` and a temperature fitted on validation NLL (None without val).
+
+    The temperature is kept at 1 unless cross-validation inside the validation split confirms the fit
+    (:func:`snapens.weighting.fit_temperature_checked`); the row says why in ``temperature_reason``.
+    """
     if val_mp is None:
         notes.append("no validation split: temperature not fitted")
         return None
-    not_fitted: list[str] = []
-    temperature = float(weighting.fit_temperature(weighting.weighted_average(val_mp, chosen), val_y,
-                                                  explain=not_fitted))
-    scaled = weighting.apply_temperature(weighting.weighted_average(test_mp, chosen), temperature)
-    notes.extend(not_fitted)
-    return _row("ensemble + temperature", scaled, test_y, temperature=temperature, base_weights=base,
-                temperature_fitted=not not_fitted)
+    fit = weighting.fit_temperature_checked(weighting.weighted_average(val_mp, chosen), val_y, explain=notes)
+    scaled = weighting.apply_temperature(weighting.weighted_average(test_mp, chosen), fit.temperature)
+    return _row("ensemble + temperature", scaled, test_y, temperature=fit.temperature, base_weights=base,
+                temperature_fitted=fit.fitted, temperature_reason=fit.reason, temperature_candidate=fit.candidate,
+                temperature_cv_val_nll=fit.cv_nll)
 
 
 def _diversity(test_mp: Tensor, names: list[str]) -> dict[str, Any]:
@@ -312,6 +315,23 @@ def _table_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
+def _recommendation_lines(rec: dict[str, Any]) -> list[str]:
+    """The recommendation's hint, the criterion it was chosen by and, where recorded, the combination itself.
+
+    Summaries written before the recommendation carried its choice (no ``criterion``/``weights``) still render.
+    """
+    criterion = rec.get("criterion", "validation NLL")
+    lines = [f"Recommendation (validation only, chosen by {criterion}): {rec['hint']}"]
+    if rec.get("weights") is not None:
+        passes = rec["forward_passes"]
+        temperature = (f"T={_num(rec['temperature'], '.3f')}" if rec.get("temperature_fitted")
+                       else "T=1 (not fitted)")
+        lines.append("Recommended combination: weights " + ", ".join(_num(w, ".3f") for w in rec["weights"])
+                     + f" ({passes} forward pass{'' if passes == 1 else 'es'} per image), {temperature}; "
+                     f"{rec['reason']}")
+    return lines
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """Render a :func:`summarize` dict as a fixed-width table, the ensemble-size curve and the diversity means.
 
@@ -347,7 +367,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{summary['price']['device']} (one warm-up batch, then one timed pass)")
     rec = summary.get("recommendation")
     if rec:
-        lines.append(f"Recommendation (validation only): {rec['hint']}")
+        lines.extend(_recommendation_lines(rec))
     for note in summary.get("notes", []):
         lines.append(f"Note: {note}")
     return "\n".join(lines)

@@ -205,10 +205,12 @@ def read_resume_state(run_dir: str | os.PathLike[str], expect: Mapping[str, Any]
 
 
 def remove_stale_temp_files(run_dir: Path) -> None:
-    """Remove the temporary files of training writes (``.*.tmp`` in the run folder and ``snapshots/``)."""
-    # Left behind by a process killed between writing a temp file and renaming it (snapens._io.atomic_open).
-    for folder in (run_dir, run_dir / SNAPSHOT_DIR):
-        for tmp in folder.glob(".*.tmp"):
+    """Remove the temporary files of atomic writes (``.NAME.HEX.tmp[SUFFIX]``) in the run folder, ``snapshots/``
+    and ``plots/``: call it only while holding the folder's lock."""
+    # Left behind by a process killed between writing a temp file and renaming it (snapens._io.atomic_open);
+    # atomic_path keeps the target's suffix after ".tmp" (".lr.png.1a2b3c4d.tmp.png"), hence ".tmp*".
+    for folder in (run_dir, run_dir / SNAPSHOT_DIR, run_dir / PLOTS_DIR):
+        for tmp in folder.glob(".*.tmp*"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
                 logger.debug("removed stale temporary file %s", tmp)

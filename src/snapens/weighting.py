@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -32,12 +33,17 @@ from snapens import _checks
 from snapens._checks import EPS
 
 __all__ = [
+    "DROP_BELOW",
     "EPS",
+    "TEMPERATURE_CV_FOLDS",
     "WEIGHT_METHODS",
+    "TemperatureFit",
     "apply_temperature",
     "check_simplex_weights",
     "fit_ensemble_weights",
     "fit_temperature",
+    "fit_temperature_checked",
+    "prune_weights",
     "validate_weights",
     "weighted_average",
 ]
@@ -48,6 +54,12 @@ WEIGHT_METHODS = ("nll", "equal", "greedy")
 #: Largest Frank-Wolfe duality gap (an upper bound on ``f(w) - f*``) accepted from the "nll" solver.
 _NLL_GAP_TOL = 1e-6
 _TEMPERATURE_BOUNDS = (1e-2, 1e2)
+#: Fitted weights below this are dropped by :func:`prune_weights`: a member weighted 1e-3 moves no prediction
+#: measurably but costs a full forward pass per image.
+DROP_BELOW = 1e-3
+#: Folds of the cross-validation inside the validation split that must confirm a fitted temperature
+#: (:func:`fit_temperature_checked`).
+TEMPERATURE_CV_FOLDS = 5
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -99,6 +111,35 @@ def weighted_average(member_probs: Any, weights: Any) -> Tensor:
     p = _check_probs(member_probs, "member_probs", 3)
     w = check_simplex_weights(weights, p.shape[0]).to(p.device, p.dtype)
     return torch.einsum("m,mnc->nc", w, p)
+
+
+def prune_weights(weights: Any, threshold: float = DROP_BELOW) -> Tensor:
+    """Drop the members whose weight is below ``threshold`` and renormalise the rest to sum 1.
+
+    ``w'_m = w_m [w_m >= t] / sum_j w_j [w_j >= t]``. Members with ``w'_m = 0`` need no forward pass. When every
+    weight is below ``t`` (only possible for ``t > 1/M``) the largest one is kept alone (ties: the later member,
+    the snapshot trained longer), so the result is always a valid weight vector.
+
+    Args:
+        weights: ``M`` simplex weights (finite, ``>= 0``, summing to 1 within ``1e-6``).
+        threshold: ``t``, finite and ``>= 0``; ``0`` only renormalises.
+
+    Returns:
+        float64 CPU tensor ``[M]``, ``>= 0``, summing to 1.
+
+    Raises:
+        ValueError: weights off the simplex or a bad threshold.
+    """
+    t = float(threshold)
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"Expected a finite threshold >= 0, but got {threshold!r}")
+    w = check_simplex_weights(weights, len(_checks.as_tensor(weights, "weights", 1)))
+    kept = torch.where(w >= t, w, torch.zeros_like(w))
+    if float(kept.sum()) <= 0:
+        top = max(range(w.shape[0]), key=lambda m: (float(w[m]), m))
+        kept = torch.zeros_like(w)
+        kept[top] = 1.0
+    return kept / kept.sum()
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -165,12 +206,11 @@ def _fit_greedy(P: np.ndarray, n_rounds: int) -> np.ndarray:
 
 
 def fit_ensemble_weights(
-    val_member_probs: Any = None,
-    val_labels: Any = None,
+    val_member_probs: Any,
+    val_labels: Any,
     method: Literal["nll", "equal", "greedy"] = "nll",
     *,
     n_rounds: int | None = None,
-    val_probs: Any = None,
 ) -> Tensor:
     """Fit weights ``w`` on the simplex for the members' probabilities, on VALIDATION data.
 
@@ -197,8 +237,6 @@ def fit_ensemble_weights(
         val_labels: ``[N]`` validation labels.
         method: ``"nll"``, ``"equal"`` or ``"greedy"``.
         n_rounds: greedy only: maximum number of additions (default ``2 * M``).
-        val_probs: deprecated keyword name of ``val_member_probs`` (in :func:`fit_temperature` ``val_probs`` is
-            the ``[N, C]`` ensemble probabilities).
 
     Returns:
         float64 CPU tensor ``[M]``, ``>= 0``, summing to 1.
@@ -206,14 +244,6 @@ def fit_ensemble_weights(
     Raises:
         ValueError: unknown method, bad ``n_rounds``, or bad shapes / probabilities / labels.
     """
-    if val_probs is not None:
-        if val_member_probs is not None:
-            raise TypeError("pass val_member_probs only (val_probs is its deprecated name)")
-        warnings.warn("fit_ensemble_weights(val_probs=...) is deprecated; pass val_member_probs=... ([M, N, C])",
-                      DeprecationWarning, stacklevel=2)
-        val_member_probs = val_probs
-    if val_member_probs is None or val_labels is None:
-        raise TypeError("fit_ensemble_weights needs val_member_probs [M, N, C] and val_labels [N]")
     if method not in WEIGHT_METHODS:
         raise ValueError(f"Expected method in {WEIGHT_METHODS}, but got {method!r}")
     p = _check_probs(val_member_probs, "val_member_probs", 3)
@@ -267,10 +297,62 @@ def _temperature_nll(log_t: float, d: np.ndarray, margin_true: float) -> float:
     return float(np.log(np.exp(beta * d).sum(axis=1)).mean() + beta * margin_true)
 
 
+def _scored_nll(t: float, d: np.ndarray, margins: np.ndarray) -> float:
+    """NLL of ``softmax(z / t)`` as the reports measure it: each image's ``-log p_y`` capped at ``-log EPS``."""
+    beta = 1.0 / t
+    per_image = np.log(np.exp(beta * d).sum(axis=1)) + beta * margins
+    return float(np.minimum(per_image, -math.log(EPS)).mean())
+
+
+def _temperature_inputs(val_probs: Any, val_labels: Any, bounds: tuple[float, float]
+                        ) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """``(d, margins, lo, hi)``: ``d = z - max_c z`` ``[N, C]`` and ``margins_n = max_c z_{n,c} - z_{n,y_n} >= 0``
+    with ``z = log(max(p, EPS))`` as float64 numpy (single-threaded: each evaluation is one exp over [N, C])."""
+    lo, hi = (float(b) for b in bounds)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+        raise ValueError(f"Expected temperature bounds 0 < T_min < T_max, but got {bounds!r}")
+    p = _check_probs(val_probs, "val_probs", 2)
+    y = _check_labels(val_labels, p.shape[0], p.shape[1], "val_labels")
+    z = _log_probs(p.detach().to("cpu", torch.float64)).numpy()
+    z_max = z.max(axis=1)
+    return z - z_max[:, None], z_max - z[np.arange(z.shape[0]), y.cpu().numpy()], lo, hi
+
+
+def _bounded_temperature(d: np.ndarray, margins: np.ndarray, lo: float, hi: float) -> tuple[float, str | None]:
+    """The minimiser of the NLL over ``lo <= T <= hi`` and, where the data do not identify it, why not.
+
+    Without a minimum (every prediction right, so the NLL falls as ``T -> 0``) the minimiser is ``lo``; a
+    minimiser on a bound is returned as found. The reason is ``None`` for an interior minimum.
+    """
+    from scipy.optimize import minimize_scalar  # imported lazily: keeps `import snapens` light
+
+    margin_true = float(margins.mean())
+    if not margin_true > 0:
+        return lo, (f"every one of the {d.shape[0]} validation predictions is correct, so the validation NLL "
+                    "falls without limit as T -> 0 and cannot identify T")
+    res = minimize_scalar(
+        _temperature_nll, bounds=(math.log(lo), math.log(hi)), args=(d, margin_true), method="bounded",
+        options={"xatol": 1e-7},
+    )
+    t = math.exp(float(res.x))
+    if min(abs(res.x - math.log(lo)), abs(res.x - math.log(hi))) < 1e-4:
+        return t, (f"the validation NLL has no minimum inside the search bounds {lo:g} <= T <= {hi:g} "
+                   f"(the search stopped at T={t:.4g})")
+    logger.debug("Temperature %.6g: NLL %.6f -> %.6f", t, _temperature_nll(0.0, d, margin_true), res.fun)
+    return t, None
+
+
+def _keep_one(reason: str, explain: list[str] | None) -> None:
+    logger.warning("Temperature not fitted, T=1 kept: %s", reason)
+    if explain is not None:
+        explain.append(f"temperature not fitted, T=1 kept: {reason}")
+
+
 def fit_temperature(
     val_probs: Any,
     val_labels: Any,
     *,
+    folds: int | None = TEMPERATURE_CV_FOLDS,
     bounds: tuple[float, float] = _TEMPERATURE_BOUNDS,
     explain: list[str] | None = None,
 ) -> float:
@@ -288,9 +370,14 @@ def fit_temperature(
     same when the minimiser lies outside ``bounds`` (it lands on one): the data do not pin ``T`` down there. Both
     are logged as a warning and, when ``explain`` is a list, appended to it as one sentence.
 
+    With ``folds`` (the default, :data:`TEMPERATURE_CV_FOLDS`) the fitted ``T`` is also kept at 1 unless
+    cross-validation inside the validation split confirms that it lowers the NLL of images its fit did not see
+    (:func:`fit_temperature_checked`, which also returns the details); ``folds=None`` is the bare in-sample fit.
+
     Args:
         val_probs: ``[N, C]`` ensemble probabilities on the validation split.
         val_labels: ``[N]`` validation labels.
+        folds: cross-validation folds (``>= 2``) that must confirm the fit, or ``None`` for the in-sample fit.
         bounds: search interval ``(T_min, T_max)``, ``0 < T_min < T_max``.
         explain: receives the reason when ``T = 1`` is kept instead of a fitted value.
 
@@ -300,36 +387,87 @@ def fit_temperature(
     Raises:
         ValueError: bad bounds, shapes, probabilities or labels.
     """
-    lo, hi = (float(b) for b in bounds)
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
-        raise ValueError(f"Expected temperature bounds 0 < T_min < T_max, but got {bounds!r}")
-    p = _check_probs(val_probs, "val_probs", 2)
-    y = _check_labels(val_labels, p.shape[0], p.shape[1], "val_labels")
-    from scipy.optimize import minimize_scalar  # imported lazily: keeps `import snapens` light
-
-    # numpy, single-threaded: each evaluation is one exp over [N, C]
-    z = _log_probs(p.detach().to("cpu", torch.float64)).numpy()
-    z_max = z.max(axis=1)
-    d = z - z_max[:, None]
-    margin_true = float((z_max - z[np.arange(z.shape[0]), y.cpu().numpy()]).mean())
-
-    def keep_one(reason: str) -> float:
-        logger.warning("Temperature not fitted, T=1 kept: %s", reason)
-        if explain is not None:
-            explain.append(f"temperature not fitted, T=1 kept: {reason}")
+    if folds is not None:
+        return fit_temperature_checked(val_probs, val_labels, folds=folds, bounds=bounds, explain=explain).temperature
+    d, margins, lo, hi = _temperature_inputs(val_probs, val_labels, bounds)
+    t, reason = _bounded_temperature(d, margins, lo, hi)
+    if reason is not None:
+        _keep_one(reason, explain)
         return 1.0
-
-    if not margin_true > 0:
-        return keep_one(f"every one of the {z.shape[0]} validation predictions is correct, so the validation NLL "
-                        "falls without limit as T -> 0 and cannot identify T")
-    res = minimize_scalar(
-        _temperature_nll, bounds=(math.log(lo), math.log(hi)), args=(d, margin_true), method="bounded",
-        options={"xatol": 1e-7},
-    )
-    t = math.exp(float(res.x))
-    if min(abs(res.x - math.log(lo)), abs(res.x - math.log(hi))) < 1e-4:
-        return keep_one(f"the validation NLL has no minimum inside the search bounds {lo:g} <= T <= {hi:g} "
-                        f"(the search stopped at T={t:.4g})")
-    logger.debug("Temperature %.6g: NLL %.6f -> %.6f", t, _temperature_nll(0.0, d, margin_true), res.fun)
     return t
 
+
+@dataclass(frozen=True)
+class TemperatureFit:
+    """The outcome of :func:`fit_temperature_checked` (NLLs in nats, on the validation split)."""
+
+    temperature: float  # the T to apply: the in-sample fit when confirmed, else exactly 1.0
+    fitted: bool  # whether temperature is a fitted value (False: T = 1 kept)
+    candidate: float | None  # the in-sample fit, confirmed or not; None where the data do not identify T
+    val_nll: float  # NLL at T = 1
+    cv_nll: float | None  # held-out NLL of the folds' own fits; None where not cross-validated
+    reason: str | None  # why T = 1 was kept; None when fitted
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+def fit_temperature_checked(
+    val_probs: Any,
+    val_labels: Any,
+    *,
+    folds: int = TEMPERATURE_CV_FOLDS,
+    bounds: tuple[float, float] = _TEMPERATURE_BOUNDS,
+    explain: list[str] | None = None,
+) -> TemperatureFit:
+    """The in-sample temperature fit, kept only where ``folds``-fold cross-validation inside validation confirms it.
+
+    A temperature fitted on a small validation split can follow its few mistakes: one confident mistake among
+    144 digits gave ``T = 0.18``, which doubled the test NLL. So the fit is also judged on images it did not see:
+    validation image ``n`` goes to fold ``n mod K``; for each fold ``k`` the NLL minimiser ``T_k`` over the other
+    folds (within ``bounds``, *without* the ``T = 1`` fallback: a fold whose fit runs off to a bound, e.g. to
+    ``T_min`` because the other folds hold no mistake, is scored there, since that is what the fit does with such
+    data) scores fold ``k``. The in-sample ``T`` is used only when the held-out NLL
+    ``CV = (1/N) sum_k sum_{n in k} -log softmax(z_n / T_k)_{y_n}`` is strictly below the NLL at ``T = 1``; both
+    cap each image's term at ``-log EPS``, as :func:`snapens.metrics.nll` measures it.
+
+    ``T = 1`` is kept, with the reason logged as a warning and appended to ``explain``, when the in-sample fit
+    keeps it (:func:`fit_temperature` with ``folds=None``), when there are fewer than ``2 K`` images, or when ``CV >= NLL(1)``.
+
+    Args:
+        val_probs: ``[N, C]`` ensemble probabilities on the validation split.
+        val_labels: ``[N]`` validation labels.
+        folds: ``K >= 2``.
+        bounds: search interval ``(T_min, T_max)``, ``0 < T_min < T_max``.
+        explain: receives the reason when ``T = 1`` is kept.
+
+    Raises:
+        ValueError: bad folds, bounds, shapes, probabilities or labels.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"Expected an integer folds >= 2, but got {folds!r}")
+    d, margins, lo, hi = _temperature_inputs(val_probs, val_labels, bounds)
+    n = d.shape[0]
+    nll_one = _scored_nll(1.0, d, margins)
+    t, reason = _bounded_temperature(d, margins, lo, hi)
+    candidate = t if reason is None else None
+    cv = None
+    if reason is None and n < 2 * folds:
+        reason = (f"only {n} validation images, too few to confirm the fitted T={t:.4g} by {folds}-fold "
+                  "cross-validation")
+    elif reason is None:
+        fold_of = np.arange(n) % folds
+        total = 0.0
+        for k in range(folds):
+            held, rest = fold_of == k, fold_of != k
+            t_k, _ = _bounded_temperature(d[rest], margins[rest], lo, hi)
+            total += _scored_nll(t_k, d[held], margins[held]) * int(held.sum())
+        cv = total / n
+        if not cv < nll_one:
+            reason = (f"the fitted T={t:.4g} does not lower the validation NLL under {folds}-fold cross-validation "
+                      f"(held-out NLL {cv:.4f} with T fitted on the other folds vs {nll_one:.4f} at T=1)")
+    if reason is not None:
+        _keep_one(reason, explain)
+        return TemperatureFit(1.0, False, candidate, nll_one, cv, reason)
+    return TemperatureFit(t, True, t, nll_one, cv, None)

@@ -1,7 +1,10 @@
 """The ``snapens`` command line: the only place that parses arguments, prints, or picks presets.
 
 Each subcommand lives in its own module with ``register(subparsers) -> None``, which adds its parser and sets
-``func=run`` where ``run(args: argparse.Namespace) -> int`` returns the exit code.
+``func=run`` where ``run(args: argparse.Namespace) -> int`` returns the exit code. ``run`` calls the library
+layer (:mod:`snapens.workflows`) and prints; the library's errors (``ValueError``, ``OSError``) become the one
+line ``snapens: error: ...`` here. Subcommand modules import no other one: only this package and
+:mod:`snapens.cli._common` (the error and the printing helpers).
 """
 
 from __future__ import annotations
@@ -14,19 +17,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import snapens
+from snapens.cli._common import PROG, CLIError, fail
 
-PROG = "snapens"
-
-
-class CLIError(Exception):
-    """A user error: printed as one line ``snapens: error: ...``, exit code 2."""
-
-
-def fail(message: str) -> int:
-    """Print ``snapens: error: <message>`` as one line on stderr and return the exit code 2."""
-    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
-    print(f"{PROG}: error: {first_line}", file=sys.stderr)
-    return 2
+__all__ = ["CLIError", "build_parser", "fail", "main", "plain_text"]
 
 
 _ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")

@@ -1,34 +1,42 @@
-"""Helpers shared by the ``snapens`` subcommands: logging, progress, threads, environment, tables, loaders.
+"""Printing helpers shared by the ``snapens`` subcommands: the one-line error, logging to stderr, progress bars,
+tables.
 
-The torchrun launch, devices and the process group live in :mod:`snapens.distributed`."""
+What is not printing lives in the library layer: threads, loaders, the environment record and the default run
+folder in :mod:`snapens.workflows.common`; the torchrun launch, devices and the process group in
+:mod:`snapens.distributed`."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
-import platform
-import re
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
-import snapens
-
 __all__ = [
+    "PROG",
+    "CLIError",
+    "fail",
     "configure_logging",
     "progress_enabled",
-    "set_threads",
-    "environment_info",
     "format_table",
+    "METHOD_COLUMNS",
     "method_table",
-    "plural",
-    "default_run_dir",
-    "build_loaders",
 ]
+
+
+PROG = "snapens"
+
+
+class CLIError(Exception):
+    """A user error: printed as one line ``snapens: error: ...``, exit code 2."""
+
+
+def fail(message: str) -> int:
+    """Print ``snapens: error: <message>`` as one line on stderr and return the exit code 2."""
+    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"{PROG}: error: {first_line}", file=sys.stderr)
+    return 2
 
 
 class _ProgressAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -66,41 +74,6 @@ def configure_logging(quiet: bool = False, *, debug: bool | None = None, rank: i
 def progress_enabled(quiet: bool) -> bool:
     """Progress bars only for an interactive stderr and without ``--quiet`` (no bar noise in logs and CI)."""
     return not quiet and sys.stderr.isatty()
-
-
-def set_threads(threads: int | None) -> int:
-    """Set torch's intra-op CPU threads (``None`` keeps the default); returns the number in use.
-
-    Raises:
-        ValueError: ``threads`` < 1.
-    """
-    if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
-
-
-def environment_info(device: torch.device, precision: str, world_size: int = 1) -> dict[str, Any]:
-    """Versions and hardware for ``config.json``: what a reader needs to reproduce a number.
-
-    ``device`` is rank 0's; ``world_size`` the number of training processes (torchrun).
-    """
-    if device.type == "cuda":
-        name = f"{device} ({torch.cuda.get_device_name(device)})"
-    else:
-        name = f"{device} ({platform.processor() or platform.machine()})"
-    return {
-        "snapens": snapens.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": name,
-        "precision": precision,
-        "threads": torch.get_num_threads(),
-        "world_size": world_size,
-        "platform": platform.platform(),
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-    }
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -144,39 +117,4 @@ def method_table(rows: Sequence[Mapping[str, Any]],
     return "\n".join("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]).rstrip()
                      for r in cells)
 
-
-def plural(count: int, noun: str) -> str:
-    """``"1 epoch"``, ``"2 epochs"``: a count with its noun, in the singular for one."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def default_run_dir(dataset: str, model: str, now: _dt.datetime | None = None, root: str = "runs") -> Path:
-    """``runs/<dataset>-<model>-<YYYYmmdd-HHMMSS>``, with characters unsafe in file names replaced by ``_``."""
-    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}-{model}").strip("_")
-    return Path(root) / f"{safe}-{stamp}"
-
-
-def build_loaders(
-    cfg: Any, splits: Any, device: torch.device | str, *, rank: int = 0, world_size: int = 1
-) -> tuple[Any, Any | None]:
-    """Training and validation :class:`~snapens.data.BatchLoader` for a :class:`~snapens.config.TrainConfig`.
-
-    The training loader shuffles and augments as a function of ``(cfg.seed, epoch)``; ``cfg.augment`` None
-    keeps the dataset's default augmentation and False turns it off. With ``world_size`` > 1 it yields rank
-    ``rank``'s block of ``cfg.batch_size`` images from every global batch of ``cfg.batch_size * world_size``.
-    The validation loader (None when the validation split is empty) keeps order, never augments and is not
-    sharded (rank 0 validates alone).
-    """
-    from snapens.data import AugmentSpec, BatchLoader
-
-    augment = AugmentSpec() if cfg.augment is False else splits.augment
-    train = BatchLoader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment,
-                        mean=splits.mean, std=splits.std, device=device, channels_last=cfg.channels_last,
-                        rank=rank, world_size=world_size)
-    val = None
-    if len(splits.val) > 0:
-        val = BatchLoader(splits.val, max(cfg.batch_size, 256), shuffle=False, augment=None, mean=splits.mean,
-                          std=splits.std, device=device, channels_last=cfg.channels_last)
-    return train, val
 

@@ -10,229 +10,20 @@ summary.json is the whole run's (what ``snapens plot`` draws): an evaluation of 
 ``snapens export --weights fitted`` with the same flags read).
 """
 
+
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from snapens import runs
-from snapens._io import read_json
-from snapens.cli import CLIError
+from snapens.cli._common import configure_logging, progress_enabled
 from snapens.config import PRECISIONS
-# The run folder's names and config.json reader live in snapens.runs; re-exported here, where they were public.
-from snapens.runs import REQUIRED_KEYS, SUMMARY_FILE, WEIGHTS_FILE, read_run_info, summary_file, weights_file
 
-__all__ = [
-    "REQUIRED_KEYS", "evaluate_run", "read_run_info", "load_run_dataset", "load_saved_weights", "make_loader",
-    "register", "run", "summary_file", "weights_file",
-]
+__all__ = ["register", "run"]
 
 logger = logging.getLogger(__name__)
-
-def load_saved_weights(run_dir: Path, member_names: list[str], *, flag: str = "--optimize 0",
-                       last: int | None = None, include_best: bool = False) -> torch.Tensor:
-    """The weights saved by ``evaluate --optimize 1`` with the same ``last`` / ``include_best``
-    (:func:`weights_file`), checked against the members they will be applied to."""
-    path = Path(run_dir) / weights_file(last, include_best)
-    if not path.exists():
-        same = "".join(f" {f}" for f in ([f"--last {last}"] if last is not None else [])
-                       + (["--include-best"] if include_best else []))
-        raise CLIError(f"{flag} needs saved ensemble weights, but {path} does not exist; "
-                       f"run `snapens evaluate --optimize 1{same}` first")
-    try:
-        saved = read_json(path)
-        weights = [float(w) for w in saved["weights"]]
-        names = list(saved["members"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CLIError(f"cannot read ensemble weights from {path}: {exc}") from exc
-    if names != member_names:
-        raise CLIError(f"the weights in {path} were fitted for members {names}, not for {member_names}; "
-                       "refit them with --optimize 1 (and the same --last / --include-best)")
-    return torch.tensor(weights, dtype=torch.float64)
-
-
-def _short(names: list[Any]) -> str:
-    shown = ", ".join(str(n) for n in names[:5])
-    return f"[{shown}{', ...' if len(names) > 5 else ''}] ({len(names)} classes)"
-
-
-def load_run_dataset(info: dict[str, Any], *, data_dir: str | os.PathLike[str] | None = None) -> Any:
-    """The run's dataset, split exactly as in training (same dataset, val_size, seed and limits), checked against it.
-
-    Args:
-        info: the run's config.json (:func:`read_run_info`).
-        data_dir: where the dataset lives now, overriding the ``data_dir`` stored in config.json (for a run
-            moved to another machine). A relative folder is relative to the current directory.
-
-    Raises:
-        ValueError: the dataset found has other split sizes or classes than the one the run was trained on
-            (config.json's ``dataset`` entry): another dataset, or the same one changed.
-        FileNotFoundError: the dataset's files are missing.
-    """
-    from snapens.data import load_dataset
-
-    cfg = info["config"]
-    root = data_dir if data_dir is not None else cfg.get("data_dir")
-    where = f"at {root}" if root is not None else "(default location)"
-    hint = "pass --data-dir with the folder the run was trained on"
-    try:
-        # Older config.json files have no limits: every image.
-        data = load_dataset(cfg["dataset"], data_dir=root, download=bool(cfg.get("download", False)),
-                            val_size=cfg["val_size"], seed=int(cfg["seed"]), limit_train=cfg.get("limit_train"),
-                            limit_test=cfg.get("limit_test"))
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{exc} (the run's dataset {cfg['dataset']!r} {where}; {hint})") from exc
-    trained = info["dataset"]
-    for split in ("train", "val", "test"):
-        now, then = len(getattr(data, split)), trained[f"num_{split}"]
-        if now != then:
-            raise ValueError(f"the {cfg['dataset']} dataset {where} now has {now} {split} images, but the run was "
-                             f"trained with {then}; {hint}")
-    if list(data.classes) != list(trained["classes"]):
-        raise ValueError(f"the {cfg['dataset']} dataset {where} now has classes {_short(list(data.classes))}, but "
-                         f"the run was trained with {_short(list(trained['classes']))}; {hint}")
-    return data
-
-
-def make_loader(split: Any, info: dict[str, Any], device: str | torch.device) -> Any:
-    """Evaluation batches of ``split``: in order, no augmentation, normalised with the run's mean and std."""
-    from snapens.data import BatchLoader
-
-    ds = info["dataset"]
-    return BatchLoader(split, batch_size=max(256, int(info["config"]["batch_size"])), shuffle=False,
-                       augment=None, mean=tuple(ds["mean"]), std=tuple(ds["std"]), device=device)
-
-
-def _with_progress(loader: Any, desc: str, progress: bool, total: int | None = None) -> Any:
-    if not progress:
-        return loader
-    from tqdm import tqdm
-
-    return tqdm(loader, desc=desc, leave=False, file=sys.stderr, total=total)
-
-
-def _price(ensemble: Any, images: torch.Tensor, batch_size: int) -> dict[str, float]:
-    """Forward passes per image and measured images/s of ``ensemble.predict_proba`` over ``images``."""
-    from snapens.cost import measure_inference
-
-    return measure_inference(lambda x: ensemble.predict_proba(x, batch_size=batch_size), images,
-                             network=ensemble.model, device=ensemble.device, warmup_images=batch_size).to_dict()
-
-
-def evaluate_run(
-    run_dir: Path,
-    *,
-    last: int | None = None,
-    include_best: bool = False,
-    optimize: int = 1,
-    device: str | torch.device = "cpu",
-    data_dir: str | os.PathLike[str] | None = None,
-    progress: bool = False,
-    precision: str = "auto",
-) -> dict[str, Any]:
-    """Evaluate a run folder's snapshot ensemble and write its summary (see :func:`snapens.report.summarize`).
-
-    The whole run's summary goes to ``summary.json``; with ``last`` or ``include_best`` it goes to its own file
-    (:func:`summary_file`, e.g. ``summary-last3.json``), and so do fitted weights (:func:`weights_file`), so
-    that the run's own results are never replaced by a variant's.
-
-    Args:
-        run_dir: a folder written by ``snapens train`` (``config.json``, ``snapshots/``, maybe ``best.safetensors``).
-        last: use only the last ``m`` snapshots (default: all).
-        include_best: add ``best.safetensors`` to the ensemble as a member.
-        optimize: ``-1`` equal weights only, ``1`` fit weights on validation and save them to
-            ``ensemble_weights.json`` (:func:`weights_file`), ``0`` use the saved weights.
-        device: ``"cpu"``, ``"cuda"``, ``"auto"``... (checked by :func:`snapens.distributed.resolve_device`).
-        data_dir: where the dataset lives now, instead of the ``data_dir`` stored in config.json.
-        progress: show progress bars on stderr.
-        precision: the members' inference precision, ``auto`` (bf16 where the hardware runs it natively, else
-            fp32), ``fp32``, ``bf16`` or ``fp16`` (CUDA); the one used is recorded as ``run.precision``.
-
-    Returns:
-        The summary as written (non-finite numbers as ``None``), with a ``"run"`` entry naming the run folder and
-        the evaluation options, and the price columns (:func:`snapens.report.add_prices`): each row's forward
-        passes per test image and test images/s, measured on ``device`` by timing the last snapshot alone and
-        the evaluated ensemble (:func:`snapens.cost.measure_inference`).
-
-    Raises:
-        ValueError: a bad option or device, an incomplete config.json, missing or corrupt snapshots
-            (:class:`snapens.checkpoint.SnapshotError`, naming the file), or a dataset that is not the one
-            the run was trained on.
-    """
-    from snapens import metrics, report
-    from snapens._io import atomic_write_json, atomic_write_text
-    from snapens.distributed import resolve_device
-    from snapens.ensemble import SnapshotEnsemble
-    from snapens.models import build_model
-    from snapens.guidance import recommend
-
-    run_dir = Path(run_dir)
-    if optimize not in report.OPTIMIZE_MODES:
-        raise CLIError(f"--optimize must be one of -1, 0, 1, got {optimize!r}")
-    device = resolve_device(device)
-    info = read_run_info(run_dir)
-    cfg = info["config"]
-
-    # best.safetensors, when there is one, is loaded once as member 0: it gives the "single best" row and,
-    # with include_best, is also an ensemble member. from_run checks --last and the files.
-    # exists(), not is_file(): a FIFO or folder in its place is refused by the loader, not silently skipped
-    has_best = include_best or (run_dir / runs.BEST_FILE).exists()
-    loaded = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=has_best, device=device,
-                                       precision=precision)
-    used_precision = loaded.precision  # resolves auto, and refuses fp16 off CUDA, before any work
-    all_names = [Path(n).stem for n in loaded.member_names]
-    first = 1 if has_best and not include_best else 0  # members of the evaluated ensemble: loaded[first:]
-    names = all_names[first:]
-    weights = load_saved_weights(run_dir, names, last=last, include_best=include_best) if optimize == 0 else None
-    data = load_run_dataset(info, data_dir=data_dir)
-
-    # Member-major over whole splits of raw uint8 images: each member is loaded once per split, and the ensemble
-    # normalises with the run's mean/std exactly as make_loader does.
-    batch_size = max(256, int(cfg["batch_size"]))
-
-    def member_probs(split: Any, desc: str) -> torch.Tensor:
-        bar = _with_progress(None, desc, progress, total=len(loaded) * len(split))
-        try:
-            return loaded.member_probs(split.images, batch_size=batch_size, progress=bar)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    has_val = len(data.val) > 0
-    val_mp = member_probs(data.val, "validation") if has_val else None
-    test_mp = member_probs(data.test, "test")
-    best_test = test_mp[0] if has_best else None
-    best_val_acc = float(metrics.accuracy(val_mp[0], data.val.labels)) if has_best and val_mp is not None else None
-
-    summary = report.summarize(val_mp[first:] if val_mp is not None else None, data.val.labels if has_val else None,
-                               test_mp[first:], data.test.labels, member_names=names, best_test_probs=best_test,
-                               best_val_acc=best_val_acc, weights=weights, optimize=optimize,
-                               is_snapshot=[not (include_best and m == 0) for m in range(len(names))])
-    snap_members = [first + m for m in range(len(names)) if not (include_best and m == 0)]
-    report.add_prices(summary, single=_price(loaded.subset([snap_members[-1]]), data.test.images, batch_size),
-                      ensemble=_price(loaded.subset(range(first, len(loaded))), data.test.images, batch_size),
-                      device=str(device))
-    # validation only: the guidance must never see test data
-    summary["recommendation"] = (recommend(val_mp[first:], data.val.labels).to_dict()
-                                 if val_mp is not None and len(names) > 1 else None)
-    summary["run"] = {"run_dir": str(run_dir), "last": last, "include_best": include_best,
-                      "dataset": cfg["dataset"], "model": info["model"]["name"],
-                      "schedule": cfg["schedule"], "epochs": cfg["epochs"], "lr": cfg["lr"],
-                      "precision": used_precision}
-    summary_path = run_dir / summary_file(last, include_best)
-    atomic_write_text(summary_path, report.to_json(summary) + "\n")
-    if optimize == 1 and summary["ensemble_weighted"] is not None:
-        atomic_write_json(run_dir / weights_file(last, include_best), {
-            "format_version": 1, "method": "nll", "fitted_on": "validation", "members": names,
-            "weights": summary["ensemble_weighted"]["weights"]})
-    logger.info("wrote %s", summary_path)
-    return report.json_safe(summary)
 
 
 def register(subparsers: Any) -> None:
@@ -268,22 +59,15 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``snapens evaluate``: evaluate, write the summary file, print the table (or the JSON); returns 0."""
-    from snapens.cli._common import configure_logging, progress_enabled
+    from snapens.report import format_summary, to_json
+    from snapens.workflows.evaluation import evaluate
 
     configure_logging(args.quiet)
-    from snapens.report import format_summary, to_json
-
     if args.num_tests is not None:
         logger.info("note: --num_tests %d is ignored: the NLL weight fit is convex, one exact solve replaces the "
                     "random restarts", args.num_tests)
-    from snapens._lock import run_lock
-
-    with run_lock(args.run_dir):  # it writes summary.json (and weights) into the folder: one owner at a time
-        summary = evaluate_run(args.run_dir, last=args.last, include_best=args.include_best,
-                               optimize=args.optimize, device=args.device, data_dir=args.data_dir,
-                               progress=progress_enabled(args.quiet), precision=args.precision)
-    if args.json:
-        print(to_json(summary))
-    else:
-        print(format_summary(summary))
+    summary = evaluate(args.run_dir, last=args.last, include_best=args.include_best, optimize=args.optimize,
+                       device=args.device, data_dir=args.data_dir, progress=progress_enabled(args.quiet),
+                       precision=args.precision)
+    print(to_json(summary) if args.json else format_summary(summary))
     return 0

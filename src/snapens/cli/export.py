@@ -19,161 +19,19 @@ file "snapens.json": torch.jit.load(path, _extra_files=d) or torch.export.load(p
 d = {"snapens.json": ""} fills it in. Needs only torch to load, not snapens.
 """
 
+
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import json
-import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from snapens.cli._common import configure_logging
+from snapens.workflows.common import plural
+from snapens.workflows.exporting import FORMATS
 
-from snapens import runs
-from snapens.cli import CLIError
-
-__all__ = ["FORMATS", "EXTRA_FILE", "default_format", "export_run", "load_exported", "register", "run"]
-
-FORMATS = {"torchscript": ".pt", "export": ".pt2"}
-EXTRA_FILE = "snapens.json"
-_EXAMPLE_BATCH = 8
-#: What a run folder holds of its own (patterns of top-level names; hidden files are temporary files and locks):
-#: an export may sit beside them, never in their place.
-_RUN_FILES = runs.RUN_FILES
-_RUN_FOLDERS = runs.RUN_FOLDERS
-
-
-def _refuse_run_file(run_dir: Path, out: Path) -> None:
-    """Raise CLIError if ``out`` is (or, through symlinks, resolves to) one of ``run_dir``'s own files."""
-    import fnmatch
-
-    run, target = os.path.realpath(run_dir), os.path.realpath(out)
-    owned = os.path.dirname(target) == run and any(fnmatch.fnmatch(os.path.basename(target), p) for p in _RUN_FILES)
-    owned = owned or any(os.path.commonpath([target, os.path.join(run, d)]) == os.path.join(run, d)
-                         for d in _RUN_FOLDERS)
-    if owned:
-        raise CLIError(f"refusing to write the export over {out}: it belongs to the run {run_dir}; choose another "
-                       f"file name, e.g. {Path(run_dir) / 'ensemble.pt2'}")
-
-
-def _serialize(module: nn.Module, example: Tensor, fmt: str, extra: str) -> bytes:
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
-        # torch.export.save says so for channels-last weights on the CPU, where it does not matter
-        warnings.filterwarnings("ignore", message=r"No complete tensor found in the group")
-        if fmt == "torchscript":
-            traced = torch.jit.trace(module, (example,), check_trace=False)
-            torch.jit.save(traced, buf, _extra_files={EXTRA_FILE: extra})
-        else:
-            batch = torch.export.Dim("batch", min=1)
-            program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-            torch.export.save(program, buf, extra_files={EXTRA_FILE: extra})
-    return buf.getvalue()
-
-
-def load_exported(path: Path) -> tuple[Any, dict[str, Any]]:
-    """Load a file written by :func:`export_run`: ``(callable module, its snapens.json description)``."""
-    path = Path(path)
-    extra = {EXTRA_FILE: ""}
-    if path.suffix == ".pt2":
-        module = torch.export.load(str(path), extra_files=extra).module()
-    else:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return module, json.loads(extra[EXTRA_FILE] or "{}")
-
-
-def default_format(out: Path) -> str:
-    """The format an output file's suffix asks for: ``"torchscript"`` for ``.pt``, else ``"export"``."""
-    return "torchscript" if Path(out).suffix == FORMATS["torchscript"] else "export"
-
-
-def export_run(
-    run_dir: Path,
-    out: Path,
-    *,
-    fmt: str | None = None,
-    weights: str = "equal",
-    last: int | None = None,
-    include_best: bool = False,
-    data_dir: str | os.PathLike[str] | None = None,
-    precision: str = "auto",
-) -> dict[str, Any]:
-    """Export a run's snapshot ensemble (on CPU, at ``precision``) to ``out`` and check the file against it.
-
-    Args:
-        run_dir: a folder written by ``snapens train``.
-        out: the file to write (atomically).
-        fmt: ``"export"`` (``torch.export``) or ``"torchscript"`` (``torch.jit.trace``, deprecated by
-            PyTorch); ``None`` = :func:`default_format` of ``out``.
-        weights: ``"equal"`` or ``"fitted"`` (from ``run_dir/ensemble_weights.json``).
-        last: only the last ``m`` snapshots.
-        include_best: add ``best.safetensors`` as a member.
-        data_dir: where the dataset is now, instead of the ``data_dir`` stored in config.json.
-        precision: the members' precision, applied by the exported module: ``auto`` (bf16 where this CPU runs it
-            natively, else fp32), ``fp32`` or ``bf16``.
-
-    Returns:
-        The description stored in the file, plus ``"max_abs_diff"``: the largest difference between the reloaded
-        file's probabilities and the ensemble's on a batch of test images.
-    """
-    from snapens._io import atomic_write_bytes
-    from snapens.cli.evaluate import load_run_dataset, load_saved_weights, read_run_info
-    from snapens.ensemble import SnapshotEnsemble
-    from snapens.models import build_model
-
-    if fmt is None:
-        fmt = default_format(out)
-    if fmt not in FORMATS:
-        raise CLIError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if weights not in ("equal", "fitted"):
-        raise CLIError(f"--weights must be 'equal' or 'fitted', got {weights!r}")
-    run_dir, out = Path(run_dir), Path(out)
-    _refuse_run_file(run_dir, out)
-    if out.suffix != FORMATS[fmt]:
-        raise CLIError(f"--format {fmt} writes a {FORMATS[fmt]} file, got {out}")
-    if not out.parent.is_dir():
-        raise CLIError(f"cannot write {out}: the folder {out.parent} does not exist")
-    info = read_run_info(run_dir)
-    # from_run's ensemble normalises [0, 1] images with the run's mean/std itself, and so does its materialized
-    # form that is exported.
-    ensemble = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=include_best,
-                                         precision=precision)
-    names = [Path(n).stem for n in ensemble.member_names]
-    if weights == "fitted":
-        ensemble.set_weights(load_saved_weights(run_dir, names, flag="--weights fitted", last=last,
-                                                include_best=include_best))
-
-    data = load_run_dataset(info, data_dir=data_dir)
-    batch = data.test.subset(torch.arange(min(_EXAMPLE_BATCH, len(data.test))))
-    example = batch.images.float() / 255.0
-    mean, std = tuple(info["dataset"]["mean"]), tuple(info["dataset"]["std"])
-    module = ensemble.materialize().eval()
-    description = {
-        "format_version": 1, "format": fmt, "run_dir": str(run_dir), "members": names,
-        "weights": ensemble.weights_.tolist(), "weights_source": weights, "classes": list(data.classes),
-        "mean": list(mean), "std": list(std), "input_shape": ["N", *example.shape[1:]],
-        "input": "float32 images in [0, 1] (uint8 / 255), NCHW; output: ensemble probabilities",
-        "model": info["model"], "precision": ensemble.precision,
-    }
-    atomic_write_bytes(out, _serialize(module, example, fmt, json.dumps(description)))
-
-    # The file must reproduce the ensemble's (so evaluate's) numbers at the same precision.
-    reloaded, _ = load_exported(out)
-    with torch.no_grad():
-        got = reloaded(example)
-    expected = ensemble.predict_proba(example)
-    diff = float((got - expected).abs().max())
-    if diff > 1e-4:
-        raise CLIError(f"the exported file {out} disagrees with the ensemble by {diff:.2e} on test images")
-    return {**description, "max_abs_diff": diff}
+__all__ = ["register", "run"]
 
 
 def register(subparsers: Any) -> None:
@@ -201,15 +59,11 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``snapens export``: write OUT, check it against the ensemble, print one line; returns 0."""
-    from snapens.cli._common import configure_logging, plural
+    from snapens.workflows.exporting import export
 
     configure_logging(args.quiet)
-    from snapens._lock import run_lock
-
-    into_run = Path(args.run_dir).resolve() in Path(args.out).resolve().parents
-    with run_lock(args.run_dir) if into_run else contextlib.nullcontext():  # writing into a run: own it
-        result = export_run(args.run_dir, args.out, fmt=args.fmt, weights=args.weights, last=args.last,
-                            include_best=args.include_best, data_dir=args.data_dir, precision=args.precision)
+    result = export(args.run_dir, args.out, fmt=args.fmt, weights=args.weights, last=args.last,
+                    include_best=args.include_best, data_dir=args.data_dir, precision=args.precision)
     if not args.quiet:
         print(f"wrote {args.out}: {plural(len(result['members']), 'member')}, {result['weights_source']} weights, "
               f"precision {result['precision']}, input "

@@ -13,271 +13,17 @@
   summary.json; summaries written before the price columns have no such plot).
 """
 
+
 from __future__ import annotations
 
 import argparse
-import csv
-import math
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from snapens import runs
-from snapens._io import atomic_path, read_json
-from snapens.cli import CLIError
+from snapens.cli._common import CLIError, configure_logging, progress_enabled
 
-__all__ = ["PLOT_FILES", "plot_run", "plot_price", "price_points", "lr_curve", "snapshot_epochs", "read_metrics_csv",
-           "correlation_labels", "register", "run"]
-
-PLOT_FILES = ("lr_schedule.png", "training_curves.png", "ensemble_size.png", "snapshot_correlation.png", "price.png")
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise CLIError("plotting needs matplotlib: pip install matplotlib") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _steps_per_epoch(info: dict[str, Any]) -> int:
-    cfg, ds = info["config"], info.get("dataset", {})
-    num_train = int(ds.get("num_train", 0))
-    if num_train < 1:
-        raise CLIError("config.json has no dataset.num_train: cannot recompute the learning-rate schedule")
-    return math.ceil(num_train / int(cfg["batch_size"]))
-
-
-def lr_curve(info: dict[str, Any], steps_per_epoch: int | None = None) -> tuple[list[float], list[int]]:
-    """The learning rate of every optimizer step of a run and the 0-based steps where snapshots are taken.
-
-    Cyclic and single-cycle runs follow :func:`snapens.schedule.cosine_snapshot_lr` over the whole budget (a
-    single-cycle run trains M models one cycle each, the same curve); the step baseline follows
-    :func:`snapens.schedule.step_decay_lr`, fge :func:`~snapens.schedule.fge_lr` and swa
-    :func:`~snapens.schedule.swa_lr`. Options missing from an older config.json take today's defaults.
-    """
-    from snapens import schedule as sch
-    from snapens.config import TrainConfig
-
-    cfg = {**TrainConfig().to_dict(), **info["config"]}
-    spe = steps_per_epoch if steps_per_epoch is not None else _steps_per_epoch(info)
-    total, m = int(cfg["epochs"]) * spe, int(cfg["snapshots"])
-    lr, lr_min = float(cfg["lr"]), float(cfg.get("lr_min", 0.0))
-    kind = cfg.get("schedule")
-    if kind == "step":
-        return [sch.step_decay_lr(s, total, lr) for s in range(total)], sch.cosine_snapshot_steps(total, m)
-    if kind == "fge":
-        args = (total, int(cfg["cycle_epochs"]) * spe)
-        lrs = [sch.fge_lr(s, *args, lr, cfg["fge_start"], cfg["fge_lr1"], cfg["fge_lr2"]) for s in range(total)]
-        return lrs, sch.fge_snapshot_steps(*args, cfg["fge_start"])
-    if kind == "swa":
-        factor = {} if cfg["swa_lr"] is None else {"swa_factor": float(cfg["swa_lr"]) / lr}
-        lrs = [sch.swa_lr(s, total, lr, cfg["swa_start"], **factor) for s in range(total)]
-        return lrs, sch.swa_snapshot_steps(total, spe, cfg["swa_start"])
-    decay, mult = float(cfg["cycle_decay"]), float(cfg["cycle_mult"])
-    lrs = [sch.cosine_snapshot_lr(s, total, m, lr, lr_min, decay, mult) for s in range(total)]
-    return lrs, sch.cosine_snapshot_steps(total, m, mult)
-
-
-def read_metrics_csv(path: Path) -> list[dict[str, float | None]]:
-    """Rows of ``metrics.csv`` with numbers parsed (empty cells, e.g. no validation split, become ``None``)."""
-    rows = []
-    with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            rows.append({k: (float(v) if v not in ("", None) else None) for k, v in raw.items()})
-    return rows
-
-
-def _save(fig: Any, path: Path) -> None:
-    # Written atomically: a reader never sees a half-written PNG.
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-
-
-def _measured_steps_per_epoch(info: dict[str, Any], rows: list[dict[str, float | None]]) -> int | None:
-    # metrics.csv's cumulative step count is exact whatever the loader did with a short last batch.
-    epochs, last_step = len(rows), rows[-1].get("step") if rows else None
-    return int(last_step) // epochs if last_step and epochs == int(info["config"]["epochs"]) else None
-
-
-def _plot_lr(plt: Any, info: dict[str, Any], rows: list[dict[str, float | None]], out: Path) -> None:
-    lrs, bounds = lr_curve(info, _measured_steps_per_epoch(info, rows))
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.plot(range(len(lrs)), lrs, lw=1.2)
-    ax.scatter(bounds, [lrs[b] for b in bounds], color="C3", zorder=3, label="snapshot")
-    ax.set(xlabel="optimizer step", ylabel="learning rate",
-           title=f"{info['config'].get('schedule')} schedule, {len(bounds)} snapshots")
-    ax.legend()
-    _save(fig, out)
-    plt.close(fig)
-
-
-def snapshot_epochs(info: dict[str, Any], steps_per_epoch: int | None = None) -> list[float]:
-    """Where the snapshots (the cycle ends) fall, in epochs: ``(step + 1) / steps_per_epoch`` for each
-    0-based last step of a cycle (:func:`snapens.schedule.cosine_snapshot_steps`); epoch ``e`` of metrics.csv ends at ``e``."""
-    from snapens.schedule import cosine_snapshot_steps
-
-    cfg = info["config"]
-    spe = steps_per_epoch if steps_per_epoch is not None else _steps_per_epoch(info)
-    return [(b + 1) / spe for b in cosine_snapshot_steps(int(cfg["epochs"]) * spe, int(cfg["snapshots"]))]
-
-
-def _plot_curves(plt: Any, info: dict[str, Any], rows: list[dict[str, float | None]], out: Path) -> None:
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key, ax, label in (("train_loss", ax_loss, "train"), ("val_loss", ax_loss, "validation"),
-                           ("train_acc", ax_acc, "train"), ("val_acc", ax_acc, "validation")):
-        points = [(e, r.get(key)) for e, r in zip(epochs, rows) if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), marker=".", label=label)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    # The step baseline has no cycles; its snapshots are taken where the cyclic run's cycles end.
-    marker = "snapshot" if info["config"].get("schedule") == "step" else "cycle end (snapshot)"
-    for ax in (ax_loss, ax_acc):
-        for k, x in enumerate(snapshot_epochs(info, _measured_steps_per_epoch(info, rows))):
-            ax.axvline(x, color="0.6", ls=":", lw=1, label=marker if k == 0 else None)
-        ax.legend()
-    _save(fig, out)
-    plt.close(fig)
-
-
-def _nan(value: float | None) -> float:
-    # summary.json stores a non-finite number as null
-    return float("nan") if value is None else float(value)
-
-
-def _plot_size(plt: Any, summary: dict[str, Any], out: Path) -> None:
-    curve = summary["ensemble_size_curve"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(curve["m"], [_nan(e) for e in curve["error"]], marker="o", label="ensemble of the last m snapshots")
-    ax.axhline(_nan(summary["single_best"]["error"]), color="C3", ls="--", label="single best")
-    ax.set(xlabel="ensemble size m", ylabel="test error (%)", xticks=curve["m"], title="error vs ensemble size")
-    ax.legend()
-    _save(fig, out)
-    plt.close(fig)
-
-
-def _plot_correlation(plt: Any, summary: dict[str, Any], out: Path) -> None:
-    # Snapshots of one run are typically 0.99+ correlated: a map of the correlation itself is uniformly "1.00".
-    # 1 - correlation, on a scale from 0 to the largest pair's value, shows which members differ and by how much.
-    from matplotlib.ticker import FormatStrFormatter
-
-    apart = [[1.0 - _nan(v) for v in row] for row in summary["diversity"]["correlation"]]
-    names = correlation_labels(summary)
-    fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.8 * len(names)), max(3.8, 1.2 + 0.8 * len(names))))
-    finite = [v for row in apart for v in row if math.isfinite(v)]
-    top = max(finite, default=0.0)
-    im = ax.imshow(apart, vmin=0.0, vmax=top if top > 0 else 1.0, cmap="viridis")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    for i, row in enumerate(apart):
-        for j, v in enumerate(row):
-            text = "0" if v == 0 else f"{v:.2g}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if v < 0.6 * top else "k")
-    ax.set(xlabel="member", ylabel="member")
-    ax.set_title("1 - correlation of member predictions (test)", fontsize=10)
-    # Plain tick labels: the default formatter adds an offset or exponent label above the bar, over the title.
-    fig.colorbar(im, ax=ax, format=FormatStrFormatter("%.2g"))
-    _save(fig, out)
-    plt.close(fig)
-
-
-def price_points(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The methods of a summary with a price (:func:`snapens.report.add_prices`): ``{"label", "error",
-    "forward_passes", "images_per_second"}`` each; empty for a summary without one."""
-    from snapens.report import ENSEMBLE_ROWS, SINGLE_ROWS
-
-    if not summary.get("price"):
-        return []
-    labels = {"single_best": "single best", "last_snapshot": "last snapshot", "ensemble_equal": "ensemble (equal)",
-              "ensemble_weighted": "ensemble (fitted weights)", "ensemble_temperature": "ensemble + temperature"}
-    return [{"label": labels[key], **{k: summary[key][k] for k in ("error", "forward_passes", "images_per_second")}}
-            for key in SINGLE_ROWS + ENSEMBLE_ROWS if summary.get(key)]
-
-
-def plot_price(points: list[dict[str, Any]], out: Path, *, title: str = "error vs inference cost") -> None:
-    """Test error (%) against milliseconds per test image (log x axis), one numbered point per method; the
-    legend names each number's method and its forward passes per image.
-
-    ``points``: ``{"label", "error", "forward_passes", "images_per_second"}`` each (see :func:`price_points`).
-    """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, max(4.0, 1.0 + 0.22 * len(points))))
-    for k, p in enumerate(points, start=1):
-        ms, err, passes = 1000.0 / _nan(p["images_per_second"]), _nan(p["error"]), _nan(p["forward_passes"])
-        ax.scatter([ms], [err], color=f"C{(k - 1) % 10}", marker="os^Dv"[(k - 1) // 10 % 5], zorder=3,
-                   label=f"{k}: {p['label']} ({passes:g} pass{'' if passes == 1 else 'es'})")
-        ax.annotate(str(k), (ms, err), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.set_xscale("log")
-    ax.set(xlabel="test-time cost (ms per image, measured)", ylabel="test error (%)", title=title)
-    ax.margins(x=0.15, y=0.1)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    fig.tight_layout()
-    _save(fig, out)
-    plt.close(fig)
-
-
-def correlation_labels(summary: dict[str, Any]) -> list[str]:
-    """The names of the rows (and columns) of the summary's diversity matrices, in order."""
-    return [str(n) for n in summary["diversity"].get("members", summary["member_names"])]
-
-
-def plot_run(
-    run_dir: Path,
-    *,
-    device: str = "cpu",
-    data_dir: str | os.PathLike[str] | None = None,
-    progress: bool = False,
-    announce: Callable[[str], None] | None = None,
-) -> list[Path]:
-    """Write the PNGs of a run (:data:`PLOT_FILES`) into ``run_dir/plots/`` and return their paths.
-
-    Evaluates the run first (:func:`snapens.cli.evaluate.evaluate_run`, on ``device`` with the dataset at
-    ``data_dir``) when it has no ``summary.json``; ``announce`` then receives a note saying so, once the device,
-    matplotlib and the run folder (config.json, metrics.csv) have been checked.
-
-    Raises:
-        CLIError / ValueError: no matplotlib, a bad device, or not a complete run folder.
-    """
-    from snapens.cli.evaluate import SUMMARY_FILE, evaluate_run, read_run_info
-    from snapens.distributed import resolve_device
-
-    dev = resolve_device(device)
-    plt = _pyplot()
-    run_dir = Path(run_dir)
-    info = read_run_info(run_dir)
-    metrics_path = run_dir / runs.METRICS_FILE
-    if not metrics_path.is_file():
-        raise CLIError(f"{metrics_path} does not exist: is {run_dir} a finished run?")
-    rows = read_metrics_csv(metrics_path)
-    summary_path = run_dir / SUMMARY_FILE
-    if summary_path.exists():
-        try:
-            summary = read_json(summary_path)
-        except (OSError, ValueError) as exc:
-            raise CLIError(f"cannot read {summary_path}: {exc}; delete it to evaluate the run again") from exc
-    else:
-        if announce is not None:
-            announce(f"{run_dir} has no {SUMMARY_FILE}: evaluating it first")
-        summary = evaluate_run(run_dir, device=dev, data_dir=data_dir, progress=progress)
-    out_dir = run_dir / runs.PLOTS_DIR
-    out_dir.mkdir(exist_ok=True)
-    paths = [out_dir / name for name in PLOT_FILES]
-    _plot_lr(plt, info, rows, paths[0])
-    _plot_curves(plt, info, rows, paths[1])
-    _plot_size(plt, summary, paths[2])
-    _plot_correlation(plt, summary, paths[3])
-    points = price_points(summary)
-    if not points:  # a summary from before the price columns
-        return paths[:4]
-    plot_price(points, paths[4])
-    return paths
+__all__ = ["register", "run"]
 
 
 def register(subparsers: Any) -> None:
@@ -294,15 +40,15 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``snapens plot``: write the PNGs (evaluating the run first if needed) and print their paths."""
-    from snapens.cli._common import configure_logging, progress_enabled
+    from snapens.workflows.plotting import plot
 
     configure_logging(args.quiet)
     announce = None if args.quiet else (lambda note: print(note, file=sys.stderr))
-    from snapens._lock import run_lock
-
-    with run_lock(args.run_dir):  # it writes plots/ (and maybe summary.json): one owner at a time
-        paths = plot_run(args.run_dir, device=args.device, data_dir=args.data_dir,
-                         progress=progress_enabled(args.quiet), announce=announce)
+    try:
+        paths = plot(args.run_dir, device=args.device, data_dir=args.data_dir, progress=progress_enabled(args.quiet),
+                     announce=announce)
+    except ImportError as exc:  # no matplotlib: a user error like any other
+        raise CLIError(str(exc)) from exc
     if not args.quiet:
         for path in paths:
             print(path)

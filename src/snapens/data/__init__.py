@@ -28,7 +28,9 @@ from snapens.data.splits import (
     Split,
     _check_limit,
     channel_stats,
+    derive_seed,
     limit_splits,
+    split_fingerprint,
     stratified_split,
 )
 from snapens.data.svhn import load_svhn
@@ -46,7 +48,9 @@ __all__ = [
     "load_svhn",
     "stratified_split",
     "limit_splits",
+    "split_fingerprint",
     "channel_stats",
+    "derive_seed",
     "epoch_permutation",
     "augment_batch",
     "user_cache_dir",

@@ -125,16 +125,9 @@ def _resolve_url(base_url: str | None, archive: str) -> str:
     return base.rstrip("/") + "/" + archive
 
 
-def load_cifar(
-    which: str,
-    data_dir: str | os.PathLike[str],
-    *,
-    download: bool = False,
-    val_size: int | float | None = None,
-    seed: int = 0,
-    base_url: str | None = None,
-    md5: str | None = None,
-) -> DatasetSplits:
+def load_cifar(which: str, data_dir: str | os.PathLike[str], *, download: bool = False,
+               val_size: int | float | None = None, seed: int = 0, base_url: str | None = None,
+               md5: str | None = None) -> DatasetSplits:
     """Load CIFAR-10 or CIFAR-100 (fine labels) from ``data_dir``.
 
     Looks for, in order: the extracted folder (``data_dir/cifar-10-batches-py``, or ``data_dir`` itself when it

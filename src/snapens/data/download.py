@@ -1,7 +1,6 @@
 """Fetching, verifying, writing and unpacking data files, without trusting what comes over the wire.
 
-Files are written through :mod:`snapens._io` (atomic, honouring the umask); ``atomic_writer`` is its
-:func:`~snapens._io.atomic_open`, kept under its old name.
+Files are written through :func:`snapens._io.atomic_open` (atomic, honouring the umask).
 """
 
 from __future__ import annotations
@@ -21,10 +20,10 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from snapens._io import atomic_open as atomic_writer
+from snapens._io import atomic_open
 from snapens._io import fsync_dir
 
-__all__ = ["atomic_writer", "file_md5", "download_file", "check_tar_members", "safe_extract", "user_cache_dir"]
+__all__ = ["file_md5", "download_file", "check_tar_members", "safe_extract", "user_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ def download_file(url: str, dest: str | os.PathLike[str], *, md5: str | None = N
     digest = hashlib.md5(usedforsecurity=False)
     log.info("downloading %s to %s", url, dest)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_writer(dest) as out:
+        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_open(dest) as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not sys.stderr.isatty()) as bar:
                 for block in iter(lambda: response.read(_CHUNK), b""):

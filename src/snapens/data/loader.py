@@ -8,24 +8,14 @@ original epoch ``e``, and no worker processes are involved.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from snapens.data.splits import AugmentSpec, Split
+from snapens.data.splits import AugmentSpec, Split, derive_seed
 
-__all__ = ["BatchLoader", "derive_seed", "epoch_permutation", "augment_batch"]
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from a tuple, e.g. ``("order", seed, epoch)``: the first 8 bytes of its SHA-256.
-
-    Hashing keeps nearby tuples such as ``(0, 1)`` and ``(1, 0)`` from giving related streams.
-    """
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+__all__ = ["BatchLoader", "epoch_permutation", "augment_batch"]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

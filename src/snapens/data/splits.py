@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ __all__ = [
     "channel_stats",
     "make_splits",
     "limit_splits",
+    "derive_seed",
+    "split_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
@@ -32,10 +35,13 @@ class Split:
     Attributes:
         images: uint8 tensor ``[N, C, H, W]`` with values 0..255.
         labels: int64 tensor ``[N]``.
+        source_index: for a split cut out of another by :meth:`subset`, the positions of its images in the split
+            loaded from disk (int64 ``[N]``); ``None`` for a split as loaded (positions ``0..N-1``).
     """
 
     images: torch.Tensor
     labels: torch.Tensor
+    source_index: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -51,9 +57,10 @@ class Split:
         return int(self.labels.shape[0])
 
     def subset(self, index: torch.Tensor | np.ndarray) -> Split:
-        """The images and labels at ``index`` (a copy)."""
+        """The images and labels at ``index`` (a copy), remembering where they came from (``source_index``)."""
         index = torch.as_tensor(index, dtype=torch.int64)
-        return Split(self.images[index].contiguous(), self.labels[index].contiguous())
+        source = index if self.source_index is None else self.source_index[index]
+        return Split(self.images[index].contiguous(), self.labels[index].contiguous(), source.contiguous())
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,32 @@ class DatasetSplits:
     @property
     def image_size(self) -> tuple[int, int]:
         return int(self.train.images.shape[2]), int(self.train.images.shape[3])
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple, e.g. ``("order", seed, epoch)``: the first 8 bytes of its SHA-256.
+
+    Hashing keeps nearby tuples such as ``(0, 1)`` and ``(1, 0)`` from giving related streams.
+    """
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def split_fingerprint(data: DatasetSplits) -> str:
+    """SHA-256 (hex) of which images went where: each split's ``source_index`` (``0..N-1`` when it has none) and
+    labels, in order, for train, val and test.
+
+    Two loads of a dataset with the same seed, ``val_size`` and limits give the same fingerprint; another seed
+    gives another validation split, and so another fingerprint, even where sizes and classes are unchanged.
+    """
+    digest = hashlib.sha256()
+    for name in ("train", "val", "test"):
+        split = getattr(data, name)
+        index = split.source_index if split.source_index is not None else torch.arange(len(split))
+        digest.update(f"{name}:{len(split)}:".encode())
+        digest.update(np.ascontiguousarray(index.numpy(), dtype="<i8").tobytes())
+        digest.update(np.ascontiguousarray(split.labels.numpy(), dtype="<i8").tobytes())
+    return digest.hexdigest()
 
 
 def resolve_val_count(val_size: int | float | None, n: int, default: int | float) -> int:
@@ -250,8 +283,6 @@ def limit_splits(
     Raises:
         ValueError: a limit that is not a positive integer.
     """
-    from snapens.data.loader import derive_seed  # lazy: loader imports this module
-
     _check_limit(limit_train, "limit_train")
     _check_limit(limit_test, "limit_test")
     train, val, test = data.train, data.val, data.test

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from snapens.checkpoint import SnapshotStore
-from snapens.schedule import cosine_snapshot_steps
+from snapens.schedule import check_lr_min, cosine_anneal, cosine_snapshot_steps
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +29,7 @@ def check_callback_args(n_snapshots: int, dirpath: str | os.PathLike[str], lr_mi
     """Validate the arguments both callbacks take; returns ``dirpath`` as a :class:`~pathlib.Path`."""
     if isinstance(n_snapshots, bool) or not isinstance(n_snapshots, int) or n_snapshots < 1:
         raise ValueError(f"Expected an integer n_snapshots (M) >= 1, but got {n_snapshots!r}")
-    if isinstance(lr_min, bool) or not isinstance(lr_min, (int, float)) or not math.isfinite(lr_min) or lr_min < 0:
-        raise ValueError(f"Expected a finite lr_min >= 0, but got {lr_min!r}")
+    check_lr_min(lr_min)
     if not isinstance(dirpath, (str, os.PathLike)) or not os.fspath(dirpath):
         raise ValueError(f"Expected a folder path for dirpath, but got {dirpath!r}")
     return Path(dirpath)
@@ -55,15 +54,6 @@ def check_budget(total_steps: float, n_snapshots: int, where: str) -> int:
     return total
 
 
-def group_peaks(optimizer: Any) -> list[float]:
-    """Each param group's peak: its ``initial_lr`` when a scheduler recorded one, otherwise its ``lr``."""
-    peaks = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
-    for peak in peaks:
-        if not math.isfinite(peak) or peak <= 0:
-            raise ValueError(f"Expected a finite learning rate > 0 in every param group (the peak), but got {peak!r}")
-    return peaks
-
-
 @dataclass
 class SnapshotPlan:
     """``M`` cycles over ``total_steps`` optimizer steps, each param group annealed from its own peak."""
@@ -72,27 +62,27 @@ class SnapshotPlan:
     total_steps: int
     peaks: list[float]
     lr_min: float = 0.0
-    bounds: list[int] = field(init=False)
+    snapshot_steps: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         for peak in self.peaks:
             if peak <= self.lr_min:
                 raise ValueError(f"Expected every param group's learning rate (peak) > lr_min ({self.lr_min!r}), "
                                  f"but got {peak!r}")
-        self.bounds = cosine_snapshot_steps(self.total_steps, self.n_snapshots)
+        self.snapshot_steps = cosine_snapshot_steps(self.total_steps, self.n_snapshots)
 
     def lrs(self, step: int) -> list[float]:
         """The rate of every param group for the 0-based optimizer ``step``: ``cosine_snapshot_lr`` of each peak.
 
-        Computed here from the cached cycle bounds, with the same expression, because it runs before every
-        optimizer step (``cosine_snapshot_lr`` re-derives and re-checks the cycles on each call).
+        The cycle is located from the cached snapshot steps, because this runs before every optimizer step
+        (``cosine_snapshot_lr`` re-derives and re-checks the cycles on each call); the rate is the schedule's own
+        :func:`~snapens.schedule.cosine_anneal`.
         """
-        cycle = min(bisect.bisect_left(self.bounds, step), self.n_snapshots - 1)
-        start = self.bounds[cycle - 1] + 1 if cycle else 0
-        length = self.bounds[cycle] - start + 1
+        cycle = min(bisect.bisect_left(self.snapshot_steps, step), self.n_snapshots - 1)
+        start = self.snapshot_steps[cycle - 1] + 1 if cycle else 0
+        length = self.snapshot_steps[cycle] - start + 1
         pos = min(max(step - start, 0), length - 1)  # past the budget: stay at the last step
-        shape = 0.5 * (1.0 + math.cos(math.pi * pos / length))
-        return [self.lr_min + (peak - self.lr_min) * shape for peak in self.peaks]
+        return [cosine_anneal(pos, length, peak, self.lr_min) for peak in self.peaks]
 
     def apply(self, optimizer: Any, step: int) -> None:
         """Set every param group's ``lr`` for the optimizer step ``step`` (0-based) that is about to run."""
@@ -105,7 +95,7 @@ class SnapshotPlan:
 
     def taken_by(self, steps_done: int) -> int:
         """How many snapshots are due once ``steps_done`` optimizer steps have run."""
-        return sum(bound < steps_done for bound in self.bounds)
+        return sum(bound < steps_done for bound in self.snapshot_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return {"n_snapshots": self.n_snapshots, "total_steps": self.total_steps, "peaks": list(self.peaks),
@@ -123,13 +113,48 @@ def save_snapshot(
     model_kwargs: Mapping[str, Any],
 ) -> None:
     """Write snapshot ``index`` (1-based) of ``plan``: taken after step ``bounds[index - 1]``."""
-    bound = plan.bounds[index - 1]
+    bound = plan.snapshot_steps[index - 1]
     store.save(
         state_dict, index=index, step=bound + 1, epoch=max(float(epoch), 0.0), lr=plan.lrs(bound)[0],
         model_name=model_name, model_kwargs=model_kwargs,
     )
     logger.info("snapshot %d/%d (after step %d of %d) saved to %s", index, plan.n_snapshots, bound + 1,
                 plan.total_steps, store.folder)
+
+
+class SnapshotCallbackBase:
+    """What the Lightning and ``transformers`` ``SnapshotCallback`` share: their arguments and their state.
+
+    Args:
+        n_snapshots: ``M``, the number of cycles and snapshots.
+        dirpath: the snapshot folder (created on the first save); ``<run>/snapshots`` suits ``from_run``.
+        lr_min: the floor each cycle anneals to (0 in the paper).
+        model_name: the architecture name recorded in the manifest (default: the model's class name).
+        model_kwargs: JSON-serialisable constructor arguments recorded with it (default: none).
+
+    Attributes:
+        saved: the snapshot indices this process wrote (empty on every process but the one that writes).
+    """
+
+    def __init__(
+        self,
+        n_snapshots: int,
+        dirpath: str | os.PathLike[str],
+        lr_min: float = 0.0,
+        *,
+        model_name: str | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.dirpath: Path = check_callback_args(n_snapshots, dirpath, lr_min)
+        self.n_snapshots = n_snapshots
+        self.lr_min = float(lr_min)
+        self.model_name = model_name
+        self.model_kwargs = dict(model_kwargs or {})
+        self.store = SnapshotStore(self.dirpath)
+        self.plan: SnapshotPlan | None = None
+        self.taken = 0
+        self.saved: list[int] = []
 
 
 def model_identity(module: torch.nn.Module, name: str | None, kwargs: Mapping[str, Any] | None,

@@ -29,7 +29,6 @@ installed backend first (e.g. ``KERAS_BACKEND=torch``).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -40,17 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 
-try:
-    import keras
-except ImportError as exc:  # pragma: no cover - exercised in a test by hiding keras
-    if exc.name == "keras" or importlib.util.find_spec("keras") is None:
-        raise ImportError(
-            "snapens.integrations.keras needs Keras 3: pip install keras h5py (or pip install -e '.[keras]' in a clone)"
-        ) from exc
-    raise ImportError(
-        f"Keras is installed but failed to import ({exc}); set KERAS_BACKEND to an installed backend "
-        "(torch, jax or tensorflow) before importing it"
-    ) from exc
+from snapens.integrations._optional import import_optional
+
+keras = import_optional("keras", extra="keras", needs="Keras 3", pip="keras h5py",
+                        broken_hint="set KERAS_BACKEND to an installed backend (torch, jax or tensorflow) before "
+                                    "importing it")
 
 from snapens import metrics, weighting
 from snapens._io import atomic_path
@@ -165,7 +158,7 @@ class SnapshotScheduleCallback(keras.callbacks.Callback):
         self.lr_min = float(lr_min)
         self.steps_per_epoch: int | None = None
         self.total_steps: int | None = None
-        self._bounds: list[int] = []
+        self._snapshot_steps: list[int] = []
         self._epoch = 0
         self._batch_begin = 0
         self._lr: Any = None
@@ -208,10 +201,10 @@ class SnapshotScheduleCallback(keras.callbacks.Callback):
             )
         self.steps_per_epoch = int(steps)
         self.total_steps = self.nb_epochs * self.steps_per_epoch
-        self._bounds = cosine_snapshot_steps(self.total_steps, self.nb_snapshots)
+        self._snapshot_steps = cosine_snapshot_steps(self.total_steps, self.nb_snapshots)
         logger.info(
             "snapshot schedule: %d steps (%d epochs x %d), %d cycles ending after steps %s",
-            self.total_steps, self.nb_epochs, self.steps_per_epoch, self.nb_snapshots, self._bounds,
+            self.total_steps, self.nb_epochs, self.steps_per_epoch, self.nb_snapshots, self._snapshot_steps,
         )
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -231,7 +224,7 @@ class SnapshotScheduleCallback(keras.callbacks.Callback):
         base = self._epoch * self.steps_per_epoch
         first, last = base + self._batch_begin, base + batch
         # One Keras "batch" may span several steps (steps_per_execution); save each cycle that ended inside it.
-        for k, bound in enumerate(self._bounds, start=1):
+        for k, bound in enumerate(self._snapshot_steps, start=1):
             if first <= bound <= last:
                 self._save(k, step=bound)
 

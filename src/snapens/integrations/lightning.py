@@ -27,73 +27,33 @@ one optimizer (automatic or manual optimization) on single-device and DDP strate
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-try:
-    import lightning.pytorch as pl
-except ImportError as exc:  # pragma: no cover - exercised in a test by hiding lightning
-    if exc.name in ("lightning", "lightning.pytorch") or importlib.util.find_spec("lightning") is None:
-        raise ImportError(
-            "snapens.integrations.lightning needs Lightning: pip install lightning (or pip install -e '.[lightning]' in a clone)"
-        ) from exc
-    raise
+from snapens.integrations._optional import import_optional
 
-from snapens.checkpoint import SnapshotStore, unwrap_state_dict
-from snapens.integrations._plan import (
-    SnapshotPlan,
-    check_budget,
-    check_callback_args,
-    describe_missing,
-    group_peaks,
-    model_identity,
-    save_snapshot,
-)
+pl = import_optional("lightning.pytorch", extra="lightning", needs="Lightning", pip="lightning")
+
+from snapens.checkpoint import unwrap_state_dict
+from snapens.integrations._plan import SnapshotCallbackBase, SnapshotPlan, check_budget, describe_missing
+from snapens.integrations._plan import model_identity, save_snapshot
+from snapens.schedule import group_peaks
 
 __all__ = ["SnapshotCallback"]
 
 logger = logging.getLogger(__name__)
 
 
-class SnapshotCallback(pl.Callback):
+class SnapshotCallback(SnapshotCallbackBase, pl.Callback):
     """Cyclic cosine learning rate over the trainer's step budget and one snapshot per cycle (rank 0 writes).
 
-    Args:
-        n_snapshots: ``M``, the number of cycles and snapshots.
-        dirpath: the snapshot folder (created on the first save); ``<run>/snapshots`` suits ``from_run``.
-        lr_min: the floor each cycle anneals to (0 in the paper).
-        model_name: the architecture name recorded in the manifest (default: the module's class name).
-        model_kwargs: JSON-serialisable constructor arguments recorded with it (default: none).
-
-    Attributes:
-        saved: the snapshot indices this process wrote (empty on every rank but 0).
+    Takes ``(n_snapshots, dirpath, lr_min=0.0, *, model_name=None, model_kwargs=None)`` and keeps :attr:`saved`
+    as described in :class:`~snapens.integrations._plan.SnapshotCallbackBase` (the manifest's default model name
+    is the LightningModule's class name; only rank 0 saves).
     """
 
-    def __init__(
-        self,
-        n_snapshots: int,
-        dirpath: str | os.PathLike[str],
-        lr_min: float = 0.0,
-        *,
-        model_name: str | None = None,
-        model_kwargs: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__()
-        self.dirpath: Path = check_callback_args(n_snapshots, dirpath, lr_min)
-        self.n_snapshots = n_snapshots
-        self.lr_min = float(lr_min)
-        self.model_name = model_name
-        self.model_kwargs = dict(model_kwargs or {})
-        self.store = SnapshotStore(self.dirpath)
-        self.plan: SnapshotPlan | None = None
-        self.taken = 0
-        self.saved: list[int] = []
-        self._restored: dict[str, Any] | None = None
-        self._state_key: str | None = None
+    _restored: dict[str, Any] | None = None  # a checkpoint's callback state, applied at on_train_start
+    _state_key: str | None = None
 
     @property
     def state_key(self) -> str:
@@ -143,7 +103,7 @@ class SnapshotCallback(pl.Callback):
                 logger.warning("snapshots %s are not in %s (they were taken before the checkpoint)", missing,
                                self.store.folder)
         logger.info("snapshot schedule: %d optimizer steps, %d cycles ending after steps %s",
-                    self.plan.total_steps, self.n_snapshots, [b + 1 for b in self.plan.bounds])
+                    self.plan.total_steps, self.n_snapshots, [b + 1 for b in self.plan.snapshot_steps])
         self._save_due(trainer, pl_module, trainer.fit_loop.epoch_loop.batch_progress.current.completed)
 
     # ---------------------------------------------------------------------------------------- every step
@@ -162,7 +122,7 @@ class SnapshotCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         plan = self.plan
-        if plan is not None and self.taken < plan.n_snapshots and plan.bounds[self.taken] < trainer.global_step:
+        if plan is not None and self.taken < plan.n_snapshots and plan.snapshot_steps[self.taken] < trainer.global_step:
             self._save_due(trainer, pl_module, batch_idx + 1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -179,7 +139,7 @@ class SnapshotCallback(pl.Callback):
         # Every rank calls this: strategies that shard the model gather its state dict collectively.
         state = trainer.strategy.lightning_module_state_dict()
         for index in range(self.taken + 1, due + 1):
-            bound = self.plan.bounds[index - 1]
+            bound = self.plan.snapshot_steps[index - 1]
             if bound + 1 != trainer.global_step:
                 logger.warning("snapshot %d belongs after step %d but is taken after step %d", index, bound + 1,
                                trainer.global_step)

@@ -25,21 +25,13 @@ so ``trainer.train(resume_from_checkpoint=...)`` continues without a duplicate o
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-try:
-    import transformers
-except ImportError as exc:  # pragma: no cover - exercised in a test by hiding transformers
-    if exc.name == "transformers" or importlib.util.find_spec("transformers") is None:
-        raise ImportError(
-            "snapens.integrations.transformers needs transformers: pip install transformers accelerate (or pip install -e '.[transformers]' in a clone)"
-        ) from exc
-    raise
+from snapens.integrations._optional import import_optional
+
+transformers = import_optional("transformers", extra="transformers", needs="transformers",
+                               pip="transformers accelerate")
 
 if not hasattr(transformers.TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - old releases
     raise ImportError(
@@ -49,16 +41,10 @@ if not hasattr(transformers.TrainerCallback, "on_pre_optimizer_step"):  # pragma
 
 from torch.optim.lr_scheduler import LambdaLR
 
-from snapens.checkpoint import SnapshotStore, unwrap_state_dict
-from snapens.integrations._plan import (
-    SnapshotPlan,
-    check_budget,
-    check_callback_args,
-    describe_missing,
-    group_peaks,
-    model_identity,
-    save_snapshot,
-)
+from snapens.checkpoint import unwrap_state_dict
+from snapens.integrations._plan import SnapshotCallbackBase, SnapshotPlan, check_budget, describe_missing
+from snapens.integrations._plan import model_identity, save_snapshot
+from snapens.schedule import group_peaks
 
 __all__ = ["SnapshotCallback"]
 
@@ -85,38 +71,12 @@ def _check_constant_schedule(lr_scheduler: Any, args: Any, total_steps: int) -> 
         )
 
 
-class SnapshotCallback(transformers.TrainerCallback):
+class SnapshotCallback(SnapshotCallbackBase, transformers.TrainerCallback):
     """Cyclic cosine learning rate over ``state.max_steps`` and one snapshot per cycle (process zero writes).
 
-    Args:
-        n_snapshots: ``M``, the number of cycles and snapshots.
-        dirpath: the snapshot folder (created on the first save); ``<run>/snapshots`` suits ``from_run``.
-        lr_min: the floor each cycle anneals to (0 in the paper).
-        model_name: the architecture name recorded in the manifest (default: the model's class name).
-        model_kwargs: JSON-serialisable constructor arguments recorded with it (default: none).
-
-    Attributes:
-        saved: the snapshot indices this process wrote (empty on every process but zero).
+    Takes ``(n_snapshots, dirpath, lr_min=0.0, *, model_name=None, model_kwargs=None)`` and keeps :attr:`saved`
+    as described in :class:`~snapens.integrations._plan.SnapshotCallbackBase` (only process zero saves).
     """
-
-    def __init__(
-        self,
-        n_snapshots: int,
-        dirpath: str | os.PathLike[str],
-        lr_min: float = 0.0,
-        *,
-        model_name: str | None = None,
-        model_kwargs: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.dirpath: Path = check_callback_args(n_snapshots, dirpath, lr_min)
-        self.n_snapshots = n_snapshots
-        self.lr_min = float(lr_min)
-        self.model_name = model_name
-        self.model_kwargs = dict(model_kwargs or {})
-        self.store = SnapshotStore(self.dirpath)
-        self.plan: SnapshotPlan | None = None
-        self.taken = 0
-        self.saved: list[int] = []
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         total = check_budget(state.max_steps, self.n_snapshots, "state.max_steps")
@@ -135,7 +95,7 @@ class SnapshotCallback(transformers.TrainerCallback):
                 logger.warning("resumed at step %d, but snapshots %s are not in %s", state.global_step, missing,
                                self.store.folder)
         logger.info("snapshot schedule: %d optimizer steps, %d cycles ending after steps %s", total,
-                    self.n_snapshots, [b + 1 for b in self.plan.bounds])
+                    self.n_snapshots, [b + 1 for b in self.plan.snapshot_steps])
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         assert self.plan is not None
@@ -144,7 +104,7 @@ class SnapshotCallback(transformers.TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         plan = self.plan
-        if plan is None or self.taken >= plan.n_snapshots or plan.bounds[self.taken] >= state.global_step:
+        if plan is None or self.taken >= plan.n_snapshots or plan.snapshot_steps[self.taken] >= state.global_step:
             return
         due = plan.taken_by(state.global_step)
         if state.is_world_process_zero:

@@ -72,6 +72,13 @@ def _parse_densenet(bottleneck: bool) -> Callable[[re.Match[str]], dict[str, Any
     return parse
 
 
+def _densenet_family(form: str, description: str, examples: tuple[str, ...], *, bottleneck: bool) -> _Family:
+    """A DenseNet family: ``form`` ends in ``D-K`` (depth, growth rate)."""
+    return _Family(form=form, description=description, pattern=re.compile(form.replace("D-K", r"(\d+)-(\d+)")),
+                   examples=examples, options=("dropout", "memory_efficient"), parse=_parse_densenet(bottleneck),
+                   build=DenseNet)
+
+
 def _parse_resnet(m: re.Match[str]) -> dict[str, Any]:
     depth = int(m[1])
     resnet_blocks_per_stage(depth)
@@ -89,24 +96,10 @@ _FAMILIES: tuple[_Family, ...] = (
         parse=_parse_wrn,
         build=WideResNet,
     ),
-    _Family(
-        form="densenet-D-K",
-        description="DenseNet, depth D = 3L+4, growth rate K",
-        pattern=re.compile(r"densenet-(\d+)-(\d+)"),
-        examples=("densenet-40-12", "densenet-100-24"),
-        options=("dropout", "memory_efficient"),
-        parse=_parse_densenet(False),
-        build=DenseNet,
-    ),
-    _Family(
-        form="densenet-bc-D-K",
-        description="DenseNet-BC (bottleneck, compression 0.5), depth D = 6L+4, growth rate K",
-        pattern=re.compile(r"densenet-bc-(\d+)-(\d+)"),
-        examples=("densenet-bc-100-12",),
-        options=("dropout", "memory_efficient"),
-        parse=_parse_densenet(True),
-        build=DenseNet,
-    ),
+    _densenet_family("densenet-D-K", "DenseNet, depth D = 3L+4, growth rate K",
+                     ("densenet-40-12", "densenet-100-24"), bottleneck=False),
+    _densenet_family("densenet-bc-D-K", "DenseNet-BC (bottleneck, compression 0.5), depth D = 6L+4, growth rate K",
+                     ("densenet-bc-100-12",), bottleneck=True),
     _Family(
         form="resnet-D",
         description="ResNet for CIFAR, depth D = 6n+2 (20, 32, 44, 56, 110, ...)",

@@ -1,64 +1,22 @@
-"""Snapshot ensembles at test time: the weighted mean of the members' softmax probabilities.
-
-For members :math:`f_1, \\dots, f_M` (snapshots of one architecture) and weights :math:`w_m \\ge 0`,
-:math:`\\sum_m w_m = 1` (equal, :math:`w_m = 1/M`, in the paper):
-
-.. math::
-
-    p(y \\mid x) = \\sum_{m=1}^{M} w_m \\, \\mathrm{softmax}(f_m(x))_y
-
-Probabilities are averaged, never logits or weights (Huang et al., 2017, Sec. 3).
-
-Two forms share one scikit-learn-like interface (``member_probs`` [M, N, C], ``predict_proba`` [N, C],
-``predict`` [N]):
-
-* :class:`SnapshotEnsemble` (default) keeps the members' state dicts off the device (CPU unless told otherwise)
-  and streams them through ONE working model on the device, so device memory holds one model, not M.
-* :class:`MaterializedEnsemble` (``SnapshotEnsemble.materialize()``) holds all M members as submodules; its
-  ``forward`` is plain tensor code that ``torch.export.export`` and ``torch.jit.trace`` can capture.
-
-Both always run in eval mode (BatchNorm uses its running statistics); the prediction methods run in
-``torch.inference_mode``.
-
-Inputs. Built with the training set's per-channel ``mean`` / ``std`` (as :meth:`SnapshotEnsemble.from_run` does
-by default), an ensemble takes images as a user has them: a uint8 tensor ``[N, C, H, W]`` with values 0..255, or
-a floating tensor ``[N, C, H, W]`` with values in [0, 1] (the uint8 pixels divided by 255), and normalises them
-itself, ``(x - mean) / std``; floating input outside [0, 1] is refused. Without ``mean`` / ``std``
-(``from_run(..., inputs="normalized")``, or the constructor without them) it takes what the network was trained
-on: images already normalised by the caller.
-
-Precision. ``precision="auto"`` (default) runs the members in bf16 autocast where the device computes bf16
-natively (a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16) and in fp32 elsewhere; ``"fp32"`` forces fp32
-(the numbers of earlier versions, bit for bit), ``"bf16"`` forces bf16 and ``"fp16"`` is fp16 autocast on CUDA.
-Softmax and the weighted mean are always computed in fp32. Conv nets run in channels-last memory format
-under bf16/fp16 (where it is faster) and in the default format under fp32.
-
-Example:
-    >>> ens = SnapshotEnsemble.from_run("runs/c10", build_model, last=3, device="cuda")  # doctest: +SKIP
-    >>> probs = ens.predict_proba(test_loader)                                          # doctest: +SKIP
-    >>> program = torch.export.export(ens.materialize(), (x,))                          # doctest: +SKIP
-"""
+"""Snapshots of one architecture streamed through one working model: device memory for one model, not M."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from snapens import _checks, runs
-from snapens._precision import autocast as _autocast
-from snapens._precision import PRECISIONS, resolve_precision
+from snapens import runs
+from snapens._precision import Precision
 from snapens.checkpoint import (
     SnapshotError,
     SnapshotStore,
@@ -67,308 +25,29 @@ from snapens.checkpoint import (
     strip_wrapper_prefixes,
     unwrap_model,
 )
+from snapens.ensemble._base import (
+    _ONE_COPY_BYTES,
+    DEFAULT_BATCH_SIZE,
+    INPUTS,
+    Inputs,
+    Weights,
+    _Ensemble,
+    _iter_inputs,
+    _keep,
+    _prepare_module,
+    _set_layout,
+)
+from snapens.ensemble.materialized import MaterializedEnsemble
 
-__all__ = ["SnapshotEnsemble", "MaterializedEnsemble", "resolve_member_weights", "validate_weights",
-           "DEFAULT_BATCH_SIZE", "INPUTS"]
+__all__ = ["SnapshotEnsemble"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("snapens.ensemble")
 
-#: Rows per forward pass when a whole tensor is passed to the prediction methods.
-DEFAULT_BATCH_SIZE = 256
-#: What :meth:`SnapshotEnsemble.from_run` can take: raw ``"images"`` (normalised by the ensemble with the run's
-#: mean/std) or inputs already ``"normalized"`` by the caller.
-INPUTS = ("images", "normalized")
-#: Inputs up to this size are copied to the device once for all members (a test set of 32x32 uint8 images is
-#: ~30 MB); larger ones are copied slice by slice, once per member.
-_ONE_COPY_BYTES = 1 << 30
-#: Slack for float images in [0, 1]: resampling or colour conversion can overshoot by a rounding error.
-_RANGE_SLACK = 1e-3
-
-#: A tensor (or array) of inputs, or an iterable of ``x`` or ``(x, y, ...)`` batches (a DataLoader, BatchLoader).
-Inputs = Union[Tensor, np.ndarray, Iterable[Any]]
-Weights = Union[Sequence[float], Tensor, np.ndarray, None]
 _NO_STATE_DICT = (
     "a SnapshotEnsemble has no state_dict: its working model holds only the member loaded last. Save the members "
     "with snapens.SnapshotStore (one file per snapshot, what from_run reads), or call materialize() for one "
     "module holding all M members (its state_dict() has them all)"
 )
-
-
-def resolve_member_weights(weights: Weights, n_members: int) -> Tensor:
-    """Check ensemble weights and return them as float32 ``[M]``; ``None`` gives equal weights ``1/M``.
-
-    Raises:
-        ValueError: no members, wrong length, not finite, negative, or not summing to 1 within 1e-6
-            (see :func:`snapens.weighting.check_simplex_weights`).
-    """
-    if n_members < 1:
-        raise ValueError(f"an ensemble needs at least one member, got {n_members}")
-    if weights is None:
-        return torch.full((n_members,), 1.0 / n_members, dtype=torch.float32)
-    return _checks.check_weights(weights, n_members).to(torch.float32)
-
-
-def validate_weights(weights: Weights, n_members: int) -> Tensor:
-    """Deprecated alias of :func:`resolve_member_weights`."""
-    warnings.warn("snapens.ensemble.validate_weights is deprecated; use resolve_member_weights",
-                  DeprecationWarning, stacklevel=2)
-    return resolve_member_weights(weights, n_members)
-
-
-def _iter_inputs(x_or_batches: Inputs, batch_size: int) -> Iterator[Tensor]:
-    """Yield input tensors: slices of a tensor, or the ``x`` of each batch of an iterable."""
-    if isinstance(x_or_batches, np.ndarray):
-        x_or_batches = torch.from_numpy(x_or_batches)
-    if isinstance(x_or_batches, Tensor):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        yield from x_or_batches.split(batch_size)
-        return
-    if not isinstance(x_or_batches, Iterable):
-        raise ValueError(f"expected a tensor or an iterable of batches, got {type(x_or_batches).__name__}")
-    for i, batch in enumerate(x_or_batches):
-        if isinstance(batch, (tuple, list)):
-            if not batch:
-                raise ValueError(f"batch {i} is an empty {type(batch).__name__}")
-            batch = batch[0]
-        if isinstance(batch, np.ndarray):
-            batch = torch.from_numpy(batch)
-        if not isinstance(batch, Tensor):
-            raise ValueError(f"batch {i}: expected a tensor or an (x, y) tuple, got {type(batch).__name__}")
-        yield batch
-
-
-def _channel_stats(values: Any, name: str) -> Tensor:
-    try:
-        t = torch.tensor([float(v) for v in values], dtype=torch.float32)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a sequence of numbers, one per channel, got {values!r}") from exc
-    if t.numel() == 0 or not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite numbers, one per channel, got {values!r}")
-    return t
-
-
-def _has_conv(module: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in module.modules())
-
-
-class _Ensemble(nn.Module):
-    """Shared part: the ``weights_`` buffer, input normalisation, precision, eval-only mode, the prediction methods."""
-
-    weights_: Tensor
-    input_scale: Tensor | None
-    input_shift: Tensor | None
-
-    def __init__(self, n_members: int, weights: Weights, *, precision: str, channels_last: bool | None,
-                 mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
-        super().__init__()
-        self.register_buffer("weights_", resolve_member_weights(weights, n_members))
-        if (mean is None) != (std is None):
-            raise ValueError("pass both mean and std (the ensemble normalises images), or neither")
-        if mean is not None and std is not None:
-            mean_t, std_t = _channel_stats(mean, "mean"), _channel_stats(std, "std")
-            if mean_t.shape != std_t.shape or not bool((std_t > 0).all()):
-                raise ValueError(f"mean and std need one value per channel, std > 0; got {list(mean)}, {list(std)}")
-            # (u8/255 - mean)/std == u8 * scale - shift: the same float32 numbers as snapens.data.BatchLoader.
-            self.register_buffer("input_scale", (1.0 / (255.0 * std_t)).view(1, -1, 1, 1))
-            self.register_buffer("input_shift", (mean_t / std_t).view(1, -1, 1, 1))
-            self.register_buffer("input_mean", mean_t.view(1, -1, 1, 1))
-            self.register_buffer("input_std", std_t.view(1, -1, 1, 1))
-        else:
-            for name in ("input_scale", "input_shift", "input_mean", "input_std"):
-                self.register_buffer(name, None)
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; expected auto, fp32, bf16 or fp16")
-        self.requested_precision = precision
-        self.requested_channels_last = channels_last
-        self._resolved: dict[torch.device, str] = {}
-
-    @property
-    def n_members(self) -> int:
-        """M, the number of members."""
-        return int(self.weights_.numel())
-
-    def __len__(self) -> int:
-        return self.n_members
-
-    @property
-    def device(self) -> torch.device:
-        """The device the ensemble computes on (where ``weights_`` and the member model(s) live)."""
-        return self.weights_.device
-
-    @property
-    def normalizes_inputs(self) -> bool:
-        """Whether the ensemble takes raw images (uint8, or float in [0, 1]) and normalises them itself."""
-        return self.input_mean is not None
-
-    @property
-    def precision(self) -> str:
-        """The precision the members run in on :attr:`device`: ``fp32``, ``bf16`` or ``fp16`` (``auto`` resolved)."""
-        dev = self.device
-        if dev not in self._resolved:
-            self._resolved[dev] = resolve_precision(self.requested_precision, dev)
-        return self._resolved[dev]
-
-    def _uses_channels_last(self, model: nn.Module) -> bool:
-        if self.requested_channels_last is not None:
-            return bool(self.requested_channels_last)
-        # channels-last is what oneDNN / cuDNN want for reduced precision; fp32 keeps the default layout, so
-        # its numbers are the same as before precision existed.
-        return self.precision != "fp32" and _has_conv(model)
-
-    def set_weights(self, weights: Weights) -> None:
-        """Replace the member weights (validated as in the constructor; ``None`` = equal)."""
-        self.weights_.copy_(resolve_member_weights(weights, self.n_members))
-
-    def train(self, mode: bool = True) -> _Ensemble:
-        """Ensembles stay in eval mode: BatchNorm must use the snapshot's running statistics."""
-        if mode:
-            logger.debug("%s stays in eval mode", type(self).__name__)
-        return super().train(False)
-
-    def check_images(self, x: Tensor) -> None:
-        """Refuse floating images outside [0, 1] when the ensemble normalises (a 0..255 float tensor would
-        otherwise give confident nonsense), and uint8 images when it does not; pre-normalised input is not
-        range-checked."""
-        if self.input_mean is None and x.dtype == torch.uint8:
-            raise ValueError("got uint8 images, but this ensemble takes normalised inputs: build it with the "
-                             "training set's mean and std (from_run does by default) to give it images")
-        if self.input_mean is None or not x.is_floating_point() or x.numel() == 0:
-            return
-        lo, hi = (float(v) for v in torch.aminmax(x))
-        if not (-_RANGE_SLACK <= lo and hi <= 1.0 + _RANGE_SLACK):
-            raise ValueError(
-                f"expected images in [0, 1] (uint8 pixels / 255) or a uint8 tensor, got values in [{lo:.4g}, "
-                f"{hi:.4g}]; for inputs you normalised yourself build the ensemble without mean/std "
-                "(from_run(..., inputs='normalized'))")
-
-    def preprocess(self, x: Tensor) -> Tensor:
-        """Model input for ``x``: ``(x - mean) / std`` for float images in [0, 1], ``x * scale - shift`` for uint8
-        (bit-identical to :class:`snapens.data.BatchLoader`); ``x`` unchanged without mean/std."""
-        if self.input_mean is None:
-            return x
-        if x.dtype == torch.uint8:
-            return x.to(torch.float32).mul_(self.input_scale).sub_(self.input_shift)
-        return (x.to(torch.float32) - self.input_mean) / self.input_std
-
-    def _model_input(self, x: Tensor, channels_last: bool) -> Tensor:
-        x = self.preprocess(x)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    def member_probs_batch(self, x: Tensor) -> Tensor:
-        """Softmax probabilities of every member for one batch ``x`` already on :attr:`device`: [M, B, C]."""
-        raise NotImplementedError
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Ensemble probabilities :math:`\\sum_m w_m \\mathrm{softmax}(f_m(x))` for one batch: [B, C], float32.
-
-        ``x`` must be on :attr:`device`; unlike the prediction methods, ``forward`` does not check the range of
-        image inputs (it stays traceable)."""
-        probs = self.member_probs_batch(x)
-        return (self.weights_.to(probs.dtype).view(-1, 1, 1) * probs).sum(dim=0)
-
-    def _batches(self, x_or_batches: Inputs, batch_size: int) -> Iterator[Tensor]:
-        for x in _iter_inputs(x_or_batches, batch_size):
-            self.check_images(x)
-            yield x.to(self.device, non_blocking=True)
-
-    @torch.inference_mode()
-    def member_probs(self, x_or_batches: Inputs, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
-        """Every member's softmax probabilities, on CPU: [M, N, C].
-
-        Args:
-            x_or_batches: A tensor [N, ...] (run in slices of ``batch_size``) or an iterable of ``x`` or
-                ``(x, y)`` batches, iterated once. Images as described in the module docstring.
-            batch_size: Slice size for tensor input.
-        """
-        chunks = [self.member_probs_batch(x) for x in self._batches(x_or_batches, batch_size)]
-        if not chunks:
-            raise ValueError("no input batches: the input is empty")
-        return torch.cat(chunks, dim=1).cpu()
-
-    @torch.inference_mode()
-    def predict_proba(self, x_or_batches: Inputs, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
-        """Ensemble probabilities (weighted mean of member softmaxes), on CPU: [N, C]. Inputs as in
-        :meth:`member_probs`."""
-        chunks = [self(x) for x in self._batches(x_or_batches, batch_size)]
-        if not chunks:
-            raise ValueError("no input batches: the input is empty")
-        return torch.cat(chunks, dim=0).cpu()
-
-    @torch.inference_mode()
-    def predict(self, x_or_batches: Inputs, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
-        """Predicted classes, ``argmax`` of :meth:`predict_proba`: [N] int64 on CPU."""
-        return self.predict_proba(x_or_batches, batch_size=batch_size).argmax(dim=-1)
-
-
-def _keep(tensor: Tensor, device: str | torch.device | None, copy: bool) -> Tensor:
-    tensor = tensor.detach()
-    if device is None:
-        return tensor.clone() if copy else tensor
-    return tensor.to(device, copy=copy)
-
-
-def _prepare_module(module: nn.Module) -> nn.Module:
-    module = unwrap_model(module)
-    module.requires_grad_(False)
-    return module.eval()
-
-
-def _set_layout(module: nn.Module, channels_last: bool) -> None:
-    module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-class MaterializedEnsemble(_Ensemble):
-    """All M members held as submodules: plain tensor code, exportable with ``torch.export`` / ``torch.jit.trace``.
-
-    The precision (autocast) and input normalisation are part of ``forward``, so an exported program applies them
-    too. ``forward`` does not range-check its input (that would not trace); the prediction methods do.
-
-    Args:
-        members: The member networks (same input and number of classes).
-        weights: Member weights ``[M]`` (>= 0, summing to 1); ``None`` = equal.
-        names: Optional labels, e.g. the snapshot files.
-        precision, channels_last, mean, std: as in :class:`SnapshotEnsemble`.
-    """
-
-    def __init__(
-        self,
-        members: Sequence[nn.Module],
-        weights: Weights = None,
-        *,
-        names: Sequence[str] | None = None,
-        precision: str = "auto",
-        channels_last: bool | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-    ) -> None:
-        super().__init__(len(members), weights, precision=precision, channels_last=channels_last, mean=mean, std=std)
-        self.members = nn.ModuleList(_prepare_module(m) for m in members)
-        self.member_names = list(names) if names is not None else [f"member {m}" for m in range(len(members))]
-        self._layout: bool | None = None
-        self.eval()
-        self._ready()  # now, so that tracing for export never changes the modules
-
-    def _ready(self) -> bool:
-        channels_last = self._uses_channels_last(self.members[0])
-        if channels_last != self._layout:
-            for member in self.members:
-                _set_layout(member, channels_last)
-            self._layout = channels_last
-        return channels_last
-
-    def member_probs_batch(self, x: Tensor) -> Tensor:
-        """Softmax probabilities of every member for one batch: [M, B, C], float32."""
-        x = self._model_input(x, self._ready())
-        autocast = _autocast(x.device, self.precision)
-        probs = []
-        for member in self.members:
-            with autocast():
-                logits = member(x)
-            probs.append(F.softmax(logits.float(), dim=-1))
-        return torch.stack(probs)
 
 
 def _check_member(name: str, state: Any, reference: Mapping[str, Tensor]) -> None:
@@ -415,12 +94,16 @@ class SnapshotEnsemble(_Ensemble):
             :meth:`from_run` does this, as it owns freshly loaded tensors).
         names: Optional labels for the members (e.g. their files), used in messages.
         precision: ``"auto"`` (bf16 where the device runs it natively, else fp32), ``"fp32"``, ``"bf16"`` or
-            ``"fp16"`` (CUDA only); see :attr:`precision` for the one in use.
+            ``"fp16"`` (CUDA only), resolved once per device; or a :class:`~snapens._precision.Precision` resolved
+            before (the object :func:`snapens.engine.fit` takes). See :attr:`precision` for the one in use.
         channels_last: Channels-last memory format for the working model and 4-D inputs; ``None`` = on for conv
             nets under bf16/fp16, off under fp32.
         mean, std: The training set's per-channel mean and std in [0, 1] units: the ensemble then takes images
             (uint8 0..255, or float in [0, 1]) and normalises them itself. ``None`` (default here): inputs are
             normalised by the caller.
+        input_shape: The ``[C, H, W]`` of one input image (``None`` for a size not known), which the prediction
+            methods insist on; ``None`` (default): the channels of mean/std, if given (:meth:`from_run` passes the
+            run's).
 
     Raises:
         SnapshotError: a state dict does not fit the architecture (missing/unexpected keys, shapes), holds
@@ -439,10 +122,11 @@ class SnapshotEnsemble(_Ensemble):
         member_device: str | torch.device | None = "cpu",
         copy: bool = True,
         names: Sequence[str] | None = None,
-        precision: str = "auto",
+        precision: str | Precision = "auto",
         channels_last: bool | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        input_shape: Sequence[int | None] | None = None,
     ) -> None:
         if isinstance(state_dicts, Mapping):
             raise TypeError("state_dicts must be a sequence of state dicts, one per member, got a single state "
@@ -452,7 +136,7 @@ class SnapshotEnsemble(_Ensemble):
                             f"{type(state_dicts).__name__} module: pass [module.state_dict()]")
         state_dicts = list(state_dicts)
         super().__init__(len(state_dicts), weights, precision=precision, channels_last=channels_last, mean=mean,
-                         std=std)
+                         std=std, input_shape=input_shape)
         names = list(names) if names is not None else [f"member {m}" for m in range(len(state_dicts))]
         if len(names) != len(state_dicts):
             raise ValueError(f"got {len(names)} names for {len(state_dicts)} members")
@@ -546,7 +230,7 @@ class SnapshotEnsemble(_Ensemble):
         for x in slices:
             self.check_images(x)
         channels_last = self._ready()
-        autocast = _autocast(self.device, self.precision)
+        autocast = self.resolved_precision().autocast
         per_member = []
         for m in range(self.n_members):
             self._load_member(m)
@@ -572,7 +256,7 @@ class SnapshotEnsemble(_Ensemble):
         with torch.inference_mode():
             channels_last = self._ready()
             x = self._model_input(x, channels_last)
-            autocast = _autocast(self.device, self.precision)
+            autocast = self.resolved_precision().autocast
             probs = []
             for m in range(self.n_members):
                 self._load_member(m)
@@ -599,7 +283,7 @@ class SnapshotEnsemble(_Ensemble):
         return type(self)(self._factory, [self._members[i] for i in picked], weights, member_device=None,
                           copy=False, names=[self.member_names[i] for i in picked],
                           precision=self.requested_precision, channels_last=self.requested_channels_last,
-                          **stats).to(self.device)
+                          input_shape=self.input_shape, **stats).to(self.device)
 
     def materialize(self) -> MaterializedEnsemble:
         """All members as submodules on this ensemble's device and dtype (for ``torch.export`` / ``jit.trace``),
@@ -619,7 +303,7 @@ class SnapshotEnsemble(_Ensemble):
             stats = {"mean": self.input_mean.flatten().tolist(), "std": self.input_std.flatten().tolist()}
         return MaterializedEnsemble(modules, self.weights_.detach().cpu(), names=self.member_names,
                                     precision=self.requested_precision, channels_last=self.requested_channels_last,
-                                    **stats).to(self.device)
+                                    input_shape=self.input_shape, **stats).to(self.device)
 
     @classmethod
     def from_run(
@@ -633,7 +317,7 @@ class SnapshotEnsemble(_Ensemble):
         device: str | torch.device = "cpu",
         member_device: str | torch.device | None = "cpu",
         inputs: Literal["images", "normalized"] = "images",
-        precision: str = "auto",
+        precision: str | Precision = "auto",
         channels_last: bool | None = None,
     ) -> SnapshotEnsemble:
         """The ensemble of a training run's snapshots (``run_dir/snapshots``), sha256-verified.
@@ -654,7 +338,8 @@ class SnapshotEnsemble(_Ensemble):
             member_device: Where the members' state dicts are kept (see :class:`SnapshotEnsemble`).
             inputs: ``"images"`` (default): raw images as above; ``"normalized"``: inputs already normalised
                 with the run's mean/std by the caller (the behaviour of earlier versions).
-            precision: ``"auto"`` (bf16 where native, else fp32), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+            precision: ``"auto"`` (bf16 where native, else fp32), ``"fp32"``, ``"bf16"`` or ``"fp16"``, or a
+                :class:`~snapens._precision.Precision` (see :class:`SnapshotEnsemble`).
             channels_last: see :class:`SnapshotEnsemble`.
 
         Raises:
@@ -705,20 +390,28 @@ class SnapshotEnsemble(_Ensemble):
         return ensemble.to(device)
 
 
-def _run_stats(run_dir: Path) -> dict[str, list[float]]:
-    """The training set's ``mean`` / ``std`` recorded in ``run_dir/config.json`` (``dataset.mean/std``)."""
-    path = run_dir / runs.CONFIG_FILE
+def _run_stats(run_dir: Path) -> dict[str, Any]:
+    """The training set's ``mean`` / ``std`` recorded in ``run_dir/config.json`` (read by
+    :func:`snapens.runs.read_run_info`, as ``snapens evaluate`` reads it), and the ``input_shape`` of its images
+    (``dataset.image_shape``; runs from before it: the channels of mean/std alone)."""
     hint = "pass inputs='normalized' to feed inputs you normalise yourself"
-    try:
-        dataset = json.loads(path.read_text(encoding="utf-8"))["dataset"]
-        stats = {"mean": list(dataset["mean"]), "std": list(dataset["std"])}
-    except FileNotFoundError as exc:
+    path = run_dir / runs.CONFIG_FILE
+    if not path.exists():
         raise SnapshotError(f"{path} is missing: the ensemble cannot normalise images without the run's mean and "
-                            f"std; {hint}") from exc
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise SnapshotError(f"{path} holds no readable dataset mean/std ({exc}); {hint}") from exc
+                            f"std; {hint}")
+    try:
+        dataset = runs.read_run_info(run_dir)["dataset"]
+    except ValueError as exc:  # the message names the file and the entry
+        raise SnapshotError(f"{exc}; {hint}") from exc
+    stats: dict[str, Any] = {"mean": list(dataset["mean"]), "std": list(dataset["std"])}
     for key, values in stats.items():
-        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                 for v in values):
+        if not all(math.isfinite(v) for v in values):
             raise SnapshotError(f"{path}: dataset.{key} must be a list of finite numbers, got {values!r}")
+    shape = dataset.get("image_shape")
+    if shape is not None:
+        if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == len(stats["mean"])
+                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+            raise SnapshotError(f"{path}: dataset.image_shape must be the [C, H, W] of the run's images, C the "
+                                f"length of dataset.mean, got {shape!r}")
+        stats["input_shape"] = shape
     return stats

@@ -1,0 +1,120 @@
+"""What every whole-run workflow needs: threads, the environment record, the default run folder, the loaders,
+the evaluation batch size and the model-name check."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import snapens
+
+__all__ = [
+    "EVAL_MIN_BATCH",
+    "build_loaders",
+    "check_model_name",
+    "default_run_dir",
+    "environment_info",
+    "eval_batch_size",
+    "plural",
+    "set_threads",
+]
+
+#: Evaluation batches are never smaller than this: no gradients are kept, so big batches are cheap.
+EVAL_MIN_BATCH = 256
+
+
+def eval_batch_size(train_batch_size: int) -> int:
+    """The batch size of every evaluation pass (validation, test, teacher): ``max(256, train_batch_size)``."""
+    return max(EVAL_MIN_BATCH, int(train_batch_size))
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op CPU threads (``None`` keeps the default); returns the number in use.
+
+    Raises:
+        ValueError: ``threads`` < 1.
+    """
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def environment_info(device: torch.device, precision: str, world_size: int = 1) -> dict[str, Any]:
+    """Versions and hardware for ``config.json``: what a reader needs to reproduce a number.
+
+    ``device`` is rank 0's; ``world_size`` the number of training processes (torchrun).
+    """
+    if device.type == "cuda":
+        name = f"{device} ({torch.cuda.get_device_name(device)})"
+    else:
+        name = f"{device} ({platform.processor() or platform.machine()})"
+    return {
+        "snapens": snapens.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": name,
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "world_size": world_size,
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+    }
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 epoch"``, ``"2 epochs"``: a count with its noun, in the singular for one."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def default_run_dir(dataset: str, model: str, now: _dt.datetime | None = None, root: str = "runs") -> Path:
+    """``runs/<dataset>-<model>-<YYYYmmdd-HHMMSS>``, with characters unsafe in file names replaced by ``_``."""
+    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}-{model}").strip("_")
+    return Path(root) / f"{safe}-{stamp}"
+
+
+def check_model_name(name: str, **model_kwargs: Any) -> None:
+    """Build ``name`` once on a 3-channel, 10-class input (the global RNG untouched) so that an unknown model
+    fails before any data is read.
+
+    Raises:
+        ValueError: an unknown model name or bad keyword arguments, with a pointer to the list of models.
+    """
+    from snapens.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        try:
+            build_model(name, num_classes=10, in_channels=3, **model_kwargs)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; `snapens train --list-models` lists them all") from exc
+
+
+def build_loaders(
+    cfg: Any, splits: Any, device: torch.device | str, *, rank: int = 0, world_size: int = 1
+) -> tuple[Any, Any | None]:
+    """Training and validation :class:`~snapens.data.BatchLoader` for a :class:`~snapens.config.TrainConfig`.
+
+    The training loader shuffles and augments as a function of ``(cfg.seed, epoch)``; ``cfg.augment`` None
+    keeps the dataset's default augmentation and False turns it off. With ``world_size`` > 1 it yields rank
+    ``rank``'s block of ``cfg.batch_size`` images from every global batch of ``cfg.batch_size * world_size``.
+    The validation loader (None when the validation split is empty) keeps order, never augments, uses
+    :func:`eval_batch_size` and is not sharded (rank 0 validates alone).
+    """
+    from snapens.data import AugmentSpec, BatchLoader
+
+    augment = AugmentSpec() if cfg.augment is False else splits.augment
+    train = BatchLoader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment,
+                        mean=splits.mean, std=splits.std, device=device, channels_last=cfg.channels_last,
+                        rank=rank, world_size=world_size)
+    val = None
+    if len(splits.val) > 0:
+        val = BatchLoader(splits.val, eval_batch_size(cfg.batch_size), shuffle=False, augment=None,
+                          mean=splits.mean, std=splits.std, device=device, channels_last=cfg.channels_last)
+    return train, val
