@@ -20,6 +20,20 @@ def _one_line_error(stderr: str) -> str:
     return lines[0][len(ERROR_PREFIX):]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def snapens_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``SNAPENS_CACHE_DIR`` in pytest's temp root for the whole session (issue 20, item 17).
+
+    The suite must never write the user's ``~/.cache/snapens`` (the image-folder decode cache). Set in
+    ``os.environ``, so the subprocesses the tests start (the CLI, torchrun) inherit it too.
+    """
+    cache = tmp_path_factory.mktemp("snapens-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SNAPENS_CACHE_DIR", str(cache))
+    yield cache
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_cli_log_handler() -> Iterator[None]:
     """Drop the stderr handler ``snapens.cli._common.configure_logging`` adds after each test.

@@ -386,81 +386,44 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def test_sigkill_before_the_first_epoch_end_resumes_from_the_start(finished_run: tuple[Path, str],
-                                                                   tmp_path: Path) -> None:
-    reference, _ = finished_run
-    run_dir = tmp_path / "run"
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    argv = [sys.executable, str(driver), "train", *SMALL, "--run-dir", str(run_dir), "--no-eval"]
-    proc = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1", "SIGNAL": "KILL", "AT_STEP": "3"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    state = runs.read_resume_state(run_dir)
-    assert (state["epoch"], state["batch"], state["step"]) == (0, 0, 0)
-    assert main(["train", "--resume", "--run-dir", str(run_dir), "--no-eval", "--quiet", "--threads", "1"]) == 0
-    ref, got = snapshots(reference), snapshots(run_dir)
-    assert len(ref) == len(got) == 2
-    for a, b in zip(ref, got):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_sigkill_then_sigterm_then_resume_matches_uninterrupted(finished_run: tuple[Path, str], tmp_path: Path) -> None:
-    reference, _ = finished_run
-    run_dir = tmp_path / "run"
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    argv = [sys.executable, str(driver), "train", *SMALL, "--run-dir", str(run_dir), "--no-eval"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    steps_per_epoch = json.loads((reference / "config.json").read_text())["dataset"]["num_train"]
-    steps_per_epoch = -(-steps_per_epoch // 64)
-
-    # SIGKILL in the middle of epoch 2: the state of epoch 1 survives (or, if its background write had not
-    # finished yet, the state written before the first step: either resumes bit-exactly).
-    proc = subprocess.run(argv, env={**env, "SIGNAL": "KILL", "AT_STEP": str(steps_per_epoch + 5)},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert runs.read_resume_state(run_dir)["epoch"] in (0, 1)
-    # Resume, then SIGTERM in the middle of epoch 3 (after snapshot 1): exit 143, a message, a mid-epoch state.
-    proc = subprocess.run([*argv, "--resume"], env={**env, "SIGNAL": "TERM", "AT_STEP": str(2 * steps_per_epoch + 3)},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 143, proc.stderr
-    assert "SIGTERM" in proc.stderr and "--resume" in proc.stderr
-    state = runs.read_resume_state(run_dir)
-    assert (state["epoch"], state["batch"]) == (2, 3)
-    # Finish in this process.
-    assert main(["train", "--resume", "--run-dir", str(run_dir), "--no-eval", "--quiet", "--threads", "1"]) == 0
-    ref, got = snapshots(reference), snapshots(run_dir)
-    assert len(ref) == len(got) == 2
-    for a, b in zip(ref, got):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 5
-
-
-def test_kill_between_config_and_first_state_resumes_with_the_recorded_threads_and_no_eval(
+def test_kills_and_a_sigterm_then_resume_match_uninterrupted_with_the_recorded_threads_and_no_eval(
         finished_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # Items 10, 2 and "--no-eval is kept": a default thread count (no --threads; one thread via OMP here).
+    # The CLI's one end-to-end kill-and-resume (engine.fit's own is in test_engine): two SIGKILLs and a SIGTERM,
+    # then the snapshots are the uninterrupted run's to the bit. Items 10, 2 and "--no-eval is kept": a default
+    # thread count (no --threads; one thread via OMP here).
     reference, _ = finished_run
     run_dir = tmp_path / "run"
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     small = [a for a in SMALL if a not in ("--threads", "1")]
     argv = [sys.executable, str(driver), "train", *small, "--run-dir", str(run_dir), "--no-eval", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIGNAL": "KILL"}
-    # SIGKILL after config.json, while the first state.pt is being renamed into place.
-    proc = subprocess.run(argv, env={**env, "KILL_ON_REPLACE": "state.pt"}, capture_output=True, text=True,
-                          timeout=300)
+    resume = [*argv[:2], "train", "--resume", "--run-dir", str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps_per_epoch = -(-json.loads((reference / "config.json").read_text())["dataset"]["num_train"] // 64)
+    # (a) SIGKILL after config.json, while the first state.pt is being renamed into place.
+    proc = subprocess.run(argv, env={**env, "SIGNAL": "KILL", "KILL_ON_REPLACE": "state.pt"}, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert (run_dir / "config.json").is_file() and not (run_dir / "state.pt").exists()
     info = json.loads((run_dir / "config.json").read_text())
     assert info["config"]["threads"] == 1 and info["evaluate"] is False  # the resolved count, not null
-    # Resuming with another thread count warns (and is killed again at step 3, leaving the step-0 state).
-    proc = subprocess.run([*argv[:2], "train", "--resume", "--run-dir", str(run_dir), "--threads", "2"],
-                          env={**env, "AT_STEP": "3"}, capture_output=True, text=True, timeout=300)
+    # (b) Resuming with another thread count warns; SIGKILL at step 3, before the first epoch end, leaves the
+    # state written before step 1: the run resumes from the start.
+    proc = subprocess.run([*resume, "--threads", "2"], env={**env, "SIGNAL": "KILL", "AT_STEP": "3"},
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert "will differ" in proc.stderr and "uninterrupted" in proc.stderr
-    assert runs.read_resume_state(run_dir)["step"] == 0
-    # Resume here with torch at 2 threads and no --threads: the run's 1 thread is used, bits are the same.
+    state = runs.read_resume_state(run_dir)
+    assert (state["epoch"], state["batch"], state["step"]) == (0, 0, 0)
+    # (c) Resume (the run's 1 thread), SIGTERM in mid-epoch 3 (after snapshot 1): exit 143, a message, a mid-epoch
+    # state.
+    proc = subprocess.run(resume, env={**env, "SIGNAL": "TERM", "AT_STEP": str(2 * steps_per_epoch + 3)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr
+    assert "SIGTERM" in proc.stderr and "--resume" in proc.stderr
+    state = runs.read_resume_state(run_dir)
+    assert (state["epoch"], state["batch"]) == (2, 3)
+    # (d) Finish here with torch at 2 threads and no --threads: the run's 1 thread is used, bits are the same.
     torch.set_num_threads(2)
     assert main(["train", "--resume", "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
@@ -470,6 +433,7 @@ def test_kill_between_config_and_first_state_resumes_with_the_recorded_threads_a
     assert len(ref) == len(got) == 2
     for a, b in zip(ref, got):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 5  # header + 4 epochs, none twice
     assert not list(run_dir.rglob(".*.tmp"))
 
 
