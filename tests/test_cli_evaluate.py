@@ -421,13 +421,39 @@ def test_from_run_on_raw_images_gives_evaluates_numbers(run_dir: Path, cli_json:
 
     info = json.loads((run_dir / "config.json").read_text())
     data = load_dataset("digits", val_size=info["config"]["val_size"], seed=info["config"]["seed"])
-    ens = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32")
+    ens = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32", weights="equal")
     y = data.test.labels
     for images in (data.test.images.float() / 255, data.test.images):
         probs = ens.predict_proba(images)
         assert metrics.error_rate(probs, y) == pytest.approx(cli_json["ensemble_equal"]["error"], abs=1e-9)
         assert metrics.nll(probs, y) == pytest.approx(cli_json["ensemble_equal"]["nll"], rel=1e-6)
     assert cli_json["run"]["precision"] == "fp32"
+
+
+def test_from_run_by_default_gives_evaluates_recommended_row(run_copy: Path) -> None:
+    """Issue 21 (c): from_run with no weight argument is the recommended row, running only its members."""
+    from snapens import metrics
+    from snapens.ensemble import SnapshotEnsemble
+
+    run_dir = run_copy
+    cli_json = evaluate_run(run_dir, device="cpu", precision="fp32")  # this copy's own recommended.json
+    row = cli_json["ensemble_recommended"]
+    stored = json.loads((run_dir / "recommended.json").read_text())
+    assert stored["weights"] == row["weights"] and stored["members"] == cli_json["member_names"]
+    kept = [m for m, w in enumerate(row["weights"]) if w > 0]
+    info = json.loads((run_dir / "config.json").read_text())
+    data = load_dataset("digits", val_size=info["config"]["val_size"], seed=info["config"]["seed"])
+    ens = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32")
+    assert [Path(n).stem for n in ens.member_names] == [cli_json["member_names"][m] for m in kept]
+    assert len(ens) == row["forward_passes"] == len(kept)
+    assert ens.temperature == (row["temperature"] if row["temperature_fitted"] else 1.0)
+    probs = ens.predict_proba(data.test.images)
+    y = data.test.labels
+    assert metrics.error_rate(probs, y) == pytest.approx(row["error"], abs=1e-9)
+    assert metrics.nll(probs, y) == pytest.approx(row["nll"], rel=1e-5)
+    if row["temperature_fitted"]:
+        cold = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32", temperature=False)
+        assert cold.temperature == 1.0
 
 
 def test_auto_precision_agrees_with_fp32_and_is_recorded(run_copy: Path, cli_json: dict,
