@@ -205,7 +205,10 @@ def evaluate_run(
         The summary as written (non-finite numbers as ``None``), with a ``"run"`` entry naming the run folder and
         the evaluation options, and the price columns (:func:`snapens.report.add_prices`): each row's forward
         passes per test image and test images/s, measured on ``device`` by timing the last snapshot alone and
-        the evaluated ensemble (:func:`snapens.cost.measure_inference`).
+        the evaluated ensemble (:func:`snapens.cost.measure_inference`). Its ``ensemble_recommended`` row
+        (:func:`snapens.report.add_recommended`) is the combination chosen on validation
+        (:func:`recommended_choice`), priced with only its own members; that choice is also written to
+        ``recommended.json`` (:func:`snapens.runs.recommended_file`), which ``from_run`` and ``export`` read.
 
     Raises:
         ValueError: a bad option or device, an incomplete config.json, missing or corrupt snapshots
