@@ -437,3 +437,106 @@ def test_price_plot_has_one_point_per_method_at_its_measured_cost(run_dir: Path,
     assert [t.get_text() for t in ax.texts] == ["1", "2", "3", "4", "5"]
     old = {k: v for k, v in summary.items() if k != "price"}  # a summary from before the price columns
     assert plot_module.price_points(old) == []
+
+
+# The README's `snapens reproduce` table on digits (test error %, passes, img/s): 25 methods, several of equal
+# cost and error, and one far outlier (the weight average of independently initialised models, 82.45 %).
+_REPRODUCE_25 = [(1.39, 1, 6858), (1.67, 5, 1070), (1.39, 5, 1070), (1.95, 1, 6858), (1.39, 1, 6536),
+                 (0.56, 1, 8890), (0.84, 5, 1336), (0.56, 5, 1336), (0.84, 1, 8890), (0.56, 1, 7405),
+                 (0.84, 1, 7371), (1.11, 2, 3838), (0.84, 2, 3838), (1.11, 1, 7371), (0.84, 1, 4354),
+                 (1.11, 1, 8884), (0.84, 3, 2931), (0.56, 3, 2931), (0.84, 1, 8884), (0.56, 1, 7274),
+                 (3.90, 1, 6173), (2.51, 5, 1134), (2.51, 5, 1134), (82.45, 1, 6173), (2.79, 1, 6409)]
+
+
+def test_price_plot_of_25_methods_clips_the_outlier_and_keeps_labels_apart(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    points = [{"label": f"method {k}", "error": e, "forward_passes": n, "images_per_second": s}
+              for k, (e, n, s) in enumerate(_REPRODUCE_25, start=1)]
+    seen: dict[str, object] = {}
+
+    def capture(fig, path: Path) -> None:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        seen.update(ax=ax, ylim=ax.get_ylim(), ticks=[t.get_text() for t in ax.get_xticklabels()],
+                    boxes={t.get_text(): t.get_window_extent(renderer) for t in ax.texts})
+
+    monkeypatch.setattr(plot_module, "_save", capture)
+    result = plot_module.plot_price(points, tmp_path / "price.png")
+    assert result["off_scale"] == [24]
+    bottom, top = seen["ylim"]
+    assert (bottom, top) == pytest.approx(result["ylim"])
+    assert top < 10.0  # the 82.45 % point does not set the scale: the other 24 use the height
+    assert all(bottom < e < top for k, (e, _, _) in enumerate(_REPRODUCE_25, start=1) if k != 24)
+    ax = seen["ax"]
+    edge = [tuple(c.get_offsets()[0]) for c in ax.collections if c.get_offsets()[0][1] == pytest.approx(top)]
+    assert edge == [pytest.approx((1000.0 / 6173, top))]  # the outlier sits on the top edge ...
+    boxes = seen["boxes"]
+    assert "24: 82.45 %" in boxes  # ... with its value written beside it
+    numbers = [str(k) for k in range(1, 26) if k != 24]
+    assert sorted(boxes) == sorted(numbers + ["24: 82.45 %"])
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[23] == "24: method 24 (1 pass): 82.45 %, off the scale" and legend[1] == "2: method 2 (5 passes)"
+    # Equal-cost methods (2 and 3, 22 and 23, 9 and 19, ...) get separate, non-overlapping numbers.
+    overlaps = [(a, b) for i, a in enumerate(numbers) for b in numbers[i + 1:] if boxes[a].overlaps(boxes[b])]
+    assert overlaps == []
+    # Few log ticks with plain labels in ms (no 10^-1 mathtext, no minor-tick labels).
+    assert 2 <= len(seen["ticks"]) <= 6 and not any("$" in t or "^" in t for t in seen["ticks"])
+    assert all(t.get_text() == "" for t in ax.get_xminorticklabels())
+
+
+def test_price_outliers_need_a_real_gap() -> None:
+    assert plot_module.price_outliers([e for e, _, _ in _REPRODUCE_25]) == [23]
+    assert plot_module.price_outliers([1.95, 0.56, 0.56, 0.56, 0.56]) == []  # the only spread there is
+    assert plot_module.price_outliers([40.0, 42.0, 45.0, 41.0, 44.0, 43.0, 47.0, 46.0]) == []
+    assert plot_module.price_outliers([1.0, 1.2, 1.1, 30.0, 0.9, 1.3, 1.0, 45.0]) == [7, 3]  # highest first
+    assert plot_module.price_outliers([1.0, 50.0, 1.1]) == []  # at most a quarter of the points
+    assert plot_module.price_outliers([float("nan"), 1.0, 1.1, 1.2, 99.0]) == [4]
+
+
+# ------------------------------------------------------------------- one input contract (issue 20.3)
+
+
+def _digits_test_images(run_dir: Path) -> torch.Tensor:
+    info = json.loads((run_dir / "config.json").read_text())
+    cfg = info["config"]
+    return load_dataset(cfg["dataset"], val_size=cfg["val_size"], seed=cfg["seed"]).test.images[:13]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load is deprecated, still supported
+def test_exported_torchscript_keeps_the_ensembles_input_contract(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ens.pt"
+    assert main(["export", str(run_dir), str(out), "--quiet", "--precision", "fp32"]) == 0
+    module, meta = load_exported(out)
+    u8 = _digits_test_images(run_dir)
+    expected = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32").predict_proba(u8)
+    assert meta["input_dtypes"] == ["uint8", "float32"] and meta["input_shape"] == ["N", 1, 8, 8]
+    with torch.no_grad():  # uint8 pixels give the ensemble's probabilities (before: 0..255 fed as floats)
+        torch.testing.assert_close(module(u8), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(module(u8.float() / 255), expected, atol=1e-5, rtol=0)
+    for bad, message in [(u8.long(), "got another dtype"), (u8.to(torch.int16), "got another dtype"),
+                         (u8 > 128, "got another dtype"), (u8.float(), "got values in [0"),
+                         (u8.float().expand(-1, 3, -1, -1) / 255, "expected images [N, 1, 8, 8]"),
+                         (torch.rand(2, 1, 16, 16), "got a tensor of shape [2, 1, 16, 16]"),
+                         (torch.rand(8, 64), "expected images [N, 1, 8, 8]")]:
+        with pytest.raises(torch.jit.Error, match="snapens: expected") as info:
+            module(bad)
+        assert message in str(info.value)
+
+
+def test_exported_program_refuses_what_it_can_and_says_what_it_cannot(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ens.pt2"
+    assert main(["export", str(run_dir), str(out), "--quiet", "--precision", "fp32"]) == 0
+    module, meta = load_exported(out)
+    u8 = _digits_test_images(run_dir)
+    expected = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32").predict_proba(u8)
+    with torch.no_grad():
+        torch.testing.assert_close(module(u8.float() / 255), expected, atol=1e-5, rtol=0)
+    # 0..255 floats, uint8 and int64 pixels are refused by the in-graph range check with the conversion to do
+    for bad in (u8.float(), u8, u8.long()):
+        with pytest.raises(RuntimeError, match=r"snapens: expected float32 images in \[0, 1\].*x.float\(\) / 255"):
+            module(bad)
+    for bad in (torch.rand(2, 3, 8, 8), torch.rand(2, 1, 16, 16)):  # other channels or sizes: torch.export's guard
+        with pytest.raises(Exception, match="size"):
+            module(bad)
+    assert meta["input_dtypes"] == ["float32"] and "does NOT check the dtype" in meta["input_checks"]

@@ -622,3 +622,22 @@ def test_two_trainers_on_one_folder_one_wins(tmp_path: Path) -> None:
     cfg = json.loads((run_dir / "config.json").read_text())["config"]
     assert (cfg["seed"], cfg["lr"]) == (winner, 0.05 if winner == 4 else TrainConfig().lr)
     assert runs.load_training_state(run_dir / "state.pt")["finished"]
+
+
+@pytest.mark.parametrize("options,rates", [
+    # issue 20.15: fge and swa said "lr 0.1 -> 0"; the header states the rates their schedules run
+    ({"schedule": "fge"}, "(fge, lr 0.1 step phase, then cycles 0.05 -> 0.0005)"),
+    ({"schedule": "fge", "lr": 0.2, "fge_lr1": 0.25, "fge_lr2": 0.01},
+     "(fge, lr 0.2 step phase, then cycles 0.05 -> 0.002)"),
+    ({"schedule": "swa"}, "(swa, lr 0.1 -> swa_lr 0.05 constant from 75% of the budget)"),
+    ({"schedule": "swa", "swa_lr": 0.02, "swa_start": 0.5},
+     "(swa, lr 0.1 -> swa_lr 0.02 constant from 50% of the budget)"),
+    ({"schedule": "step"}, "(step, lr 0.1, x0.1 at 50% and 75% of the budget)"),
+    ({"schedule": "cosine-cycles", "lr": 0.2, "lr_min": 0.001}, "(cosine-cycles, lr 0.2 -> 0.001)"),
+])
+def test_header_states_the_schedules_rates(options: dict, rates: str) -> None:
+    from snapens.workflows.training import run_header
+
+    cfg = TrainConfig(dataset="digits", model="cnn-small", epochs=8, **options)
+    header = run_header(cfg, Path("run"), torch.device("cpu"), "fp32", 1, n_snapshots=3)
+    assert rates in header.splitlines()[0], header

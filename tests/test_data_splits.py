@@ -158,3 +158,75 @@ def test_limit_splits_are_stratified_seeded_and_keep_validation_honest() -> None
     for bad in (0, -5, True, 2.5):
         with pytest.raises(ValueError, match="limit_train must be a positive image count"):
             load_dataset("digits", limit_train=bad)
+
+
+# ------------------------------------------------------------------------- split fingerprint (issue 20.6)
+
+
+def _class_sorted(n_per_class: int, seed: int, val_size: int) -> DatasetSplits:
+    """A folder-like dataset: labels sorted by class, so the validation labels are the same for every seed."""
+    from snapens.data.splits import make_splits
+
+    labels = torch.arange(3).repeat_interleave(n_per_class)
+    images = (labels.view(-1, 1, 1, 1) * 40 + torch.arange(len(labels)).view(-1, 1, 1, 1) % 7).to(torch.uint8)
+    train = Split(images.expand(-1, 1, 2, 2).contiguous(), labels)
+    test = Split(images[:3].expand(-1, 1, 2, 2).contiguous(), labels[:3])
+    return make_splits("toy", train, test, ["a", "b", "c"], val_size=val_size, default_val=0, seed=seed,
+                       augment=AugmentSpec())
+
+
+def test_subset_remembers_positions_in_the_loaded_split() -> None:
+    split = Split(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1), torch.arange(10) % 2)
+    assert split.source_index is None
+    sub = split.subset(torch.tensor([7, 2, 5]))
+    assert sub.source_index.tolist() == [7, 2, 5]
+    assert sub.subset(np.array([2, 0])).source_index.tolist() == [5, 7]  # composed, not relative
+    assert sub.subset(np.array([2, 0])).images.flatten().tolist() == [5, 7]
+
+
+def test_split_fingerprint_follows_the_split_not_only_its_sizes() -> None:
+    from snapens.data import split_fingerprint
+
+    a, b = _class_sorted(20, seed=0, val_size=6), _class_sorted(20, seed=1, val_size=6)
+    # same sizes, same class counts, even the same validation labels in the same order...
+    assert (len(a.train), len(a.val), len(a.test)) == (len(b.train), len(b.val), len(b.test)) == (54, 6, 3)
+    assert a.val.labels.tolist() == b.val.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    # ...but other images held out: the fingerprint tells the splits apart
+    assert a.val.source_index.tolist() != b.val.source_index.tolist()
+    assert split_fingerprint(a) != split_fingerprint(b)
+    assert split_fingerprint(a) == split_fingerprint(_class_sorted(20, seed=0, val_size=6))  # reproducible
+    fp = split_fingerprint(a)
+    assert len(fp) == 64 and int(fp, 16) >= 0
+    d1, d2 = load_dataset("digits", seed=0), load_dataset("digits", seed=0)
+    assert split_fingerprint(d1) == split_fingerprint(d2) != split_fingerprint(load_dataset("digits", seed=3))
+    limited = load_dataset("digits", seed=0, limit_train=300, limit_test=90)
+    assert split_fingerprint(limited) not in (split_fingerprint(d1),
+                                              split_fingerprint(load_dataset("digits", seed=0, limit_train=301,
+                                                                             limit_test=90)))
+
+
+def test_edited_seed_in_config_json_is_refused_by_the_dataset_rebuild(tiny_run, tmp_path, cli_error) -> None:
+    import json
+    import shutil
+
+    from snapens.data import split_fingerprint
+    from snapens.runs import read_run_info
+    from snapens.workflows.evaluation import load_run_dataset
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    info = read_run_info(run)
+    recorded = info["dataset"]["split_sha256"]
+    assert recorded == split_fingerprint(load_run_dataset(info))  # the run's own split passes
+    path = run / "config.json"
+    raw = json.loads(path.read_text())
+    raw["config"]["seed"] += 1
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"seed 1, val_size .* config.json was likely edited"):
+        load_run_dataset(read_run_info(run))
+    message = cli_error("evaluate", run, "--device", "cpu", "--quiet")
+    assert "is not the one the run was trained on: config.json was likely edited" in message
+    # a run folder from before the fingerprint (no dataset.split_sha256) is not checked
+    del raw["dataset"]["split_sha256"]
+    path.write_text(json.dumps(raw))
+    assert len(load_run_dataset(read_run_info(run)).val) == info["dataset"]["num_val"]

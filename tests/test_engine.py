@@ -144,8 +144,9 @@ def test_snapshots_at_cycle_ends_with_the_lr_each_step_used(tmp_path: Path, sche
 
 
 @pytest.mark.parametrize("schedule,options,snaps", [
-    # 8 epochs of 3 steps: FGE from step round(0.5 * 24) = 12, cycles of 2 epochs = 6 steps, lows at 14 and 20.
-    ("fge", {"fge_start": 0.5, "cycle_epochs": 2}, [14, 20]),
+    # 8 epochs of 3 steps, cycles of 2 epochs = 6 steps: the 12 steps after round(0.5 * 24) = 12 hold one cycle and
+    # the descent of another (6 + 3); FGE starts at step 15, lows at 17 and 23 (the budget's last step).
+    ("fge", {"fge_start": 0.5, "cycle_epochs": 2}, [17, 23]),
     # SWA from step 18: a model at each epoch end of the phase, steps 20 and 23.
     ("swa", {"swa_start": 0.75, "swa_lr": 0.05}, [20, 23]),
 ])
@@ -165,7 +166,7 @@ def test_fit_snapshots_wherever_the_fge_and_swa_schedules_say(tmp_path: Path, sc
                         run_dir=tmp_path, model_name="toy", channels_last=False)
     if schedule == "fge":
         expected = [fge_lr(t, 24, 6, 0.2) for t in range(24)]
-        assert expected[14] == expected[20] == pytest.approx(0.2 * 0.005)  # snapshots at the lowest rate
+        assert expected[17] == expected[23] == pytest.approx(0.2 * 0.005)  # snapshots at the lowest rate
     else:
         expected = [swa_lr(t, 24, 0.2, 0.75, 0.25) for t in range(24)]
         assert expected[18:] == [0.05] * 6
@@ -512,7 +513,7 @@ def test_a_second_signal_during_a_state_write_does_not_cut_it_short(tmp_path: Pa
 
 
 def _run_fge(run_dir: Path, *, resume: bool = False) -> engine.FitResult:
-    """8 epochs of 5 steps with FGE from step 20, cycles of 2 epochs: snapshots after steps 24 and 34."""
+    """8 epochs of 5 steps with FGE from step 25, cycles of 2 epochs: snapshots after steps 29 and 39."""
     torch.manual_seed(0)
     x, y = toy_data()
     model = toy_model()
@@ -530,12 +531,12 @@ def test_fge_interrupted_mid_cycle_then_resumed_is_bit_identical(tmp_path: Path,
     from snapens.schedule import FGELR
 
     ref, run = tmp_path / "ref", tmp_path / "run"
-    assert [s.step for s in _run_fge(ref).snapshots] == [25, 35]
+    assert [s.step for s in _run_fge(ref).snapshots] == [30, 40]
     real_step = FGELR.step
 
     def step(self, *a, **k):
         real_step(self, *a, **k)
-        if self.last_epoch == 28:  # mid-epoch, in the second cycle, after the first snapshot
+        if self.last_epoch == 33:  # mid-epoch, in the second cycle, after the first snapshot
             os.kill(os.getpid(), signal.SIGTERM)  # caught by fit: the state is saved, TrainingInterrupted raised
 
     monkeypatch.setattr(FGELR, "step", step)
@@ -543,7 +544,7 @@ def test_fge_interrupted_mid_cycle_then_resumed_is_bit_identical(tmp_path: Path,
         _run_fge(run)
     monkeypatch.setattr(FGELR, "step", real_step)
     state = runs.load_training_state(run / "state.pt")
-    assert state["step"] == 28 and not state["finished"] and state["snapshot_steps"] == [24, 34]
+    assert state["step"] == 33 and not state["finished"] and state["snapshot_steps"] == [29, 39]
     _run_fge(run, resume=True)
     ref_snaps, run_snaps = snapshot_tensors(ref), snapshot_tensors(run)
     assert len(ref_snaps) == len(run_snaps) == 2

@@ -587,3 +587,71 @@ def test_the_ensemble_takes_the_engines_precision_object(nets, x):
     assert ens.materialize().resolved_precision() is prec
     with pytest.raises(ValueError, match="unknown precision"):
         make(nets, precision="fp64")
+
+
+# ----------------------------------------------------------------------- one input contract (issue 20.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.bool])
+def test_integer_images_other_than_uint8_are_refused(nets, images, dtype):
+    ens = make(nets, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match=r"got .* images; expected uint8 pixels \(0\.\.255\) or floating point"):
+        ens.predict_proba(images.to(dtype))
+    with pytest.raises(ValueError, match="expected uint8 pixels"):
+        ens.materialize().member_probs([images.to(dtype)])
+    # an ensemble on pre-normalised inputs keeps taking what its network takes
+    assert make(nets).predict_proba(torch.randn(2, 3, 6, 6)).shape == (2, C)
+
+
+def test_image_shape_is_checked_where_known(nets, images):
+    ens = make(nets, mean=MEAN, std=STD)  # channels known from mean/std, sizes not
+    assert ens.input_shape == (3, None, None)
+    one_channel = images[:, :1].float() / 255
+    with pytest.raises(ValueError, match=r"expected images \[N, 3, \?, \?\] .* got a tensor of shape \[9, 1, 6, 6\]"):
+        ens.predict_proba(one_channel)  # before: broadcast to 3 channels by (x - mean) / std
+    assert ens.predict_proba(torch.rand(2, 3, 16, 16)).shape == (2, C)  # sizes unknown: not checked
+    sized = make(nets, mean=MEAN, std=STD, input_shape=[3, 6, 6])
+    assert sized.subset([0]).input_shape == sized.materialize().input_shape == (3, 6, 6)
+    for bad in (torch.rand(2, 3, 16, 16), torch.rand(2, 3, 3, 3), torch.rand(3, 6, 6), images[:, :1]):
+        with pytest.raises(ValueError, match=r"expected images \[N, 3, 6, 6\]"):
+            sized.predict_proba(bad)
+    torch.testing.assert_close(sized.predict_proba(images), ens.predict_proba(images), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="has 1 channels, but mean/std have 3"):
+        make(nets, mean=MEAN, std=STD, input_shape=[1, 6, 6])
+    with pytest.raises(ValueError, match=r"input_shape must be the \[C, H, W\]"):
+        make(nets, input_shape=[3, 6])
+
+
+def test_from_run_on_digits_refuses_int64_images_instead_of_confident_nonsense(tiny_run):
+    from snapens.data import load_dataset
+    from snapens.models import build_model
+
+    info = json.loads((tiny_run / "config.json").read_text())
+    assert info["dataset"]["image_shape"] == [1, 8, 8]
+    test = load_dataset("digits", seed=info["config"]["seed"]).test
+    ens = SnapshotEnsemble.from_run(tiny_run, build_model, precision="fp32", weights="equal")  # never evaluated
+    assert ens.input_shape == (1, 8, 8)
+    right = ens.predict_proba(test.images)
+    torch.testing.assert_close(ens.predict_proba(test.images.float() / 255), right, rtol=0, atol=1e-5)
+    for bad in (test.images.long(), test.images.int(), test.images.short(), test.images > 0):
+        with pytest.raises(ValueError, match="expected uint8 pixels"):
+            ens.predict_proba(bad)
+    for bad in (torch.rand(4, 1, 16, 16), torch.rand(4, 1, 4, 4), torch.rand(4, 3, 8, 8)):
+        with pytest.raises(ValueError, match=r"expected images \[N, 1, 8, 8\]"):
+            ens.predict_proba(bad)
+
+
+def test_from_run_of_an_old_run_checks_the_channels_and_a_bad_shape_entry_is_refused(tmp_path, images):
+    fake_run(tmp_path, n_snapshots=1)
+    config = {"config": {"dataset": "toy", "seed": 0, "val_size": 0, "batch_size": 4, "epochs": 2, "snapshots": 1,
+                         "lr": 0.1, "schedule": "cosine-cycles"},
+              "model": {"name": "tiny", "kwargs": {}},
+              "dataset": {"classes": [0, 1, 2], "num_train": 8, "num_val": 0, "num_test": 4, "mean": list(MEAN),
+                          "std": list(STD)}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    old = SnapshotEnsemble.from_run(tmp_path, builder, precision="fp32")  # no dataset.image_shape
+    assert old.input_shape == (3, None, None)
+    config["dataset"]["image_shape"] = [1, 6, 6]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SnapshotError, match=r"dataset\.image_shape must be the \[C, H, W\]"):
+        SnapshotEnsemble.from_run(tmp_path, builder)

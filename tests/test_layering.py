@@ -36,9 +36,11 @@ ALLOWED: dict[str, set[str]] = {
     "engine": LEAVES | BASE | {"checkpoint", "runs"},
     "integrations": BELOW_CLI,
     # the library layer: whole runs (train, evaluate, average, distill, export, plot, reproduce)
-    "workflows": BELOW_CLI,
-    "cli": BELOW_CLI | {"workflows"},
-    "__init__": BELOW_CLI | {"workflows"},
+    "workflows": BELOW_CLI | {"pretrained"},
+    # named, sha256-pinned snapshot bundles: loads them as ensembles (library layer, beside workflows)
+    "pretrained": BELOW_CLI,
+    "cli": BELOW_CLI | {"workflows", "pretrained"},
+    "__init__": BELOW_CLI | {"workflows", "pretrained"},
     "__main__": {"cli"},
 }
 #: The only CLI modules another CLI module may import: the package (the error, main) and the printing helpers.

@@ -262,10 +262,15 @@ def fge_paper(i: int, c: int, a1: float, a2: float) -> float:
     return (1 - 2 * t) * a1 + 2 * t * a2 if t <= 0.5 else (2 - 2 * t) * a2 + (2 * t - 1) * a1
 
 
-@pytest.mark.parametrize("total,c,start", [(100, 10, 0.5), (60, 4, 0.6), (48, 8, 0.5), (200, 20, 0.8)])
-def test_fge_matches_paper_formula_when_divisible(total, c, start):
-    s0 = round(start * total)
-    assert (total - s0) % c == 0
+@pytest.mark.parametrize("total,c,start,s0", [
+    # s0 = T - (n - 1) c - c // 2 with R = T - round(start * T) and n = (R + c - c // 2) // c:
+    (100, 10, 0.5, 55),  # R = 50, n = 5
+    (60, 4, 0.6, 38),  # R = 24, n = 6: 60 - 20 - 2
+    (48, 8, 0.5, 28),  # R = 24, n = 3: 48 - 16 - 4
+    (200, 20, 0.8, 170),  # R = 40, n = 2: 200 - 20 - 10
+])
+def test_fge_matches_paper_formula(total, c, start, s0):
+    assert fge_cycles(total, c, start)[0] == s0
     for step in range(total):
         got = fge_lr(step, total, c, 0.1, fge_start=start)
         if step < s0:
@@ -276,36 +281,65 @@ def test_fge_matches_paper_formula_when_divisible(total, c, start):
 
 
 def test_fge_hand_values():
-    # T=100, c=10: step schedule over the first 50 steps (x0.1 at 25 and at round(37.5) = 38), then cycles.
+    # T=100, c=10: R = 50 steps after round(0.5 * 100) hold 4 cycles and the descent of a fifth (45 steps); the
+    # 5 left over go to the step phase, which lasts 55 steps (x0.1 at round(27.5) = 28 and round(41.25) = 41).
     lrs = [fge_lr(s, 100, 10, 0.1) for s in range(100)]
-    assert lrs[24] == 0.1 and lrs[25] == pytest.approx(0.01) and lrs[37] == pytest.approx(0.01)
-    assert lrs[38] == pytest.approx(0.001) and lrs[49] == pytest.approx(0.001)
-    assert lrs[50] == pytest.approx(0.8 * 0.05 + 0.2 * 0.0005)  # t = 0.1
-    assert lrs[54] == pytest.approx(0.0005)  # t = 0.5: the lowest rate, a snapshot
-    assert lrs[57] == pytest.approx(0.4 * 0.0005 + 0.6 * 0.05)  # t = 0.8
-    assert lrs[59] == pytest.approx(0.05) and lrs[99] == pytest.approx(0.05)
-    assert fge_snapshot_steps(100, 10) == [54, 64, 74, 84, 94]
+    assert lrs[27] == 0.1 and lrs[28] == pytest.approx(0.01) and lrs[40] == pytest.approx(0.01)
+    assert lrs[41] == pytest.approx(0.001) and lrs[54] == pytest.approx(0.001)
+    assert lrs[55] == pytest.approx(0.8 * 0.05 + 0.2 * 0.0005)  # t = 0.1
+    assert lrs[59] == pytest.approx(0.0005)  # t = 0.5: the lowest rate, a snapshot
+    assert lrs[62] == pytest.approx(0.4 * 0.0005 + 0.6 * 0.05)  # t = 0.8
+    assert lrs[64] == pytest.approx(0.05)  # t = 1: back at a1
+    assert lrs[95] == pytest.approx(0.8 * 0.05 + 0.2 * 0.0005)  # the last cycle starts at step 95 ...
+    assert lrs[99] == pytest.approx(0.0005)  # ... and the budget ends at its middle, the lowest rate
+    assert fge_lr(150, 100, 10, 0.1) == pytest.approx(0.0005)  # past the budget: the last step's rate
+    assert fge_cycles(100, 10) == (55, [10, 10, 10, 10, 5])
+    assert fge_snapshot_steps(100, 10) == [59, 69, 79, 89, 99]
     # scaled with lr0: a1 = lr0 / 2, a2 = lr0 / 200
-    assert fge_lr(54, 100, 10, 0.2) == pytest.approx(0.001) and fge_lr(59, 100, 10, 0.2) == pytest.approx(0.1)
+    assert fge_lr(59, 100, 10, 0.2) == pytest.approx(0.001) and fge_lr(64, 100, 10, 0.2) == pytest.approx(0.1)
 
 
-def test_fge_remainder_folds_into_last_cycle():
-    # T=103: start round(51.5) = 52, 51 steps left = 4 cycles of 10 and a last one of 11.
-    assert fge_cycles(103, 10) == (52, [10, 10, 10, 10, 11])
+def test_fge_budget_ends_at_the_last_snapshot():
+    # T=103: round(51.5) = 52, R = 51: n = (51 + 5) // 10 = 5 cycles, the last one only down to its middle
+    # (4 * 10 + 5 = 45 steps); the 6 steps left lengthen the step phase to 58 (x0.1 at 29 and round(43.5) = 44).
+    assert fge_cycles(103, 10) == (58, [10, 10, 10, 10, 5])
     snaps = fge_snapshot_steps(103, 10)
-    assert snaps == [56, 66, 76, 86, 96]
+    assert snaps == [62, 72, 82, 92, 102]
     lrs = [fge_lr(s, 103, 10, 0.1) for s in range(103)]
-    a1, a2 = 0.05, 0.0005
-    # the last cycle (steps 92..102, L = 11): i = 5 and 6 are the two lowest, t = 5/11 and 6/11.
-    low = a1 / 11 + 10 * a2 / 11
-    assert lrs[96] == pytest.approx(low) and lrs[97] == pytest.approx(low)
-    assert min(lrs[92:]) == pytest.approx(low) and lrs[102] == pytest.approx(a1)
+    assert lrs[28] == 0.1 and lrs[29] == pytest.approx(0.01) and lrs[44] == pytest.approx(0.001)
+    assert lrs[57] == pytest.approx(0.001) and lrs[58] == pytest.approx(0.8 * 0.05 + 0.2 * 0.0005)
+    assert [lrs[s] for s in snaps] == pytest.approx([0.0005] * 5)
+    assert min(lrs[58:]) == pytest.approx(0.0005)
+
+
+def test_fge_odd_cycles_end_at_the_last_snapshot():
+    # T=40, c=5: R = 20, n = (20 + 5 - 2) // 5 = 4, start = 40 - 15 - 2 = 23. The collected step is the 2nd of a
+    # cycle, t = 2/5: 0.2 a1 + 0.8 a2 = 0.0104, the same as the 3rd (t = 3/5), the cycle's lowest.
+    assert fge_cycles(40, 5) == (23, [5, 5, 5, 2])
+    assert fge_snapshot_steps(40, 5) == [24, 29, 34, 39]
+    lrs = [fge_lr(s, 40, 5, 0.1) for s in range(40)]
+    assert [lrs[s] for s in (24, 25, 29, 34, 39)] == pytest.approx([0.0104] * 5)
+    assert min(lrs[23:]) == pytest.approx(0.0104)
+
+
+@pytest.mark.parametrize("total,c,start", [(100, 10, 0.5), (103, 10, 0.5), (97, 7, 0.3), (64, 16, 0.5),
+                                           (1000, 39, 0.75), (21, 2, 0.5)])
+def test_fge_no_step_is_trained_for_nothing(total, c, start):
+    s0, lengths = fge_cycles(total, c, start)
+    snaps = fge_snapshot_steps(total, c, start)
+    assert snaps[-1] == total - 1 and s0 + sum(lengths) == total
+    assert 0 <= s0 - round(start * total) < c  # what cannot make another cycle goes to the step phase
+    lrs = [fge_lr(s, total, c, 0.1, fge_start=start) for s in range(total)]
     for k, snap in enumerate(snaps):  # every snapshot sits at its cycle's minimum
-        lo, hi = (52 + 10 * k, 52 + 10 * (k + 1) if k < 4 else 103)
-        assert lrs[snap] == pytest.approx(min(lrs[lo:hi]))
-    # every step of the budget belongs to a cycle: nothing after the last cycle
-    start, lengths = fge_cycles(103, 10)
-    assert start + sum(lengths) == 103
+        assert lrs[snap] == pytest.approx(min(lrs[s0 + k * c:s0 + (k + 1) * c]))
+
+
+@pytest.mark.parametrize("total,every,start", [(40, 4, 0.75), (45, 4, 0.75), (103, 7, 0.5), (10, 3, 0.9)])
+def test_swa_budget_ends_at_a_snapshot(total, every, start):
+    # SWA counts its collection steps back from the last one: no step after the last collected model.
+    snaps = swa_snapshot_steps(total, every, start)
+    assert snaps[-1] == total - 1 and snaps[0] >= round(start * total)
+    assert all(b - a == every for a, b in zip(snaps, snaps[1:]))
 
 
 def test_fge_scheduler_runs_formula_and_marks_snapshots():
@@ -314,8 +348,8 @@ def test_fge_scheduler_runs_formula_and_marks_snapshots():
     seen, snaps = _run(sched, opt, 103)
     assert [a for a, _ in seen] == pytest.approx([fge_lr(s, 103, 10, 0.1) for s in range(103)], abs=1e-15)
     assert [b for _, b in seen] == pytest.approx([fge_lr(s, 103, 10, 0.04) for s in range(103)], abs=1e-15)
-    assert snaps == [(s, k) for k, s in enumerate([56, 66, 76, 86, 96])]
-    assert sched.n_cycles == 5 and sched.snapshot_steps == [56, 66, 76, 86, 96]
+    assert snaps == [(s, k) for k, s in enumerate([62, 72, 82, 92, 102])]
+    assert sched.n_cycles == 5 and sched.snapshot_steps == [62, 72, 82, 92, 102]
 
 
 # ----------------------------------------------------------------------------------------------------- SWA
@@ -360,7 +394,7 @@ def test_swa_budget_not_divisible_by_interval():
 
 
 @pytest.mark.parametrize("make,total,cut", [
-    (lambda o: FGELR(o, total_steps=103, cycle_steps=10), 103, 58),  # mid-cycle, after its snapshot
+    (lambda o: FGELR(o, total_steps=103, cycle_steps=10), 103, 65),  # mid-cycle, after its snapshot
     (lambda o: SWAScheduleLR(o, total_steps=50, every=4), 50, 43),
     (lambda o: SnapshotLR(o, total_steps=70, n_cycles=3, cycle_decay=0.5, cycle_mult=2.0), 70, 21),
 ])

@@ -56,22 +56,26 @@ __all__ = [
 #: names above should pay for, and ``integrations`` must stay lazy (its extras are optional).
 _SUBMODULES = frozenset({
     "averaging", "checkpoint", "cli", "config", "cost", "data", "distill", "distributed", "engine", "ensemble",
-    "guidance", "integrations", "metrics", "models", "report", "runs", "schedule", "weighting", "workflows",
+    "guidance", "integrations", "metrics", "models", "pretrained", "report", "runs", "schedule", "weighting",
+    "workflows",
 })
-#: Whole-run entry points of :mod:`snapens.workflows`, ``snapens.train(config, run_dir)`` and
-#: ``snapens.evaluate(run_dir)``: imported on first use like the submodules (they pull in models and data).
-_WORKFLOWS = frozenset({"train", "evaluate"})
+#: Entry points imported on first use like the submodules (they pull in models and data): name -> (module,
+#: attribute). ``snapens.train(config, run_dir)``, ``snapens.evaluate(run_dir)`` (:mod:`snapens.workflows`) and
+#: ``snapens.from_pretrained(name)`` (:func:`snapens.pretrained.load`).
+_ENTRY_POINTS = {"train": ("workflows", "train"), "evaluate": ("workflows", "evaluate"),
+                 "from_pretrained": ("pretrained", "load")}
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"snapens.{name}")  # the import also binds it as an attribute here
-    if name in _WORKFLOWS:
-        value = getattr(importlib.import_module("snapens.workflows"), name)
+    if name in _ENTRY_POINTS:
+        module, attribute = _ENTRY_POINTS[name]
+        value = getattr(importlib.import_module(f"snapens.{module}"), attribute)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'snapens' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _SUBMODULES | _WORKFLOWS)
+    return sorted(set(globals()) | _SUBMODULES | set(_ENTRY_POINTS))

@@ -30,6 +30,7 @@ from snapens.data.splits import (
     channel_stats,
     derive_seed,
     limit_splits,
+    split_fingerprint,
     stratified_split,
 )
 from snapens.data.svhn import load_svhn
@@ -47,6 +48,7 @@ __all__ = [
     "load_svhn",
     "stratified_split",
     "limit_splits",
+    "split_fingerprint",
     "channel_stats",
     "derive_seed",
     "epoch_permutation",

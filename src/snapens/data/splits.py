@@ -7,7 +7,7 @@ import logging
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ __all__ = [
     "make_splits",
     "limit_splits",
     "derive_seed",
+    "split_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,13 @@ class Split:
     Attributes:
         images: uint8 tensor ``[N, C, H, W]`` with values 0..255.
         labels: int64 tensor ``[N]``.
+        source_index: for a split cut out of another by :meth:`subset`, the positions of its images in the split
+            loaded from disk (int64 ``[N]``); ``None`` for a split as loaded (positions ``0..N-1``).
     """
 
     images: torch.Tensor
     labels: torch.Tensor
+    source_index: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -53,9 +57,10 @@ class Split:
         return int(self.labels.shape[0])
 
     def subset(self, index: torch.Tensor | np.ndarray) -> Split:
-        """The images and labels at ``index`` (a copy)."""
+        """The images and labels at ``index`` (a copy), remembering where they came from (``source_index``)."""
         index = torch.as_tensor(index, dtype=torch.int64)
-        return Split(self.images[index].contiguous(), self.labels[index].contiguous())
+        source = index if self.source_index is None else self.source_index[index]
+        return Split(self.images[index].contiguous(), self.labels[index].contiguous(), source.contiguous())
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,23 @@ def derive_seed(*parts: int | str) -> int:
     """
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def split_fingerprint(data: DatasetSplits) -> str:
+    """SHA-256 (hex) of which images went where: each split's ``source_index`` (``0..N-1`` when it has none) and
+    labels, in order, for train, val and test.
+
+    Two loads of a dataset with the same seed, ``val_size`` and limits give the same fingerprint; another seed
+    gives another validation split, and so another fingerprint, even where sizes and classes are unchanged.
+    """
+    digest = hashlib.sha256()
+    for name in ("train", "val", "test"):
+        split = getattr(data, name)
+        index = split.source_index if split.source_index is not None else torch.arange(len(split))
+        digest.update(f"{name}:{len(split)}:".encode())
+        digest.update(np.ascontiguousarray(index.numpy(), dtype="<i8").tobytes())
+        digest.update(np.ascontiguousarray(split.labels.numpy(), dtype="<i8").tobytes())
+    return digest.hexdigest()
 
 
 def resolve_val_count(val_size: int | float | None, n: int, default: int | float) -> int:

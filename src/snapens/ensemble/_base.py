@@ -83,6 +83,23 @@ def _channel_stats(values: Any, name: str) -> Tensor:
     return t
 
 
+def _image_shape(shape: Sequence[int | None] | None, channels: int | None) -> tuple[int | None, ...] | None:
+    """The expected ``(C, H, W)`` of one image (``None`` for a size not known), or ``None`` when nothing is known."""
+    if shape is None:
+        return None if channels is None else (channels, None, None)
+    dims = tuple(None if d is None else int(d) for d in shape)
+    if len(dims) != 3 or any(d is not None and d < 1 for d in dims):
+        raise ValueError(f"input_shape must be the [C, H, W] of one image (positive sizes), got {list(shape)!r}")
+    if channels is not None and dims[0] not in (None, channels):
+        raise ValueError(f"input_shape {list(shape)} has {dims[0]} channels, but mean/std have {channels}")
+    return (channels if dims[0] is None else dims[0], dims[1], dims[2])
+
+
+def image_shape_text(shape: Sequence[int | None]) -> str:
+    """``[N, 3, 32, 32]``, with ``?`` for a size not known."""
+    return "[N, " + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
 def _has_conv(module: nn.Module) -> bool:
     return any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in module.modules())
 
@@ -95,7 +112,8 @@ class _Ensemble(nn.Module):
     input_shift: Tensor | None
 
     def __init__(self, n_members: int, weights: Weights, *, precision: str | Precision, channels_last: bool | None,
-                 mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+                 mean: Sequence[float] | None, std: Sequence[float] | None,
+                 input_shape: Sequence[int | None] | None = None) -> None:
         super().__init__()
         self.register_buffer("weights_", resolve_member_weights(weights, n_members))
         self.temperature = 1.0  # see set_temperature
@@ -113,6 +131,9 @@ class _Ensemble(nn.Module):
         else:
             for name in ("input_scale", "input_shift", "input_mean", "input_std"):
                 self.register_buffer(name, None)
+        #: The ``(C, H, W)`` of one input image that the prediction methods insist on (``None``: a size not known);
+        #: the channels are mean/std's when the ensemble normalises. ``None``: shapes are not checked.
+        self.input_shape = _image_shape(input_shape, None if self.input_mean is None else self.input_mean.shape[1])
         if not isinstance(precision, Precision) and precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected auto, fp32, bf16 or fp16")
         self.requested_precision = precision
@@ -181,12 +202,25 @@ class _Ensemble(nn.Module):
         return super().train(False)
 
     def check_images(self, x: Tensor) -> None:
-        """Refuse floating images outside [0, 1] when the ensemble normalises (a 0..255 float tensor would
-        otherwise give confident nonsense), and uint8 images when it does not; pre-normalised input is not
-        range-checked."""
+        """The input contract of the prediction methods: refuse what would otherwise give confident nonsense.
+
+        An ensemble that normalises takes uint8 images (0..255) or floating ones in [0, 1]; any other dtype (int64,
+        int16, bool, ...) and floating values outside [0, 1] (0..255 floats) are refused. One that does not takes
+        pre-normalised inputs (not range-checked) and refuses uint8. Where :attr:`input_shape` is known, images
+        must be ``[N, C, H, W]`` with those sizes (no 1-channel image broadcast to 3 channels, no 16x16 image for a
+        32x32 run)."""
         if self.input_mean is None and x.dtype == torch.uint8:
             raise ValueError("got uint8 images, but this ensemble takes normalised inputs: build it with the "
                              "training set's mean and std (from_run does by default) to give it images")
+        if self.input_mean is not None and x.dtype != torch.uint8 and not x.is_floating_point():
+            raise ValueError(f"got {str(x.dtype).replace('torch.', '')} images; expected uint8 pixels (0..255) or "
+                             "floating point images in [0, 1] (uint8 / 255): convert 0..255 integers with "
+                             "x.to(torch.uint8)")
+        expected = self.input_shape
+        if expected is not None and (x.dim() != 4 or any(d is not None and d != n
+                                                         for d, n in zip(expected, x.shape[1:]))):
+            raise ValueError(f"expected images {image_shape_text(expected)} (the run's channels and image size), "
+                             f"got a tensor of shape {list(x.shape)}")
         if self.input_mean is None or not x.is_floating_point() or x.numel() == 0:
             return
         lo, hi = (float(v) for v in torch.aminmax(x))

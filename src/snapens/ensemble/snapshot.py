@@ -101,6 +101,9 @@ class SnapshotEnsemble(_Ensemble):
         mean, std: The training set's per-channel mean and std in [0, 1] units: the ensemble then takes images
             (uint8 0..255, or float in [0, 1]) and normalises them itself. ``None`` (default here): inputs are
             normalised by the caller.
+        input_shape: The ``[C, H, W]`` of one input image (``None`` for a size not known), which the prediction
+            methods insist on; ``None`` (default): the channels of mean/std, if given (:meth:`from_run` passes the
+            run's).
 
     Raises:
         SnapshotError: a state dict does not fit the architecture (missing/unexpected keys, shapes), holds
@@ -123,6 +126,7 @@ class SnapshotEnsemble(_Ensemble):
         channels_last: bool | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        input_shape: Sequence[int | None] | None = None,
     ) -> None:
         if isinstance(state_dicts, Mapping):
             raise TypeError("state_dicts must be a sequence of state dicts, one per member, got a single state "
@@ -132,7 +136,7 @@ class SnapshotEnsemble(_Ensemble):
                             f"{type(state_dicts).__name__} module: pass [module.state_dict()]")
         state_dicts = list(state_dicts)
         super().__init__(len(state_dicts), weights, precision=precision, channels_last=channels_last, mean=mean,
-                         std=std)
+                         std=std, input_shape=input_shape)
         names = list(names) if names is not None else [f"member {m}" for m in range(len(state_dicts))]
         if len(names) != len(state_dicts):
             raise ValueError(f"got {len(names)} names for {len(state_dicts)} members")
@@ -278,13 +282,14 @@ class SnapshotEnsemble(_Ensemble):
         ensemble = type(self)(self._factory, [self._members[i] for i in picked], weights, member_device=None,
                               copy=False, names=[self.member_names[i] for i in picked],
                               precision=self.requested_precision, channels_last=self.requested_channels_last,
-                              **stats)
+                              input_shape=self.input_shape, **stats)
         ensemble.set_temperature(self.temperature)
         return ensemble.to(self.device)
 
     def materialize(self) -> MaterializedEnsemble:
         """All members as submodules on this ensemble's device and dtype (for ``torch.export`` / ``jit.trace``),
-        with the same weights, temperature, precision and input normalisation. Uses M times the device memory of one model.
+        with the same weights, temperature, precision and input normalisation. Uses M times the device memory of
+        one model.
         """
         ref = next((p for p in self.model.parameters() if p.is_floating_point()), None)
         modules = []
@@ -300,7 +305,8 @@ class SnapshotEnsemble(_Ensemble):
             stats = {"mean": self.input_mean.flatten().tolist(), "std": self.input_std.flatten().tolist()}
         materialized = MaterializedEnsemble(modules, self.weights_.detach().cpu(), names=self.member_names,
                                             precision=self.requested_precision,
-                                            channels_last=self.requested_channels_last, **stats)
+                                            channels_last=self.requested_channels_last, input_shape=self.input_shape,
+                                            **stats)
         materialized.set_temperature(self.temperature)
         return materialized.to(self.device)
 
@@ -446,9 +452,10 @@ def _has_validation(run_dir: Path) -> bool:
         return True  # unreadable: refuse, as for a run that has one (evaluate will name the problem)
 
 
-def _run_stats(run_dir: Path) -> dict[str, list[float]]:
+def _run_stats(run_dir: Path) -> dict[str, Any]:
     """The training set's ``mean`` / ``std`` recorded in ``run_dir/config.json`` (read by
-    :func:`snapens.runs.read_run_info`, as ``snapens evaluate`` reads it)."""
+    :func:`snapens.runs.read_run_info`, as ``snapens evaluate`` reads it), and the ``input_shape`` of its images
+    (``dataset.image_shape``; runs from before it: the channels of mean/std alone)."""
     hint = "pass inputs='normalized' to feed inputs you normalise yourself"
     path = run_dir / runs.CONFIG_FILE
     if not path.exists():
@@ -458,8 +465,15 @@ def _run_stats(run_dir: Path) -> dict[str, list[float]]:
         dataset = runs.read_run_info(run_dir)["dataset"]
     except ValueError as exc:  # the message names the file and the entry
         raise SnapshotError(f"{exc}; {hint}") from exc
-    stats = {"mean": list(dataset["mean"]), "std": list(dataset["std"])}
+    stats: dict[str, Any] = {"mean": list(dataset["mean"]), "std": list(dataset["std"])}
     for key, values in stats.items():
         if not all(math.isfinite(v) for v in values):
             raise SnapshotError(f"{path}: dataset.{key} must be a list of finite numbers, got {values!r}")
+    shape = dataset.get("image_shape")
+    if shape is not None:
+        if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == len(stats["mean"])
+                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+            raise SnapshotError(f"{path}: dataset.image_shape must be the [C, H, W] of the run's images, C the "
+                                f"length of dataset.mean, got {shape!r}")
+        stats["input_shape"] = shape
     return stats

@@ -28,7 +28,7 @@ Layout: :mod:`~snapens.schedule.cosine` (the cyclic cosine, the step baseline, t
 
 from __future__ import annotations
 
-from snapens.schedule.cheap import fge_cycles, fge_lr, fge_snapshot_steps, swa_lr, swa_snapshot_steps
+from snapens.schedule.cheap import SWA_FACTOR, fge_cycles, fge_lr, fge_snapshot_steps, swa_lr, swa_snapshot_steps
 from snapens.schedule.cosine import (
     check_lr_min,
     cosine_anneal,
@@ -56,6 +56,7 @@ __all__ = [
     "fge_lr",
     "swa_snapshot_steps",
     "swa_lr",
+    "SWA_FACTOR",
     "group_peaks",
     "SnapshotLR",
     "StepDecayLR",

@@ -7,7 +7,10 @@ import math
 
 from snapens.schedule.cosine import _check_rate_and_step, step_decay_lr
 
-__all__ = ["fge_cycles", "fge_lr", "fge_snapshot_steps", "swa_lr", "swa_snapshot_steps"]
+__all__ = ["SWA_FACTOR", "fge_cycles", "fge_lr", "fge_snapshot_steps", "swa_lr", "swa_snapshot_steps"]
+
+#: The SWA rate as a multiple of ``lr0`` when none is given: the SWA repository's 0.05 for ``lr_init = 0.1``.
+SWA_FACTOR = 0.5
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -21,20 +24,22 @@ def _check_factor(name: str, value: float) -> None:
 
 
 def fge_cycles(total_steps: int, cycle_steps: int, fge_start: float = 0.5) -> tuple[int, list[int]]:
-    """Where FGE's cycles start and how long each is: ``(start_step, lengths)``.
+    """Where FGE's cycles start and how many of each cycle's steps are trained: ``(start_step, lengths)``.
 
-    The first ``start_step = round(fge_start * T)`` steps train conventionally; the remaining ``R = T - start_step``
-    steps hold ``R // c`` cycles of ``c = cycle_steps`` steps. A remainder ``R mod c`` that cannot fill a cycle is
-    folded into the last cycle (its triangle is stretched over ``c + R mod c`` steps), so every step of the budget
-    belongs to a cycle whose snapshot is taken. As in the paper, each cycle's model is collected at its middle:
-    the second half of the last cycle (about ``c / 2`` steps back up to ``a1``) is trained but not collected, so
-    the run's final weights are not a snapshot.
+    As in the paper, each cycle of ``c = cycle_steps`` steps goes from ``a1`` down to ``a2`` and back, and its model
+    is collected at its middle, the lowest rate. The budget ends exactly at the last collection: the last cycle is
+    trained only down to its middle (its first ``c // 2`` steps), so no step is trained without being collected.
+    With ``R = T - round(fge_start * T)`` the steps after ``fge_start``, the run holds the most cycles that fit,
+    ``n = (R + c - c // 2) // c`` (``(n - 1) c + c // 2 <= R``), and the steps that cannot make another cycle
+    (fewer than ``c``) lengthen the conventional phase before them::
+
+        start_step = T - (n - 1) c - c // 2,    lengths = [c] * (n - 1) + [c // 2]
 
     Example:
-        >>> fge_cycles(100, 10)
-        (50, [10, 10, 10, 10, 10])
-        >>> fge_cycles(103, 10)
-        (52, [10, 10, 10, 10, 11])
+        >>> fge_cycles(100, 10)  # R = 50: n = 55 // 10 = 5, start = 100 - 40 - 5
+        (55, [10, 10, 10, 10, 5])
+        >>> fge_cycles(103, 10)  # round(51.5) = 52, R = 51: n = 56 // 10 = 5, start = 103 - 40 - 5
+        (58, [10, 10, 10, 10, 5])
 
     Raises:
         ValueError: ``fge_start`` outside (0, 1), ``cycle_steps < 2``, or a cycle longer than what is left of
@@ -52,26 +57,24 @@ def fge_cycles(total_steps: int, cycle_steps: int, fge_start: float = 0.5) -> tu
         raise ValueError(f"a cycle of {cycle_steps} steps is longer than the {remaining} steps left of the "
                          f"{total_steps}-step budget after fge_start={fge_start!r} ({start} steps): use a smaller "
                          "fge_start, shorter cycles or a larger budget")
-    n, extra = divmod(remaining, cycle_steps)
-    return start, [cycle_steps] * (n - 1) + [cycle_steps + extra]
+    half = cycle_steps // 2
+    n = (remaining + cycle_steps - half) // cycle_steps
+    return total_steps - (n - 1) * cycle_steps - half, [cycle_steps] * (n - 1) + [half]
 
 
 def fge_snapshot_steps(total_steps: int, cycle_steps: int, fge_start: float = 0.5) -> list[int]:
-    """0-based steps after which FGE collects a model: the ``L // 2``-th step of each cycle of ``L`` steps.
+    """0-based steps after which FGE collects a model: the ``c // 2``-th step of each cycle of ``c`` steps, the last
+    one the budget's last step (:func:`fge_cycles`).
 
-    That step has ``t = 1/2`` in the formula of :func:`fge_lr` (``L`` even) and runs at the lowest rate ``a2``; for
-    an odd ``L`` it is the first of the two steps closest to ``t = 1/2``, which share the lowest rate.
+    That step has ``t = 1/2`` in the formula of :func:`fge_lr` (``c`` even) and runs at the lowest rate ``a2``; for
+    an odd ``c`` it is the first of the two steps closest to ``t = 1/2``, which share the lowest rate.
 
     Example:
-        >>> fge_snapshot_steps(100, 10)
-        [54, 64, 74, 84, 94]
+        >>> fge_snapshot_steps(100, 10)  # cycles from step 55: 55 + 5 - 1, then every 10
+        [59, 69, 79, 89, 99]
     """
     start, lengths = fge_cycles(total_steps, cycle_steps, fge_start)
-    steps = []
-    for length in lengths:
-        steps.append(start + length // 2 - 1)
-        start += length
-    return steps
+    return [start + k * cycle_steps + cycle_steps // 2 - 1 for k in range(len(lengths))]
 
 
 def fge_lr(step: int, total_steps: int, cycle_steps: int, lr0: float, fge_start: float = 0.5,
@@ -80,33 +83,27 @@ def fge_lr(step: int, total_steps: int, cycle_steps: int, lr0: float, fge_start:
 
     Before ``start_step`` (:func:`fge_cycles`): the step schedule compressed into that phase,
     :func:`step_decay_lr` ``(step, start_step, lr0)`` (``lr0``, x0.1 at its half and again at three quarters).
-    Then, in a cycle of ``L`` steps with 1-based position ``i``, ``t = i / L`` and the triangle of the paper::
+    Then, in a cycle of ``c`` steps with 1-based position ``i``, ``t = i / c`` and the triangle of the paper::
 
         alpha = (1 - 2t) a1 + 2t a2        for t <= 1/2
         alpha = (2 - 2t) a2 + (2t - 1) a1  for t >  1/2
 
     with ``a1 = lr1_factor * lr0`` and ``a2 = lr2_factor * lr0``: the paper's 0.05 and 0.0005 for ``lr0 = 0.1``
-    by default.
+    by default. The last cycle ends at its middle, with the budget; past the budget the rate stays the last step's.
 
     Example:
-        >>> fge_lr(54, 100, 10, 0.1)  # the middle of the first cycle: a2
+        >>> fge_lr(59, 100, 10, 0.1)  # the middle of the first cycle (steps 55..64): a2
         0.0005
     """
     _check_rate_and_step("lr0", lr0, step)
     _check_factor("lr1_factor", lr1_factor)
     _check_factor("lr2_factor", lr2_factor)
-    start, lengths = fge_cycles(total_steps, cycle_steps, fge_start)
+    start, _ = fge_cycles(total_steps, cycle_steps, fge_start)
     if step < start:
         return step_decay_lr(step, start, lr0)
-    pos = min(step - start, total_steps - 1 - start)  # past the budget: the last step's rate
-    for length in lengths[:-1]:
-        if pos < length:
-            break
-        pos -= length
-    else:
-        length = lengths[-1]
+    pos = min(step, total_steps - 1) - start
     a1, a2 = lr1_factor * lr0, lr2_factor * lr0
-    t = (pos + 1) / length
+    t = (pos % cycle_steps + 1) / cycle_steps
     if t <= 0.5:
         return (1 - 2 * t) * a1 + 2 * t * a2
     return (2 - 2 * t) * a2 + (2 * t - 1) * a1
@@ -143,7 +140,8 @@ def _swa_start_step(total_steps: int, swa_start: float) -> int:
     return start
 
 
-def swa_lr(step: int, total_steps: int, lr0: float, swa_start: float = 0.75, swa_factor: float = 0.5) -> float:
+def swa_lr(step: int, total_steps: int, lr0: float, swa_start: float = 0.75,
+           swa_factor: float = SWA_FACTOR) -> float:
     """The SWA recipe's learning rate at 0-based ``step`` (Izmailov et al. 2018, the official training script).
 
     With ``S = round(swa_start * T)``, ``t = step / S`` and ``r = swa_factor`` (the SWA rate is ``r * lr0``;

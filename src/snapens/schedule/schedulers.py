@@ -13,7 +13,15 @@ import torch  # noqa: F401  (the docstring examples use it)
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from snapens.schedule.cheap import _check_factor, fge_cycles, fge_lr, fge_snapshot_steps, swa_lr, swa_snapshot_steps
+from snapens.schedule.cheap import (
+    SWA_FACTOR,
+    _check_factor,
+    fge_cycles,
+    fge_lr,
+    fge_snapshot_steps,
+    swa_lr,
+    swa_snapshot_steps,
+)
 from snapens.schedule.cosine import (
     _check_budget,
     _check_decay,
@@ -196,7 +204,8 @@ class FGELR(_StepwiseLR):
 
     The rate is :func:`fge_lr` of each group's own initial lr; :attr:`snapshot_steps` are
     :func:`fge_snapshot_steps` (the lowest-rate step of each cycle), where :meth:`is_cycle_end` is true. The number
-    of snapshots follows from the budget: ``(T - round(fge_start * T)) // cycle_steps``.
+    of snapshots follows from the budget, ``(R + c - c // 2) // c`` for ``R = T - round(fge_start * T)``; the last
+    one is taken at the budget's last step (:func:`fge_cycles`).
 
     Args:
         optimizer: the wrapped optimizer; its groups' ``lr`` are ``lr0``.
@@ -215,10 +224,10 @@ class FGELR(_StepwiseLR):
         group_peaks(optimizer)
         self.cycle_steps, self.fge_start = cycle_steps, fge_start
         self.lr1_factor, self.lr2_factor = lr1_factor, lr2_factor
-        start, lengths = fge_cycles(total_steps, cycle_steps, fge_start)
-        if lengths[-1] != cycle_steps:
-            logger.info("FGE: %d steps after step %d do not fill whole cycles of %d; the last cycle lasts %d",
-                        total_steps - start, start, cycle_steps, lengths[-1])
+        start, _ = fge_cycles(total_steps, cycle_steps, fge_start)
+        if start != round(fge_start * total_steps):
+            logger.info("FGE: cycles of %d steps start at step %d, not %d: the steps that do not make another cycle "
+                        "go to the conventional phase", cycle_steps, start, round(fge_start * total_steps))
         super().__init__(optimizer, total_steps, len(snaps), last_step, snapshot_steps=snaps)
 
     def _lr_at(self, step: int, peak: float) -> float:
@@ -243,7 +252,7 @@ class SWAScheduleLR(_StepwiseLR):
     """
 
     def __init__(self, optimizer: Optimizer, total_steps: int, every: int, swa_start: float = 0.75,
-                 swa_factor: float = 0.5, last_step: int = -1) -> None:
+                 swa_factor: float = SWA_FACTOR, last_step: int = -1) -> None:
         snaps = swa_snapshot_steps(total_steps, every, swa_start)
         _check_factor("swa_factor", swa_factor)
         group_peaks(optimizer)

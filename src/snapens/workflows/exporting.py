@@ -1,11 +1,18 @@
 """Export a run's snapshot ensemble as ONE self-contained module file: :func:`export_run`, ``snapens export``.
 
-The exported module takes float images in [0, 1] (uint8 pixels / 255), normalises them with the training set's
-mean and std, runs the members at the precision chosen at export and returns the ensemble's probabilities. By
-default the members and weights are the recommended ones (chosen on validation by ``snapens evaluate``, stored in
-recommended.json), with their temperature; members of weight 0 are left out.
-Two formats: ``torch.export`` (``.pt2``) and TorchScript (``.pt``, deprecated by PyTorch). Both carry a JSON
-description as the extra file :data:`EXTRA_FILE`; :func:`load_exported` reads either back.
+The exported module takes the run's images ``[N, C, H, W]`` (its channels and image size) as float in [0, 1]
+(uint8 pixels / 255), normalises them with the training set's mean and std, runs the members at the precision
+chosen at export and returns the ensemble's probabilities. By default the members and weights are the recommended
+ones (chosen on validation by ``snapens evaluate``, stored in recommended.json), with their temperature; members
+of weight 0 are left out. Two formats: ``torch.export`` (``.pt2``) and TorchScript
+(``.pt``, deprecated by PyTorch). Both carry a JSON description as the extra file :data:`EXTRA_FILE`;
+:func:`load_exported` reads either back.
+
+Input checks inside the file (the ensemble's contract, :meth:`snapens.ensemble.SnapshotEnsemble.predict_proba`):
+the ``.pt`` module also takes uint8 images and refuses other dtypes, other shapes and floats outside [0, 1] with
+a ``snapens:`` message. The ``.pt2`` program refuses values outside [0, 1] (so 0..255 input, uint8 included) and
+other channel counts or image sizes, but cannot check the dtype: give it float32, ``x.float() / 255`` for uint8
+pixels. The description's ``input_checks`` says which format checks what.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from snapens import runs
 from snapens.runs import read_run_info
@@ -31,6 +38,13 @@ FORMATS = {"torchscript": ".pt", "export": ".pt2"}
 WEIGHT_CHOICES = ("recommended", "equal", "fitted")
 EXTRA_FILE = "snapens.json"
 _EXAMPLE_BATCH = 8
+#: What the exported module checks of its input itself, and what it leaves to the caller (description field).
+_INPUT_CHECKS = {
+    "torchscript": "refuses (torch.jit.Error, a ValueError inside) other dtypes than uint8/floating, other shapes than input_shape, and float "
+                   "values outside [0, 1]",
+    "export": "refuses (RuntimeError) values outside [0, 1], and other channels or image sizes than input_shape; "
+              "does NOT check the dtype: pass float32 (uint8 images: x.float() / 255)",
+}
 #: What a run folder holds of its own (patterns of top-level names; hidden files are temporary files and locks):
 #: an export may sit beside them, never in their place.
 _RUN_FILES = runs.RUN_FILES
@@ -50,18 +64,18 @@ def _refuse_run_file(run_dir: Path, out: Path) -> None:
                        f"file name, e.g. {Path(run_dir) / 'ensemble.pt2'}")
 
 
-def _serialize(module: nn.Module, example: Tensor, fmt: str, extra: str) -> bytes:
+def _serialize(module: Any, example: Tensor, fmt: str, extra: str) -> bytes:
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
         # torch.export.save says so for channels-last weights on the CPU, where it does not matter
         warnings.filterwarnings("ignore", message=r"No complete tensor found in the group")
+        # The input checks travel inside the file: see MaterializedEnsemble.scripted_images / range_checked.
         if fmt == "torchscript":
-            traced = torch.jit.trace(module, (example,), check_trace=False)
-            torch.jit.save(traced, buf, _extra_files={EXTRA_FILE: extra})
+            torch.jit.save(module.scripted_images(example), buf, _extra_files={EXTRA_FILE: extra})
         else:
             batch = torch.export.Dim("batch", min=1)
-            program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+            program = torch.export.export(module.range_checked(), (example,), dynamic_shapes=({0: batch},))
             torch.export.save(program, buf, extra_files={EXTRA_FILE: extra})
     return buf.getvalue()
 
@@ -165,17 +179,19 @@ def export_run(
         "weights": ensemble.weights_.tolist(), "weights_source": weights, "temperature": ensemble.temperature,
         "members_of_run": names, **chosen, "classes": list(data.classes),
         "mean": list(mean), "std": list(std), "input_shape": ["N", *example.shape[1:]],
-        "input": "float32 images in [0, 1] (uint8 / 255), NCHW; output: ensemble probabilities",
+        "input": ("uint8 images (0..255) or float32 images in [0, 1] (uint8 / 255)" if fmt == "torchscript" else
+                  "float32 images in [0, 1] (uint8 / 255)") + ", NCHW; output: ensemble probabilities",
+        "input_dtypes": ["uint8", "float32"] if fmt == "torchscript" else ["float32"],
+        "input_checks": _INPUT_CHECKS[fmt],
         "model": info["model"], "precision": ensemble.precision,
     }
     atomic_write_bytes(out, _serialize(module, example, fmt, json.dumps(description)))
 
     # The file must reproduce the ensemble's (so evaluate's) numbers at the same precision.
     reloaded, _ = load_exported(out)
+    inputs = [example, batch.images] if fmt == "torchscript" else [example]  # .pt also takes uint8
     with torch.no_grad():
-        got = reloaded(example)
-    expected = ensemble.predict_proba(example)
-    diff = float((got - expected).abs().max())
+        diff = max(float((reloaded(x) - ensemble.predict_proba(x)).abs().max()) for x in inputs)
     if diff > 1e-4:
         raise ValueError(f"the exported file {out} disagrees with the ensemble by {diff:.2e} on test images")
     return {**description, "max_abs_diff": diff}

@@ -9,7 +9,8 @@
   name (from summary.json): snapshots of one run are often more than 99% correlated, and 1 - correlation
   shows how much they differ;
 - ``price.png``: test error against the measured inference cost (milliseconds per test image on the device
-  that evaluated it, log scale), one point per method, labelled with its forward passes per image (from
+  that evaluated it, log scale), one numbered point per method, a legend naming each number's method and its
+  forward passes per image, errors far above the rest marked on the top edge with their value (from
   summary.json; summaries written before the price columns have no such plot).
 """
 
@@ -30,8 +31,8 @@ from snapens.runs import SUMMARY_FILE, read_run_info
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PLOT_FILES", "plot", "plot_run", "plot_if_possible", "plot_price", "price_points", "lr_curve", "snapshot_epochs",
-           "read_metrics_csv", "correlation_labels"]
+__all__ = ["PLOT_FILES", "plot", "plot_run", "plot_if_possible", "plot_price", "price_points", "price_outliers",
+           "lr_curve", "snapshot_epochs", "read_metrics_csv", "correlation_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -205,26 +206,124 @@ def price_points(summary: dict[str, Any]) -> list[dict[str, Any]]:
             for key in SINGLE_ROWS + ENSEMBLE_ROWS if summary.get(key)]
 
 
-def plot_price(points: list[dict[str, Any]], out: Path, *, title: str = "error vs inference cost") -> None:
+#: A price plot's y axis ends above the highest error it shows; higher errors sit on that edge (see
+#: :func:`price_outliers`): one method at 82 % error would otherwise flatten 24 others between 0.5 and 4 %.
+OUTLIER_SPAN_FACTOR = 4.0
+#: Spreads narrower than this (percentage points), or than a fifth of the errors' level, count as that wide when
+#: judging outliers: a 1.95 % point over four at 0.56 % is no outlier, it is the only spread there is.
+OUTLIER_MIN_SPAN = 1.0
+
+
+def price_outliers(errors: list[float]) -> list[int]:
+    """Indices (0-based) of the errors a price plot puts off its scale, highest first.
+
+    With the finite errors sorted, ``e_min`` the lowest, the ``j`` highest are outliers for the smallest ``j``
+    (``1 <= j <= len(errors) // 4``) where the lowest of them lies far above the rest: ``e_j - e_min >
+    OUTLIER_SPAN_FACTOR * max(e_rest - e_min, OUTLIER_MIN_SPAN, e_rest / 5)``, ``e_rest`` the highest error
+    kept. Showing them would squeeze the others into under a quarter of the height. Non-finite errors are
+    never plotted and never outliers; none are outliers when no ``j`` qualifies.
+    """
+    order = sorted((i for i, e in enumerate(errors) if math.isfinite(e)), key=lambda i: errors[i])
+    for j in range(1, min(len(errors) // 4, len(order) - 2) + 1):
+        lo, rest, lowest_out = errors[order[0]], errors[order[-j - 1]], errors[order[-j]]
+        if lowest_out - lo > OUTLIER_SPAN_FACTOR * max(rest - lo, OUTLIER_MIN_SPAN, rest / 5):
+            return order[-j:][::-1]
+    return []
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    # Few ticks with plain labels: 1-2-5 per decade, or 1..9 when the range holds fewer than two of those.
+    for mantissas in ((1, 2, 5), range(1, 10)):
+        ticks = [m * 10.0 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                 for m in mantissas]
+        ticks = [t for t in ticks if lo <= t <= hi]
+        if len(ticks) >= 2:
+            return ticks[:: math.ceil(len(ticks) / 6)]
+    return [float(f"{lo:.2g}"), float(f"{hi:.2g}")] if hi > lo else [float(f"{lo:.2g}")]
+
+
+# Label offsets (points) tried in order around a marker: right, then left, then further out.
+_LABEL_OFFSETS = [(5, 1), (5, -9), (-5, 1), (-5, -9), (5, 10), (-5, 10), (5, -18), (-5, -18),
+                  (14, 1), (14, -9), (-14, 1), (-14, -9), (14, 10), (-14, 10), (14, -18), (-14, -18),
+                  (5, 19), (-5, 19), (5, -27), (-5, -27), (23, 1), (-23, 1), (23, -9), (-23, -9)]
+
+
+def _place_labels(ax: Any, placed: list[tuple[int, float, float]]) -> None:
+    # Greedy placement in display space: each number goes to the first offset where its box overlaps neither a
+    # marker nor a number already placed. Methods of equal cost and error (a measured price is shared by every
+    # combination of the same members) would otherwise print their numbers on top of each other.
+    scale = ax.figure.dpi / 72.0
+    centres = [ax.transData.transform((x, y)) for _, x, y in placed]
+    boxes: list[tuple[float, float, float, float]] = [(cx - 3.5 * scale, cy - 3.5 * scale, cx + 3.5 * scale,
+                                                       cy + 3.5 * scale) for cx, cy in centres]
+    for (k, x, y), (cx, cy) in zip(placed, centres):
+        w, h = (4.2 * len(str(k)) + 1) * scale, 7.5 * scale
+        for n, (dx, dy) in enumerate(_LABEL_OFFSETS):
+            x0 = cx + dx * scale - (w if dx < 0 else 0)
+            box = (x0, cy + dy * scale, x0 + w, cy + dy * scale + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                break
+        boxes.append(box)
+        far = n >= 4  # away from its marker: a thin leader line says whose number it is
+        ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7,
+                    ha="right" if dx < 0 else "left", va="bottom",
+                    arrowprops={"arrowstyle": "-", "lw": 0.6, "color": "0.35", "shrinkA": 0, "shrinkB": 2}
+                    if far else None)
+
+
+def plot_price(points: list[dict[str, Any]], out: Path, *,
+               title: str = "error vs inference cost") -> dict[str, Any]:
     """Test error (%) against milliseconds per test image (log x axis), one numbered point per method; the
-    legend names each number's method and its forward passes per image.
+    legend beside the plot names each number's method and its forward passes per image.
 
     ``points``: ``{"label", "error", "forward_passes", "images_per_second"}`` each (see :func:`price_points`).
+    Errors far above the rest (:func:`price_outliers`) are drawn as a triangle on the top edge with their value,
+    so that they do not flatten the others. Returns ``{"off_scale": [1-based numbers of those points],
+    "ylim": (bottom, top)}``.
     """
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
     plt = _pyplot()
+    ms = [1000.0 / _nan(p["images_per_second"]) for p in points]
+    errors = [_nan(p["error"]) for p in points]
+    off = set(price_outliers(errors))
+    shown = [e for i, e in enumerate(errors) if i not in off and math.isfinite(e)]
+    lo, hi = (min(shown), max(shown)) if shown else (0.0, 1.0)
+    pad = max(hi - lo, 0.5) * 0.08
+    ylim = (max(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + (3 if off else 1) * pad)
     fig, ax = plt.subplots(figsize=(9, max(4.0, 1.0 + 0.22 * len(points))))
-    for k, p in enumerate(points, start=1):
-        ms, err, passes = 1000.0 / _nan(p["images_per_second"]), _nan(p["error"]), _nan(p["forward_passes"])
-        ax.scatter([ms], [err], color=f"C{(k - 1) % 10}", marker="os^Dv"[(k - 1) // 10 % 5], zorder=3,
-                   label=f"{k}: {p['label']} ({passes:g} pass{'' if passes == 1 else 'es'})")
-        ax.annotate(str(k), (ms, err), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_ylim(*ylim)
+    placed = []
+    for k, (p, x, err) in enumerate(zip(points, ms, errors), start=1):
+        passes = _nan(p["forward_passes"])
+        label = f"{k}: {p['label']} ({passes:g} pass{'' if passes == 1 else 'es'})"
+        # White edges and a little transparency: markers of equal cost and error stay visible as a stack.
+        style = {"color": f"C{(k - 1) % 10}", "zorder": 3, "s": 44, "edgecolors": "white", "linewidths": 0.6,
+                 "alpha": 0.9}
+        if k - 1 in off:
+            ax.scatter([x], [ylim[1]], marker="^", clip_on=False, label=f"{label}: {err:.2f} %, off the scale",
+                       **style)
+            ax.annotate(f"{k}: {err:.2f} %", (x, ylim[1]), textcoords="offset points", xytext=(0, -11),
+                        fontsize=7, ha="center", va="top", color=f"C{(k - 1) % 10}")
+            continue
+        ax.scatter([x], [err], marker="os^Dv"[(k - 1) // 10 % 5], label=label, **style)
+        placed.append((k, x, err))
+    finite_ms = [x for x in ms if math.isfinite(x) and x > 0]
     ax.set_xscale("log")
+    if finite_ms:
+        x_lo, x_hi = min(finite_ms), max(finite_ms)
+        ax.set_xlim(x_lo / 1.25, x_hi * 1.25)
+        ax.xaxis.set_major_locator(FixedLocator(_log_ticks(x_lo / 1.25, x_hi * 1.25)))
+        ax.xaxis.set_major_formatter(lambda v, _pos: f"{v:g}")
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="test-time cost (ms per image, measured)", ylabel="test error (%)", title=title)
-    ax.margins(x=0.15, y=0.1)
+    ax.grid(True, which="major", color="0.9", lw=0.6)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
+    _place_labels(ax, placed)
     _save(fig, out)
     plt.close(fig)
+    return {"off_scale": [i + 1 for i in sorted(off)], "ylim": ylim}
 
 
 def correlation_labels(summary: dict[str, Any]) -> list[str]:

@@ -41,7 +41,7 @@ from snapens.distributed import (
     process_device,
 )
 from snapens.runs import CONFIG_FILE
-from snapens.schedule import make_scheduler
+from snapens.schedule import SWA_FACTOR, make_scheduler
 from snapens.workflows.common import (
     build_loaders,
     check_model_name,
@@ -84,9 +84,21 @@ def run_header(cfg: TrainConfig, run_dir: Path, device: torch.device, precision:
     snaps = (f"M={plural(cfg.snapshots, 'snapshot')}{_auto_note(cfg)}"
              if cfg.schedule in M_SCHEDULES or n_snapshots is None else plural(n_snapshots, "snapshot"))
     return (f"snapens train: {cfg.dataset}, {cfg.model}, {plural(cfg.epochs, 'epoch')}, {snaps} "
-            f"({cfg.schedule}, lr {cfg.lr:g} -> {cfg.lr_min:g}), batch {cfg.batch_size}, seed {cfg.seed}\n"
+            f"({cfg.schedule}, {_lr_note(cfg)}), batch {cfg.batch_size}, seed {cfg.seed}\n"
             f"device {device}, precision {precision}, threads {threads}{procs}\n"
             f"run dir: {run_dir}{' (resuming)' if resume else ''}")
+
+
+def _lr_note(cfg: TrainConfig) -> str:
+    """The rates ``cfg.schedule`` runs, from its own parameters: ``lr 0.1 -> 0`` for the cosine schedules."""
+    if cfg.schedule == "fge":
+        return f"lr {cfg.lr:g} step phase, then cycles {cfg.fge_lr1 * cfg.lr:g} -> {cfg.fge_lr2 * cfg.lr:g}"
+    if cfg.schedule == "swa":
+        swa = cfg.swa_lr if cfg.swa_lr is not None else SWA_FACTOR * cfg.lr
+        return f"lr {cfg.lr:g} -> swa_lr {swa:g} constant from {cfg.swa_start:.0%} of the budget"
+    if cfg.schedule == "step":
+        return f"lr {cfg.lr:g}, x0.1 at 50% and 75% of the budget"
+    return f"lr {cfg.lr:g} -> {cfg.lr_min:g}"
 
 
 def _auto_note(cfg: TrainConfig) -> str:
@@ -166,13 +178,16 @@ def _run_record(cfg: TrainConfig, splits: Any, model_kwargs: dict[str, Any], dev
                 precision: Precision, ctx: DistContext, sync_bn: bool, evaluate: bool,
                 extra_info: Mapping[str, Any] | None) -> dict[str, Any]:
     """The content of config.json: the resolved config, the model, the dataset and the environment."""
+    from snapens.data import split_fingerprint  # dataset.split_sha256: evaluate & co. rebuild this very split
+
     return {
         "format_version": 1,
         "config": cfg.to_dict(),
         "model": {"name": cfg.model, "kwargs": model_kwargs},
         "dataset": {"name": splits.name, "classes": list(splits.classes), "num_train": len(splits.train),
                     "num_val": len(splits.val), "num_test": len(splits.test), "mean": list(splits.mean),
-                    "std": list(splits.std)},
+                    "std": list(splits.std), "image_shape": [splits.in_channels, *splits.image_size],
+                    "split_sha256": split_fingerprint(splits)},
         "environment": environment_info(device, precision.name, ctx.world_size),
         "distributed": {"world_size": ctx.world_size, "global_batch_size": cfg.batch_size * ctx.world_size,
                         "sync_bn": bool(sync_bn and ctx.enabled)},
