@@ -27,6 +27,7 @@ from torch import nn
 
 from snapens import metrics, weighting
 from snapens.ensemble import SnapshotEnsemble
+from snapens.guidance import recommend
 from snapens.integrations.transformers import SnapshotCallback
 
 
@@ -111,8 +112,10 @@ def main() -> None:
         _train(DigitsCNN(args.width), train, run / "trainer", args, "constant",
                [SnapshotCallback(args.snapshots, run / "snapshots")])
         seconds = time.perf_counter() - start
+        # weights="equal": every member, to compare the combinations below (from_run's default is the
+        # combination `snapens evaluate` stored; a run of your own loop has none, so it is equal weights anyway)
         ensemble = SnapshotEnsemble.from_run(run, lambda name, **kwargs: DigitsCNN(args.width),
-                                              inputs="normalized")
+                                              weights="equal", inputs="normalized")
         val_members = ensemble.member_probs(x_val)
         test_members = ensemble.member_probs(x_test)
 
@@ -123,6 +126,12 @@ def main() -> None:
     weights = weighting.fit_ensemble_weights(val_members, y_val, method="nll")   # validation only
     temperature = weighting.fit_temperature(weighting.weighted_average(val_members, weights), y_val)
     fitted_test = weighting.apply_temperature(weighting.weighted_average(test_members, weights), temperature)
+    # What snapens gives by default: the cheapest combination within noise of the best on validation, members of
+    # weight 0 not run, with a temperature only where cross-validation inside validation supports one.
+    rec = recommend(val_members, y_val)
+    recommended_test = weighting.weighted_average(test_members, rec.weights)
+    if rec.temperature_fitted:
+        recommended_test = weighting.apply_temperature(recommended_test, rec.temperature)
 
     print(f"transformers {transformers.__version__}; train {len(train)}, val {len(y_val)}, test {len(y_test)}; "
           f"{args.epochs} epochs, M={args.snapshots}, lr0={args.lr}; snapshot run trained in {seconds:.1f} s")
@@ -131,6 +140,7 @@ def main() -> None:
         (f"last snapshot ({args.snapshots})", test_members[-1]),
         (f"snapshot ensemble, equal weights (M={args.snapshots})", test_members.mean(dim=0)),
         ("snapshot ensemble, weights+T fitted on val", fitted_test),
+        (f"recommended on val ({rec.forward_passes} of {args.snapshots} members)", recommended_test),
     ]
     print(f"{'model':<44} {'test error %':>12} {'test NLL':>9} {'ECE':>7}")
     for name, probs in rows:

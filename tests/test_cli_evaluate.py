@@ -420,13 +420,39 @@ def test_from_run_on_raw_images_gives_evaluates_numbers(run_dir: Path, cli_json:
 
     info = json.loads((run_dir / "config.json").read_text())
     data = load_dataset("digits", val_size=info["config"]["val_size"], seed=info["config"]["seed"])
-    ens = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32")
+    ens = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32", weights="equal")
     y = data.test.labels
     for images in (data.test.images.float() / 255, data.test.images):
         probs = ens.predict_proba(images)
         assert metrics.error_rate(probs, y) == pytest.approx(cli_json["ensemble_equal"]["error"], abs=1e-9)
         assert metrics.nll(probs, y) == pytest.approx(cli_json["ensemble_equal"]["nll"], rel=1e-6)
     assert cli_json["run"]["precision"] == "fp32"
+
+
+def test_from_run_by_default_gives_evaluates_recommended_row(run_copy: Path) -> None:
+    """Issue 21 (c): from_run with no weight argument is the recommended row, running only its members."""
+    from snapens import metrics
+    from snapens.ensemble import SnapshotEnsemble
+
+    run_dir = run_copy
+    cli_json = evaluate_run(run_dir, device="cpu", precision="fp32")  # this copy's own recommended.json
+    row = cli_json["ensemble_recommended"]
+    stored = json.loads((run_dir / "recommended.json").read_text())
+    assert stored["weights"] == row["weights"] and stored["members"] == cli_json["member_names"]
+    kept = [m for m, w in enumerate(row["weights"]) if w > 0]
+    info = json.loads((run_dir / "config.json").read_text())
+    data = load_dataset("digits", val_size=info["config"]["val_size"], seed=info["config"]["seed"])
+    ens = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32")
+    assert [Path(n).stem for n in ens.member_names] == [cli_json["member_names"][m] for m in kept]
+    assert len(ens) == row["forward_passes"] == len(kept)
+    assert ens.temperature == (row["temperature"] if row["temperature_fitted"] else 1.0)
+    probs = ens.predict_proba(data.test.images)
+    y = data.test.labels
+    assert metrics.error_rate(probs, y) == pytest.approx(row["error"], abs=1e-9)
+    assert metrics.nll(probs, y) == pytest.approx(row["nll"], rel=1e-5)
+    if row["temperature_fitted"]:
+        cold = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32", temperature=False)
+        assert cold.temperature == 1.0
 
 
 def test_auto_precision_agrees_with_fp32_and_is_recorded(run_copy: Path, cli_json: dict,
@@ -496,3 +522,46 @@ def test_price_columns_count_forward_passes(cli_json: dict, capsys: pytest.Captu
     # A summary written before the price columns existed still prints, with '-' in them.
     old = {k: v for k, v in s.items() if k != "price"}
     assert "img/s" not in format_summary(old)
+
+
+def test_recommended_row_headline_and_file(run_copy: Path, capsys: pytest.CaptureFixture[str],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 21: the table's recommended row runs only its members; the line under the table says what the user
+    gets and why; recommended.json (per variant, like summary files) stores the choice; the temperature warning
+    is logged once."""
+    with caplog.at_level(logging.WARNING, logger="snapens"):
+        assert main(["evaluate", str(run_copy), "--device", "cpu", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run_copy / "summary.json").read_text())
+    row, rec = summary["ensemble_recommended"], summary["recommendation"]
+    stored = json.loads((run_copy / "recommended.json").read_text())
+    assert stored["members"] == NAMES and stored["weights"] == rec["weights"] == row["weights"]
+    assert stored["temperature"] == rec["temperature"] and stored["reason"] == rec["reason"] == row["reason"]
+    kept = sum(w > 0 for w in row["weights"])
+    assert row["forward_passes"] == kept == rec["forward_passes"]
+    assert summary["price"]["recommended"]["forward_passes"] == kept
+    lines = out.splitlines()
+    table_row = next(line for line in lines if line.startswith("ensemble, recommended ("))
+    assert table_row.split()[-2] == str(kept) and f"{row['error']:.2f}" in table_row
+    headline = lines[lines.index(table_row) + 1]
+    assert headline == (f"You get: {row['name']} ({kept} pass{'' if kept == 1 else 'es'}/img) - {rec['reason']}")
+    assert caplog.text.count("Temperature not fitted") <= 1
+    # a variant stores its own choice; the run's stays
+    assert main(["evaluate", str(run_copy), "--last", "1", "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    one = json.loads((run_copy / "recommended-last1.json").read_text())
+    assert one["members"] == ["snapshot-02"] and one["weights"] == [1.0] and one["use"] == "equal"
+    assert json.loads((run_copy / "recommended.json").read_text()) == stored
+
+
+def test_temperature_not_fitted_is_logged_once(run_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    from snapens import weighting
+
+    monkeypatch.setattr(weighting, "_bounded_temperature", lambda *a: (1.0, "kept for the test"))
+    with caplog.at_level(logging.WARNING, logger="snapens"):
+        summary = evaluate_run(run_copy, device="cpu", precision="fp32")
+    assert caplog.text.count("Temperature not fitted, T=1 kept: kept for the test") == 1
+    assert summary["recommendation"]["temperature_reason"] == "kept for the test"
+    assert summary["ensemble_recommended"]["temperature"] == 1.0
+    assert not logging.getLogger("snapens.weighting").filters  # the filter is gone afterwards

@@ -191,8 +191,9 @@ def test_plots_label_members_by_name_and_count_snapshots_only(unevaluated: Path,
     assert list(curve.get_ydata()) == pytest.approx(summary["ensemble_size_curve"]["error"])
 
 
-def _reference(run_dir: Path, weights=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """13 raw test images in [0, 1] and the ensemble's probabilities on them (as evaluate computes them)."""
+def _reference(run_dir: Path, weights="recommended") -> tuple[torch.Tensor, torch.Tensor]:
+    """13 raw test images in [0, 1] and the ensemble's probabilities on them (as evaluate computes them; by
+    default the recommended combination, as export writes it)."""
     info = json.loads((run_dir / "config.json").read_text())
     cfg = info["config"]
     data = load_dataset(cfg["dataset"], val_size=cfg["val_size"], seed=cfg["seed"])
@@ -204,9 +205,9 @@ def _reference(run_dir: Path, weights=None) -> tuple[torch.Tensor, torch.Tensor]
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load is deprecated, still supported
 def test_export_torchscript_round_trip(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ens.pt"
-    assert main(["export", str(run_dir), str(out), "--quiet", "--precision", "fp32"]) == 0  # .pt: torchscript
-    module = torch.jit.load(str(out))
-    raw, expected = _reference(run_dir)
+    assert main(["export", str(run_dir), str(out), "--quiet", "--precision", "fp32", "--weights", "equal"]) == 0
+    module = torch.jit.load(str(out))  # .pt: torchscript
+    raw, expected = _reference(run_dir, weights="equal")
     with torch.no_grad():
         got = module(raw)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -253,7 +254,8 @@ def test_export_records_and_applies_its_precision(run_dir: Path, tmp_path: Path,
     [
         ("ens.pt", ["--format", "export"], "--format export writes a .pt2 file"),
         ("ens.pt2", ["--format", "torchscript"], "--format torchscript writes a .pt file"),
-        ("ens.bin", [], "--format export writes a .pt2 file, got"),  # export is the default format
+        ("ens.bin", [], "the file must end in .pt2 (torch.export) or .pt (TorchScript)"),
+        ("ens.onnx", ["--format", "export"], "the file must end in .pt2 (torch.export) or .pt (TorchScript)"),
         # weights fitted for a variant live in their own file (issue 9, item 8)
         ("ens.pt", ["--weights", "fitted", "--last", "1"],
          "ensemble_weights-last1.json does not exist; run `snapens evaluate --optimize 1 --last 1` first"),
@@ -281,6 +283,74 @@ def test_export_refuses_to_write_over_the_runs_own_files(run_dir: Path, tmp_path
     assert "refusing to write the export over" in cli_error("export", run_dir, link, "--format", "torchscript")
     assert "refusing" in cli_error("export", run_dir, run_dir / "snapshots" / ".." / name)
     assert target.read_bytes() == before
+
+
+def test_export_by_default_runs_only_the_recommended_members(run_dir: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 21 (a): the recommendation of this run is the last snapshot alone: the module holds that one member,
+    applies the recommended temperature and gives evaluate's recommended row (fp32)."""
+    from snapens import metrics
+    from snapens.workflows.evaluation import evaluate_run
+
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    summary = evaluate_run(run, device="cpu", precision="fp32")
+    row = summary["ensemble_recommended"]
+    assert row["weights"] == [0.0, 1.0], "this run's validation recommends the last snapshot alone"
+    assert row["forward_passes"] == 1 and summary["ensemble_equal"]["forward_passes"] == 2
+    out = tmp_path / "ens.pt2"
+    assert main(["export", str(run), str(out), "--precision", "fp32"]) == 0
+    assert "1 member of 2, recommended weights" in capsys.readouterr().err
+    module, meta = load_exported(out)
+    assert meta["members"] == ["snapshot-02"] and meta["weights"] == [1.0] and meta["weights_source"] == "recommended"
+    assert meta["temperature"] == (row["temperature"] if row["temperature_fitted"] else 1.0)
+    assert meta["recommendation"]["source"] == str(run / "recommended.json")
+    info = json.loads((run / "config.json").read_text())
+    data = load_dataset(info["config"]["dataset"], val_size=info["config"]["val_size"], seed=info["config"]["seed"])
+    with torch.no_grad():
+        got = module(data.test.images.float() / 255.0)
+    assert metrics.error_rate(got, data.test.labels) == pytest.approx(row["error"], abs=1e-9)
+    assert metrics.nll(got, data.test.labels) == pytest.approx(row["nll"], rel=1e-5)
+    # elementwise: the last snapshot's softmax, temperature-scaled as weighting.apply_temperature defines it
+    from snapens import weighting
+    last = SnapshotEnsemble.from_run(run, build_model, last=1, weights="equal", precision="fp32")
+    expected = weighting.apply_temperature(last.predict_proba(data.test.images), meta["temperature"])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # the paper's equal weights stay one flag away; --no-temperature drops T
+    paper = tmp_path / "paper.pt2"
+    assert main(["export", str(run), str(paper), "--quiet", "--precision", "fp32", "--weights", "equal"]) == 0
+    assert load_exported(paper)[1]["members"] == ["snapshot-01", "snapshot-02"]
+    cold = tmp_path / "cold.pt2"
+    assert main(["export", str(run), str(cold), "--quiet", "--precision", "fp32", "--no-temperature"]) == 0
+    assert load_exported(cold)[1]["temperature"] == 1.0
+
+
+def test_export_keeps_every_member_when_equal_weights_are_recommended(run_dir: Path, tmp_path: Path) -> None:
+    """Issue 21 (b): a stored recommendation of equal weights keeps all members in the module."""
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    (run / "recommended.json").write_text(json.dumps({
+        "members": ["snapshot-01", "snapshot-02"], "weights": [0.5, 0.5], "temperature": 1.0,
+        "temperature_fitted": False, "use": "equal", "reason": "equal weights win on validation"}))
+    out = tmp_path / "ens.pt2"
+    assert main(["export", str(run), str(out), "--quiet", "--precision", "fp32"]) == 0
+    module, meta = load_exported(out)
+    assert meta["members"] == ["snapshot-01", "snapshot-02"] and meta["weights"] == [0.5, 0.5]
+    raw, expected = _reference(run)  # equal weights
+    with torch.no_grad():
+        torch.testing.assert_close(module(raw), expected, atol=1e-5, rtol=0)
+
+
+def test_export_of_a_run_never_evaluated_chooses_as_evaluate_does(unevaluated: Path, tmp_path: Path) -> None:
+    run = unevaluated  # a private copy
+    out = tmp_path / "ens.pt2"
+    assert main(["export", str(run), str(out), "--quiet", "--precision", "fp32"]) == 0
+    meta = load_exported(out)[1]
+    assert meta["recommendation"]["source"].startswith("chosen on validation at export")
+    assert not (run / "recommended.json").exists()  # export writes nothing into the run
+    from snapens.workflows.evaluation import evaluate_run
+
+    row = evaluate_run(run, device="cpu", precision="fp32")["ensemble_recommended"]
+    assert meta["members"] == [n for n, w in zip(["snapshot-01", "snapshot-02"], row["weights"]) if w > 0]
+    assert meta["temperature"] == pytest.approx(row["temperature"], rel=1e-9)
 
 
 def test_export_into_the_run_folder_under_its_own_name_works(run_dir: Path) -> None:

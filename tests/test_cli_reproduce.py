@@ -32,8 +32,8 @@ def test_reproduce_tiny_budget_writes_all_rows(tmp_path: Path, capsys: pytest.Ca
     assert result["format_version"] == 1 and result["seeds"] == [0]
     assert result["config"]["model"] == "cnn-small" and result["config"]["dataset"] == "digits"
     rows = {r["key"]: r for r in result["rows"]}
-    assert set(rows) == {"single", "nocycle", "single_fitted", "single_average", "snapshot_last", "se_equal",
-                         "se_fitted", "snapshot_average"}
+    assert set(rows) == {"single", "nocycle", "single_fitted", "single_recommended", "single_average",
+                         "snapshot_last", "se_equal", "se_fitted", "snapshot_recommended", "snapshot_average"}
     assert all(r["paper"] is None for r in rows.values())  # the paper has no digits numbers
     # Every row is the named entry of the named run's summary.
     summaries = {s: json.loads((out / f"{s}-seed0" / "summary.json").read_text()) for s in ("step", "cosine-cycles")}
@@ -41,6 +41,10 @@ def test_reproduce_tiny_budget_writes_all_rows(tmp_path: Path, capsys: pytest.Ca
     assert rows["nocycle"]["errors"] == pytest.approx([summaries["step"]["ensemble_equal"]["error"]])
     assert rows["se_equal"]["errors"] == pytest.approx([summaries["cosine-cycles"]["ensemble_equal"]["error"]])
     assert rows["se_fitted"]["errors"] == pytest.approx([summaries["cosine-cycles"]["ensemble_weighted"]["error"]])
+    for schedule, method in (("step", "single"), ("cosine-cycles", "snapshot")):  # what the user gets (issue 21)
+        recommended, row = summaries[schedule]["ensemble_recommended"], rows[f"{method}_recommended"]
+        assert row["errors"] == pytest.approx([recommended["error"]])
+        assert row["forward_passes_mean"] == recommended["forward_passes"] == sum(w > 0 for w in recommended["weights"])
     assert summaries["step"]["run"]["schedule"] == "step"
     assert summaries["step"]["run"]["precision"] == "fp32" == result["config"]["precision"]  # trained and evaluated
     assert summaries["cosine-cycles"]["run"]["schedule"] == "cosine-cycles"

@@ -287,6 +287,85 @@ def test_from_run_picks_last_m_and_best(tmp_path, x):
     assert torch.equal(one.predict_proba(x), F.softmax(snaps[-1](x), dim=-1))
 
 
+def _store_recommendation(run_dir, members, weights, temperature=1.0, fitted=False, name="recommended.json"):
+    (run_dir / name).write_text(json.dumps({
+        "format_version": 1, "members": members, "weights": weights, "temperature": temperature,
+        "temperature_fitted": fitted, "use": "fitted", "reason": "test"}))
+
+
+def test_from_run_uses_the_stored_recommendation_and_loads_only_its_members(tmp_path, x, monkeypatch):
+    """Issue 21: the default is the stored recommendation; members of weight 0 are neither loaded nor run, and
+    a fitted temperature is applied as weighting.apply_temperature defines it (temperature=False: T = 1)."""
+    from snapens import weighting
+
+    snaps, _ = fake_run(tmp_path, n_snapshots=3)
+    names = [f"snapshot-0{k}" for k in (1, 2, 3)]
+    _store_recommendation(tmp_path, names, [0.0, 0.25, 0.75], temperature=1.7, fitted=True)
+    loaded = []
+    real = SnapshotStore.load_state_dict
+    monkeypatch.setattr(SnapshotStore, "load_state_dict", lambda self, i: loaded.append(i) or real(self, i))
+    ens = from_run(tmp_path, builder)
+    assert loaded == [2, 3] and len(ens) == 2 and ens.temperature == 1.7
+    assert [n.rsplit("/", 1)[-1] for n in ens.member_names] == ["snapshot-02.safetensors", "snapshot-03.safetensors"]
+    expected = weighting.apply_temperature(hand_probs(snaps[1:], [0.25, 0.75], x), 1.7)
+    torch.testing.assert_close(ens.predict_proba(x), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ens(x), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ens.materialize()(x), expected, rtol=0, atol=1e-6)
+    cold = from_run(tmp_path, builder, temperature=False)
+    torch.testing.assert_close(cold.predict_proba(x), hand_probs(snaps[1:], [0.25, 0.75], x), rtol=0, atol=1e-6)
+    paper = from_run(tmp_path, builder, weights="equal")
+    assert len(paper) == 3 and paper.temperature == 1.0
+    torch.testing.assert_close(paper.predict_proba(x), hand_probs(snaps, [1 / 3] * 3, x), rtol=0, atol=1e-6)
+
+
+def test_from_run_keeps_every_member_when_equal_weights_are_recommended(tmp_path, x):
+    """Issue 21 (b): validation members where equal weights win -> the recommendation keeps them all."""
+    from snapens.guidance import recommend
+
+    # two members, each confidently right on its own half of the images and unsure on the other: averaging wins
+    n, c = 200, 4
+    y = torch.arange(n) % c
+    p = torch.full((2, n, c), 0.1)
+    for m in range(2):
+        half = (torch.arange(n) % 2) == m
+        p[m, half, :] = 0.02
+        p[m, half, y[half]] = 0.94
+        p[m, ~half, :] = 0.25
+    rec = recommend(p, y)
+    assert rec.use == "equal" and rec.weights == pytest.approx([0.5, 0.5]) and rec.forward_passes == 2
+    snaps, _ = fake_run(tmp_path, n_snapshots=2)
+    _store_recommendation(tmp_path, ["snapshot-01", "snapshot-02"], rec.weights)
+    ens = from_run(tmp_path, builder)
+    assert len(ens) == 2 and ens.temperature == 1.0
+    torch.testing.assert_close(ens.predict_proba(x), hand_probs(snaps, [0.5, 0.5], x), rtol=0, atol=1e-6)
+
+
+def test_from_run_recommended_errors(tmp_path):
+    fake_run(tmp_path, n_snapshots=2)
+    assert len(from_run(tmp_path, builder)) == 2  # no config.json: nothing chose, equal weights
+    config = {"config": {"dataset": "toy", "seed": 0, "val_size": 2, "batch_size": 4, "epochs": 2, "snapshots": 2,
+                         "lr": 0.1, "schedule": "cosine-cycles"},
+              "model": {"name": "tiny", "kwargs": {}},
+              "dataset": {"classes": [0, 1, 2], "num_train": 8, "num_val": 2, "num_test": 4, "mean": list(MEAN),
+                          "std": list(STD)}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match=r"recommended\.json is missing.*snapens evaluate .*weights='equal'"):
+        from_run(tmp_path, builder)
+    with pytest.raises(FileNotFoundError, match=r"recommended-last1\.json is missing.*--last 1"):
+        from_run(tmp_path, builder, last=1)
+    assert len(from_run(tmp_path, builder, weights="equal")) == 2
+    _store_recommendation(tmp_path, ["snapshot-01", "snapshot-09"], [0.5, 0.5])
+    with pytest.raises(ValueError, match="was chosen for the members"):
+        from_run(tmp_path, builder)
+    _store_recommendation(tmp_path, ["snapshot-01", "snapshot-02"], [0.5, 0.6])
+    with pytest.raises(ValueError, match="not a valid recommendation"):
+        from_run(tmp_path, builder)
+    with pytest.raises(ValueError, match="weights must be 'recommended', 'equal'"):
+        from_run(tmp_path, builder, weights="best")
+    _store_recommendation(tmp_path, ["snapshot-02"], [1.0], name="recommended-last1.json")
+    assert len(from_run(tmp_path, builder, last=1)) == 1
+
+
 @pytest.mark.parametrize("last", [0, 6, -1, 2.0, True])
 def test_from_run_rejects_bad_last(tmp_path, last):
     fake_run(tmp_path)
@@ -550,7 +629,7 @@ def test_from_run_on_digits_refuses_int64_images_instead_of_confident_nonsense(t
     info = json.loads((tiny_run / "config.json").read_text())
     assert info["dataset"]["image_shape"] == [1, 8, 8]
     test = load_dataset("digits", seed=info["config"]["seed"]).test
-    ens = SnapshotEnsemble.from_run(tiny_run, build_model, precision="fp32")
+    ens = SnapshotEnsemble.from_run(tiny_run, build_model, precision="fp32", weights="equal")  # never evaluated
     assert ens.input_shape == (1, 8, 8)
     right = ens.predict_proba(test.images)
     torch.testing.assert_close(ens.predict_proba(test.images.float() / 255), right, rtol=0, atol=1e-5)

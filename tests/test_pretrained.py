@@ -95,7 +95,7 @@ def test_loaded_bundle_predicts_as_the_fp16_rounded_members(run_dir: Path, bundl
     images, labels = test_images
     loaded = pretrained.load(bundle[0], precision="fp32")
     by_name = pretrained.load("digits-cnn", precision="fp32", **_registered(tmp_path, bundle))
-    source = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32")
+    source = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32", weights="equal")  # as the bundle
     stats = json.loads((run_dir / "config.json").read_text())["dataset"]
     store = SnapshotStore(run_dir / "snapshots")
     # The members rounded to float16 and back: the same float32 numbers the bundle's members load as.

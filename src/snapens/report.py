@@ -15,7 +15,10 @@ Rows of the summary, as in the paper's Table 1 and the old predict script:
 - "ensemble, weights fitted on validation": ``w = argmin_{w in simplex} NLL(sum_m w_m p_m, y)`` on validation
   (:func:`snapens.weighting.fit_ensemble_weights`), or the saved weights with ``optimize=0``;
 - "ensemble + temperature": ``softmax(log p / T)`` with ``T`` fitted on validation, kept at 1 unless
-  cross-validation inside the validation split confirms the fit (``temperature_fitted``, ``temperature_reason``).
+  cross-validation inside the validation split confirms the fit (``temperature_fitted``, ``temperature_reason``);
+- "ensemble, recommended" (:func:`add_recommended`, entry ``ensemble_recommended``): the combination chosen on
+  validation by :func:`snapens.guidance.recommend`, the one ``from_run`` and ``snapens export`` give by default;
+  it runs only the members with a non-zero weight.
 
 Plus the error of the ensemble of the last ``m`` snapshots for ``m = 1..M`` (over the snapshots only, not an
 extra member such as the best model) and the pairwise diversity of the members' test predictions, labelled by
@@ -38,8 +41,8 @@ from torch import Tensor
 from snapens import _checks, metrics, weighting
 from snapens._io import json_safe, to_json
 
-__all__ = ["FORMAT_VERSION", "OPTIMIZE_MODES", "SINGLE_ROWS", "ENSEMBLE_ROWS", "summarize", "add_prices",
-           "format_summary", "json_safe", "to_json"]
+__all__ = ["FORMAT_VERSION", "OPTIMIZE_MODES", "SINGLE_ROWS", "ENSEMBLE_ROWS", "RECOMMENDED_ROW", "summarize",
+           "add_recommended", "recommended_label", "add_prices", "format_summary", "json_safe", "to_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ PRICE_COLUMNS = (("forward_passes", "passes", "8.0f"), ("images_per_second", "im
 #: Summary entries that run one model per image, and those that run the whole ensemble.
 SINGLE_ROWS = ("single_best", "last_snapshot")
 ENSEMBLE_ROWS = ("ensemble_equal", "ensemble_weighted", "ensemble_temperature")
+#: The summary entry of the recommended combination: what the user gets (:func:`add_recommended`).
+RECOMMENDED_ROW = "ensemble_recommended"
 
 
 def _as_tensor(x: Any, name: str, ndim: int) -> Tensor:
@@ -271,14 +276,45 @@ def _diversity(test_mp: Tensor, names: list[str]) -> dict[str, Any]:
     }
 
 
+def recommended_label(choice: dict[str, Any]) -> str:
+    """The recommended combination in words, e.g. ``"last m=2 snapshots, T=1.31"`` (``choice``: a stored
+    recommendation, or the :data:`RECOMMENDED_ROW` entry)."""
+    n, k = len(choice["weights"]), sum(1 for w in choice["weights"] if w > 0)
+    what = {"equal": f"equal weights, M={n}", "fitted": f"fitted weights, {k} of {n} members",
+            "last-m": "last snapshot" if k == 1 else f"last m={k} snapshots"}.get(choice["use"], choice["use"])
+    return what + (f", T={_num(choice['temperature'], '.3f')}" if choice.get("temperature_fitted") else "")
+
+
+def add_recommended(summary: dict[str, Any], choice: dict[str, Any], test_member_probs: Tensor,
+                    test_labels: Tensor) -> dict[str, Any]:
+    """Add the :data:`RECOMMENDED_ROW` entry to a :func:`summarize` dict, in place, and return it.
+
+    ``choice``: ``weights`` (one per member, summing to 1; zeros are members not run), ``temperature`` and
+    ``temperature_fitted``, ``use`` and ``reason`` (what ``snapens evaluate`` stores as recommended.json). The
+    row's probabilities are ``softmax(log(sum_m w_m p_m) / T)`` (:func:`snapens.weighting.apply_temperature`;
+    ``T`` only where ``temperature_fitted``) on the test split.
+    """
+    test_mp, test_y = _test_inputs(test_member_probs, test_labels)
+    probs = weighting.weighted_average(test_mp, choice["weights"])
+    if choice.get("temperature_fitted"):
+        probs = weighting.apply_temperature(probs, choice["temperature"])
+    summary[RECOMMENDED_ROW] = _row(
+        f"ensemble, recommended ({recommended_label(choice)})", probs, test_y, weights=list(choice["weights"]),
+        temperature=choice["temperature"] if choice.get("temperature_fitted") else 1.0,
+        temperature_fitted=bool(choice.get("temperature_fitted")), use=choice["use"], reason=choice["reason"],
+        members_run=sum(1 for w in choice["weights"] if w > 0))
+    return summary
+
+
 def add_prices(summary: dict[str, Any], *, single: dict[str, float], ensemble: dict[str, float],
-               device: str) -> dict[str, Any]:
+               device: str, recommended: dict[str, float] | None = None) -> dict[str, Any]:
     """Add the price columns to a :func:`summarize` dict, in place, and return it.
 
     ``single`` and ``ensemble`` are :meth:`snapens.cost.InferenceCost.to_dict` of a one-member and of the
     evaluated ensemble's prediction pass: every member row, "single best" and "last snapshot" get ``single``
     (one network of the same architecture), the ensemble rows get ``ensemble`` (the temperature and the weights
-    cost nothing measurable next to M forward passes). ``summary["price"]`` records both and the device.
+    cost nothing measurable next to M forward passes), the :data:`RECOMMENDED_ROW` gets ``recommended`` (its own
+    members only). ``summary["price"]`` records them and the device.
     """
     for row in summary["snapshots"]:
         row.update(single)
@@ -288,6 +324,9 @@ def add_prices(summary: dict[str, Any], *, single: dict[str, float], ensemble: d
         if summary.get(key):
             summary[key].update(ensemble)
     summary["price"] = {"device": device, "single": dict(single), "ensemble": dict(ensemble)}
+    if recommended is not None and summary.get(RECOMMENDED_ROW):
+        summary[RECOMMENDED_ROW].update(recommended)
+        summary["price"]["recommended"] = dict(recommended)
     return summary
 
 
@@ -312,7 +351,16 @@ def _table_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         kept = "" if t.get("temperature_fitted", True) else " not fitted"
         rows.append((f"ensemble + temperature (T={_num(t['temperature'], '.3f')}{kept}, {t['base_weights']} weights)",
                      t))
+    if summary.get(RECOMMENDED_ROW):
+        rows.append((summary[RECOMMENDED_ROW]["name"], summary[RECOMMENDED_ROW]))
     return rows
+
+
+def _you_get(row: dict[str, Any]) -> str:
+    """The headline under the table: the row the user gets (from_run, export) and why."""
+    passes = row.get("forward_passes", row.get("members_run"))
+    price = "" if passes is None else f" ({_num(passes, '.0f')} pass{'' if passes == 1 else 'es'}/img)"
+    return f"You get: {row['name']}{price} - {row['reason']}"
 
 
 def _recommendation_lines(rec: dict[str, Any]) -> list[str]:
@@ -351,6 +399,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     for label, row in rows:
         cells = "".join(" " + (_num(row[key], spec) if key in row else f"{'-':>8}") for key, _, spec in columns)
         lines.append(f"{label:<{width}}{cells}")
+    if summary.get(RECOMMENDED_ROW):
+        lines.append(_you_get(summary[RECOMMENDED_ROW]))
     curve = summary["ensemble_size_curve"]
     lines.append("")
     lines.append("Error % of the ensemble of the last m snapshots (equal weights):")

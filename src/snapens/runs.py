@@ -10,6 +10,7 @@ One place for the layout that training writes and evaluation, plotting, averagin
       snapshots/                   a :class:`~snapens.checkpoint.SnapshotStore` (manifest.json + snapshot-KK)
       summary*.json                snapens evaluate (:func:`summary_file`)
       ensemble_weights*.json       snapens evaluate --optimize 1 (:func:`weights_file`)
+      recommended*.json            snapens evaluate: the combination validation supports (:func:`recommended_file`)
       average.safetensors/.json    snapens average
       plots/                       snapens plot
 
@@ -45,6 +46,7 @@ __all__ = [
     "METRICS_FIELDS",
     "METRICS_FILE",
     "PLOTS_DIR",
+    "RECOMMENDED_FILE",
     "REQUIRED_KEYS",
     "RUN_FILES",
     "RUN_FOLDERS",
@@ -56,10 +58,12 @@ __all__ = [
     "WEIGHTS_FILE",
     "capture_rng_state",
     "load_training_state",
+    "read_recommended",
     "read_resume_state",
     "read_run_info",
     "remove_stale_temp_files",
     "restore_rng_state",
+    "recommended_file",
     "run_exists",
     "save_training_state",
     "summary_file",
@@ -77,10 +81,12 @@ SNAPSHOT_DIR = "snapshots"
 PLOTS_DIR = "plots"
 SUMMARY_FILE = "summary.json"
 WEIGHTS_FILE = "ensemble_weights.json"
+RECOMMENDED_FILE = "recommended.json"
 AVERAGE_FILE = "average.safetensors"
 AVERAGE_JSON = "average.json"
 #: What a run folder holds of its own (patterns of top-level names; hidden files are temporary files and locks).
-RUN_FILES = (CONFIG_FILE, STATE_FILE, METRICS_FILE, BEST_FILE, "summary*.json", "ensemble_weights*.json", ".*")
+RUN_FILES = (CONFIG_FILE, STATE_FILE, METRICS_FILE, BEST_FILE, "summary*.json", "ensemble_weights*.json",
+             "recommended*.json", ".*")
 RUN_FOLDERS = (SNAPSHOT_DIR, PLOTS_DIR)
 
 STATE_FORMAT = "snapens-train-state"
@@ -104,6 +110,38 @@ def weights_file(last: int | None = None, include_best: bool = False) -> str:
     """The fitted weights' file name: ``ensemble_weights.json`` for the whole run, else e.g.
     ``ensemble_weights-last3.json`` (see :func:`summary_file`)."""
     return f"ensemble_weights{_variant(last, include_best)}.json"
+
+
+def recommended_file(last: int | None = None, include_best: bool = False) -> str:
+    """The stored recommendation's file name: ``recommended.json`` for the whole run, else e.g.
+    ``recommended-last3.json`` (see :func:`summary_file`)."""
+    return f"recommended{_variant(last, include_best)}.json"
+
+
+def read_recommended(run_dir: str | os.PathLike[str], last: int | None = None,
+                     include_best: bool = False) -> dict[str, Any] | None:
+    """The recommendation ``snapens evaluate`` stored for this member set (:func:`recommended_file`), checked:
+    ``members`` (file stems), ``weights`` (one per member, >= 0, summing to 1) and ``temperature`` (> 0);
+    ``None`` when there is none.
+
+    Raises:
+        ValueError: the file exists but is not a valid recommendation (the message names it).
+    """
+    path = Path(run_dir) / recommended_file(last, include_best)
+    if not path.exists():
+        return None
+    try:
+        rec = read_json(path)
+        members = [str(n) for n in rec["members"]]
+        weights = [float(w) for w in rec["weights"]]
+        temperature = float(rec["temperature"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read the recommendation in {path}: {exc}") from exc
+    if (len(weights) != len(members) or not members or any(not math.isfinite(w) or w < 0 for w in weights)
+            or abs(sum(weights) - 1.0) > 1e-6 or not math.isfinite(temperature) or temperature <= 0):
+        raise ValueError(f"{path} is not a valid recommendation: it needs one weight >= 0 per member, summing to 1, "
+                         f"and a temperature > 0; run `snapens evaluate` again to rewrite it")
+    return {**rec, "members": members, "weights": weights, "temperature": temperature}
 
 
 # ---------------------------------------------------------------------------------------------- config.json

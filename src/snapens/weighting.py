@@ -39,6 +39,7 @@ __all__ = [
     "WEIGHT_METHODS",
     "TemperatureFit",
     "apply_temperature",
+    "scale_by_temperature",
     "check_simplex_weights",
     "fit_ensemble_weights",
     "fit_temperature",
@@ -287,7 +288,13 @@ def apply_temperature(probs: Any, temperature: float) -> Tensor:
         raise ValueError(f"Expected a finite temperature > 0, but got {temperature!r}")
     p = _checks.as_tensor(probs, "probs")
     p = _check_probs(p, "probs", 3 if p.ndim == 3 else 2)
-    return torch.softmax(_log_probs(p) / t, dim=-1)
+    return scale_by_temperature(p, t)
+
+
+def scale_by_temperature(probs: Tensor, temperature: float) -> Tensor:
+    """:func:`apply_temperature` without its checks, so that it traces (``torch.export``): ``softmax(log(max(p,
+    EPS)) / T)`` over the last dim, for probabilities and a ``T > 0`` checked by the caller."""
+    return torch.softmax(_log_probs(probs) / temperature, dim=-1)
 
 
 def _temperature_nll(log_t: float, d: np.ndarray, margin_true: float) -> float:

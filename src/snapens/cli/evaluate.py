@@ -1,13 +1,19 @@
 """``snapens evaluate RUN_DIR``: every snapshot, the single best model and the ensembles, on the test split.
 
 Choices (the single best model, the ensemble weights, the temperature) are made on the validation split; the
-numbers are measured on the test split. Writes ``RUN_DIR/summary.json`` (and ``RUN_DIR/ensemble_weights.json``
-with ``--optimize 1``) and prints a table (or the JSON with ``--json``).
+numbers are measured on the test split. Writes ``RUN_DIR/summary.json``, ``RUN_DIR/recommended.json`` (and
+``RUN_DIR/ensemble_weights.json`` with ``--optimize 1``) and prints a table (or the JSON with ``--json``).
+
+The "ensemble, recommended" row is what you get by default from ``SnapshotEnsemble.from_run`` and ``snapens
+export``: the combination validation supports at the fewest forward passes (it may be the last snapshot alone,
+the last m snapshots, fitted weights or the paper's equal weights), with a temperature where validation identifies
+one; the line "You get: ..." under the table names it and says why. recommended.json stores it, so every later
+command uses the same choice; the other rows stay for comparison.
 
 summary.json is the whole run's (what ``snapens plot`` draws): an evaluation of a variant, ``--last M`` and/or
 ``--include-best``, writes its own files instead, e.g. ``summary-last3.json``, ``summary-best.json``,
-``summary-last3-best.json`` (and ``ensemble_weights-last3.json``, which ``--optimize 0`` and
-``snapens export --weights fitted`` with the same flags read).
+``summary-last3-best.json`` (and ``recommended-last3.json``, ``ensemble_weights-last3.json``, which ``--optimize 0``,
+``from_run`` and ``snapens export`` with the same flags read).
 """
 
 

@@ -4,6 +4,7 @@ methods (:mod:`snapens.ensemble` describes inputs and precision)."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Union
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from snapens import _checks
+from snapens import _checks, weighting
 from snapens._precision import PRECISIONS, Precision
 from snapens.checkpoint import unwrap_model
 
@@ -115,6 +116,7 @@ class _Ensemble(nn.Module):
                  input_shape: Sequence[int | None] | None = None) -> None:
         super().__init__()
         self.register_buffer("weights_", resolve_member_weights(weights, n_members))
+        self.temperature = 1.0  # see set_temperature
         if (mean is None) != (std is None):
             raise ValueError("pass both mean and std (the ensemble normalises images), or neither")
         if mean is not None and std is not None:
@@ -180,6 +182,19 @@ class _Ensemble(nn.Module):
         """Replace the member weights (validated as in the constructor; ``None`` = equal)."""
         self.weights_.copy_(resolve_member_weights(weights, self.n_members))
 
+    def set_temperature(self, temperature: float) -> None:
+        """Apply ``softmax(log p / T)`` to the weighted mean ``p`` of the members' probabilities
+        (:func:`snapens.weighting.apply_temperature`); ``T = 1`` (the default) leaves ``p`` as it is."""
+        t = float(temperature)
+        if not math.isfinite(t) or t <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        self.temperature = t
+
+    def _combine(self, member_probs: Tensor) -> Tensor:
+        """``[M, B, C]`` member probabilities -> the ensemble's ``[B, C]``: weighted mean, then the temperature."""
+        probs = (self.weights_.to(member_probs.device, member_probs.dtype).view(-1, 1, 1) * member_probs).sum(dim=0)
+        return probs if self.temperature == 1.0 else weighting.scale_by_temperature(probs, self.temperature)
+
     def train(self, mode: bool = True) -> _Ensemble:
         """Ensembles stay in eval mode: BatchNorm must use the snapshot's running statistics."""
         if mode:
@@ -235,12 +250,12 @@ class _Ensemble(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        """Ensemble probabilities :math:`\\sum_m w_m \\mathrm{softmax}(f_m(x))` for one batch: [B, C], float32.
+        """Ensemble probabilities :math:`\\sum_m w_m \\mathrm{softmax}(f_m(x))` for one batch: [B, C], float32
+        (temperature-scaled where :meth:`set_temperature` set one).
 
         ``x`` must be on :attr:`device`; unlike the prediction methods, ``forward`` does not check the range of
         image inputs (it stays traceable)."""
-        probs = self.member_probs_batch(x)
-        return (self.weights_.to(probs.dtype).view(-1, 1, 1) * probs).sum(dim=0)
+        return self._combine(self.member_probs_batch(x))
 
     def _batches(self, x_or_batches: Inputs, batch_size: int) -> Iterator[Tensor]:
         for x in _iter_inputs(x_or_batches, batch_size):

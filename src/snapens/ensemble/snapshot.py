@@ -248,8 +248,7 @@ class SnapshotEnsemble(_Ensemble):
         """Ensemble probabilities, on CPU: [N, C]; member-major for a tensor input (see :meth:`member_probs`)."""
         if not isinstance(x_or_batches, (Tensor, np.ndarray)):
             return super().predict_proba(x_or_batches, batch_size=batch_size)
-        probs = self.member_probs(x_or_batches, batch_size=batch_size)
-        return (self.weights_.cpu().to(probs.dtype).view(-1, 1, 1) * probs).sum(dim=0)
+        return self._combine(self.member_probs(x_or_batches, batch_size=batch_size))
 
     def member_probs_batch(self, x: Tensor) -> Tensor:
         """Softmax probabilities of every member for one batch on :attr:`device`: [M, B, C], float32, no grad."""
@@ -273,21 +272,24 @@ class SnapshotEnsemble(_Ensemble):
 
     def subset(self, indices: Sequence[int], weights: Weights = None) -> SnapshotEnsemble:
         """The ensemble of members ``indices`` (``weights``: theirs, ``None`` = equal), on this ensemble's device,
-        with its precision and input normalisation; the member tensors are shared, not copied."""
+        with its precision, temperature and input normalisation; the member tensors are shared, not copied."""
         picked = [int(i) for i in indices]
         if not picked or any(not 0 <= i < self.n_members for i in picked):
             raise ValueError(f"indices must be a non-empty list of members in [0, {self.n_members}), got {indices!r}")
         stats = {}
         if self.input_mean is not None and self.input_std is not None:
             stats = {"mean": self.input_mean.flatten().tolist(), "std": self.input_std.flatten().tolist()}
-        return type(self)(self._factory, [self._members[i] for i in picked], weights, member_device=None,
-                          copy=False, names=[self.member_names[i] for i in picked],
-                          precision=self.requested_precision, channels_last=self.requested_channels_last,
-                          input_shape=self.input_shape, **stats).to(self.device)
+        ensemble = type(self)(self._factory, [self._members[i] for i in picked], weights, member_device=None,
+                              copy=False, names=[self.member_names[i] for i in picked],
+                              precision=self.requested_precision, channels_last=self.requested_channels_last,
+                              input_shape=self.input_shape, **stats)
+        ensemble.set_temperature(self.temperature)
+        return ensemble.to(self.device)
 
     def materialize(self) -> MaterializedEnsemble:
         """All members as submodules on this ensemble's device and dtype (for ``torch.export`` / ``jit.trace``),
-        with the same precision and input normalisation. Uses M times the device memory of one model.
+        with the same weights, temperature, precision and input normalisation. Uses M times the device memory of
+        one model.
         """
         ref = next((p for p in self.model.parameters() if p.is_floating_point()), None)
         modules = []
@@ -301,9 +303,12 @@ class SnapshotEnsemble(_Ensemble):
         stats = {}
         if self.input_mean is not None and self.input_std is not None:
             stats = {"mean": self.input_mean.flatten().tolist(), "std": self.input_std.flatten().tolist()}
-        return MaterializedEnsemble(modules, self.weights_.detach().cpu(), names=self.member_names,
-                                    precision=self.requested_precision, channels_last=self.requested_channels_last,
-                                    input_shape=self.input_shape, **stats).to(self.device)
+        materialized = MaterializedEnsemble(modules, self.weights_.detach().cpu(), names=self.member_names,
+                                            precision=self.requested_precision,
+                                            channels_last=self.requested_channels_last, input_shape=self.input_shape,
+                                            **stats)
+        materialized.set_temperature(self.temperature)
+        return materialized.to(self.device)
 
     @classmethod
     def from_run(
@@ -313,7 +318,8 @@ class SnapshotEnsemble(_Ensemble):
         *,
         last: int | None = None,
         include_best: bool = False,
-        weights: Weights = None,
+        weights: Weights | str = "recommended",
+        temperature: bool = True,
         device: str | torch.device = "cpu",
         member_device: str | torch.device | None = "cpu",
         inputs: Literal["images", "normalized"] = "images",
@@ -333,7 +339,15 @@ class SnapshotEnsemble(_Ensemble):
                 (e.g. ``snapens.models.build_model``).
             last: Use the last ``m`` snapshots by index (the paper's "last m"); ``None`` = all.
             include_best: Prepend ``run_dir/best.safetensors`` (the Keras implementation's member set).
-            weights: One weight per member, the best model first when included; ``None`` = equal.
+            weights: ``"recommended"`` (default): the combination ``snapens evaluate`` chose on validation and
+                stored in ``run_dir/recommended.json`` (:func:`snapens.runs.recommended_file` for ``last`` /
+                ``include_best``); members with weight 0 are not loaded and not run, so ``len(ens)`` is the
+                forward passes per image. A run without a validation split, or without ``config.json`` (written
+                by a loop of your own), has nothing to choose on and gets equal weights, as evaluate would store.
+                ``"equal"`` or ``None``: every member, equal weights (the paper). Or one weight per member, the
+                best model first when included.
+            temperature: With ``weights="recommended"``, apply the stored temperature where validation identified
+                one (``temperature_fitted``; see :meth:`set_temperature`); ``False``: ``T = 1``.
             device: Where the ensemble computes.
             member_device: Where the members' state dicts are kept (see :class:`SnapshotEnsemble`).
             inputs: ``"images"`` (default): raw images as above; ``"normalized"``: inputs already normalised
@@ -345,7 +359,11 @@ class SnapshotEnsemble(_Ensemble):
         Raises:
             SnapshotError: missing/corrupt manifest or files, snapshots of different architectures, or (with
                 ``inputs="images"``) a config.json without the dataset's mean/std.
-            ValueError: ``last`` out of range, bad weights, or an unknown ``inputs`` / ``precision``.
+            FileNotFoundError: ``weights="recommended"`` for a run with a config.json but no stored
+                recommendation (never evaluated): the message says to run ``snapens evaluate`` or pass
+                ``weights="equal"``.
+            ValueError: ``last`` out of range, bad weights, an unknown ``inputs`` / ``precision``, or a stored
+                recommendation for other members.
         """
         if inputs not in INPUTS:
             raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
@@ -368,26 +386,70 @@ class SnapshotEnsemble(_Ensemble):
                     f"{info.path} holds model {info.model_name} {info.model_kwargs}, but {infos[-1].path} holds "
                     f"{arch[0]} {arch[1]}: members must share one architecture"
                 )
+        paths = ([run_dir / runs.BEST_FILE] if include_best else []) + [Path(info.path) for info in infos]
+        weights, temp, kept = _choice(run_dir, weights, temperature, [p.stem for p in paths], last, include_best)
         states: list[dict[str, Tensor]] = []
         names: list[str] = []
-        if include_best:
-            best = run_dir / runs.BEST_FILE
-            state, meta = load_weights(best)
-            model_meta = meta.get("model")
-            if isinstance(model_meta, dict) and model_meta.get("name") not in (None, arch[0]):
-                raise SnapshotError(f"{best} holds model {model_meta.get('name')!r}, the snapshots {arch[0]!r}")
-            states.append(state)
-            names.append(str(best))
-        for info in infos:
-            states.append(store.load_state_dict(info.index))
-            names.append(str(info.path))
+        for m in kept:  # members with weight 0 are not even loaded
+            if include_best and m == 0:
+                state, meta = load_weights(paths[0])
+                model_meta = meta.get("model")
+                if isinstance(model_meta, dict) and model_meta.get("name") not in (None, arch[0]):
+                    raise SnapshotError(f"{paths[0]} holds model {model_meta.get('name')!r}, the snapshots "
+                                        f"{arch[0]!r}")
+                states.append(state)
+            else:
+                states.append(store.load_state_dict(infos[m - int(include_best)].index))
+            names.append(str(paths[m]))
         logger.debug("ensemble of %d members from %s: %s", len(states), run_dir, [Path(n).name for n in names])
         name, kwargs = arch
         ensemble = cls(
             lambda: model_builder(name, **kwargs), states, weights, member_device=member_device, copy=False,
             names=names, precision=precision, channels_last=channels_last, **stats,
         )
+        ensemble.set_temperature(temp)
         return ensemble.to(device)
+
+
+def _choice(run_dir: Path, weights: Weights | str, temperature: bool, stems: list[str], last: int | None,
+            include_best: bool) -> tuple[Weights, float, list[int]]:
+    """``(weights of the kept members, temperature, indices of the kept members)`` for :meth:`from_run`."""
+    everyone = list(range(len(stems)))
+    if isinstance(weights, str) and weights == "equal":
+        return None, 1.0, everyone
+    if not isinstance(weights, str):
+        return weights, 1.0, everyone
+    if weights != "recommended":
+        raise ValueError(f"weights must be 'recommended', 'equal' or one weight per member, got {weights!r}")
+    rec = runs.read_recommended(run_dir, last, include_best)
+    path = run_dir / runs.recommended_file(last, include_best)
+    if rec is None:
+        if not _has_validation(run_dir):
+            logger.info("%s has no validation split (or no config.json): nothing to choose the combination on, so "
+                        "equal weights", run_dir)
+            return None, 1.0, everyone
+        flags = "".join([f" --last {last}" if last is not None else "", " --include-best" if include_best else ""])
+        raise FileNotFoundError(
+            f"{path} is missing: no combination of the members was chosen on {run_dir}'s validation split yet; run "
+            f"`snapens evaluate {run_dir}{flags}` (it stores the choice), or pass weights='equal' for the paper's "
+            "equal weights")
+    if rec["members"] != stems:
+        raise ValueError(f"{path} was chosen for the members {rec['members']}, not for {stems}; run `snapens "
+                         "evaluate` again (with the same --last / --include-best)")
+    kept = [m for m, w in enumerate(rec["weights"]) if w > 0]
+    use_t = temperature and bool(rec.get("temperature_fitted"))
+    logger.debug("recommended combination from %s: members %s, T=%s", path, kept, rec["temperature"] if use_t else 1)
+    return [rec["weights"][m] for m in kept], rec["temperature"] if use_t else 1.0, kept
+
+
+def _has_validation(run_dir: Path) -> bool:
+    """Whether ``run_dir/config.json`` records a non-empty validation split (what evaluate chooses on)."""
+    if not (run_dir / runs.CONFIG_FILE).exists():
+        return False
+    try:
+        return int(runs.read_run_info(run_dir)["dataset"]["num_val"]) > 0
+    except (ValueError, TypeError):
+        return True  # unreadable: refuse, as for a run that has one (evaluate will name the problem)
 
 
 def _run_stats(run_dir: Path) -> dict[str, Any]:

@@ -176,7 +176,7 @@ def distill_run(
     test_loader = make_loader(data.test, info, dev)
     teacher_probs, teacher_price = _probs_and_price(ensemble, test_loader)
     teacher_probs = weighting.apply_temperature(teacher_probs, entry["teacher_temperature"])
-    student = SnapshotEnsemble.from_run(out_dir, build_model, device=dev, inputs="normalized",
+    student = SnapshotEnsemble.from_run(out_dir, build_model, weights="equal", device=dev, inputs="normalized",
                                         precision=cfg.precision)
     student_probs = student.predict_proba(torch.cat([b[0] for b in test_loader]))
     row = summary["last_snapshot"]

@@ -2,14 +2,18 @@
 
 Choices (the single best model, the ensemble weights, the temperature) are made on the validation split; the
 numbers are measured on the test split. :func:`evaluate` writes ``RUN_DIR/summary.json`` (or a variant's own
-file, :func:`snapens.runs.summary_file`) and, with ``optimize=1``, the fitted weights.
+file, :func:`snapens.runs.summary_file`), the recommended combination (``recommended.json``,
+:func:`snapens.runs.recommended_file`: what ``from_run`` and ``snapens export`` use by default) and, with
+``optimize=1``, the fitted weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +21,10 @@ import torch
 
 from snapens import runs
 from snapens._io import read_json
-from snapens.runs import read_run_info, summary_file, weights_file
+from snapens.runs import read_run_info, recommended_file, summary_file, weights_file
 from snapens.workflows.common import eval_batch_size
 
-__all__ = ["evaluate", "evaluate_run", "load_run_dataset", "load_saved_weights", "make_loader"]
+__all__ = ["evaluate", "evaluate_run", "load_run_dataset", "load_saved_weights", "make_loader", "recommended_choice"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,44 @@ def load_saved_weights(run_dir: Path, member_names: list[str], *, flag: str = "-
         raise ValueError(f"the weights in {path} were fitted for members {names}, not for {member_names}; "
                        "refit them with --optimize 1 (and the same --last / --include-best)")
     return torch.tensor(weights, dtype=torch.float64)
+
+
+def recommended_choice(val_member_probs: torch.Tensor | None, val_labels: torch.Tensor | None,
+                       names: list[str]) -> tuple[dict[str, Any], Any]:
+    """``(choice, recommendation)``: the combination of the members ``names`` to use, as stored in
+    recommended.json, and the :class:`snapens.guidance.Recommendation` it comes from (``None`` without one).
+
+    The choice is :func:`snapens.guidance.recommend`'s on the validation probabilities ``[M, N, C]``; with one
+    member or no validation split there is nothing to choose on, and it is every member with equal weights.
+    """
+    from snapens.guidance import recommend
+
+    n = len(names)
+    base = {"format_version": 1, "fitted_on": "validation", "members": list(names)}
+    if val_member_probs is not None and n > 1:
+        rec = recommend(val_member_probs, val_labels)
+        return {**base, "weights": list(rec.weights), "temperature": rec.temperature,
+                "temperature_fitted": rec.temperature_fitted, "use": rec.use, "last_m": rec.last_m,
+                "forward_passes": rec.forward_passes, "reason": rec.reason, "criterion": rec.criterion}, rec
+    reason = ("one member: nothing to combine" if n == 1
+              else "no validation split: nothing to choose on, so the paper's equal weights")
+    return {**base, "weights": [1.0 / n] * n, "temperature": 1.0, "temperature_fitted": False, "use": "equal",
+            "last_m": None, "forward_passes": n, "reason": reason, "criterion": None}, None
+
+
+@contextlib.contextmanager
+def _temperature_warned_once() -> Iterator[None]:
+    """Silence the "Temperature not fitted" warning: the summary's temperature row has logged it already, and the
+    recommendation records its own reason (``temperature_reason``)."""
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Temperature not fitted")
+
+    log = logging.getLogger("snapens.weighting")
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 def _short(names: list[Any]) -> str:
@@ -132,6 +174,21 @@ def _price(ensemble: Any, images: torch.Tensor, batch_size: int) -> dict[str, fl
                              network=ensemble.model, device=ensemble.device, warmup_images=batch_size).to_dict()
 
 
+def _recommended_price(loaded: Any, first: int, choice: dict[str, Any], single: dict[str, float],
+                       ensemble: dict[str, float], images: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """The recommended combination's price: only its members run (one member costs what one network costs, all
+    of them what the ensemble costs; anything between is measured)."""
+    kept = [m for m, w in enumerate(choice["weights"]) if w > 0]
+    if len(kept) == 1:
+        return dict(single)
+    if len(kept) == len(choice["weights"]):
+        return dict(ensemble)
+    subset = loaded.subset([first + m for m in kept], [choice["weights"][m] for m in kept])
+    if choice["temperature_fitted"]:
+        subset.set_temperature(choice["temperature"])
+    return _price(subset, images, batch_size)
+
+
 def evaluate_run(
     run_dir: Path,
     *,
@@ -165,7 +222,10 @@ def evaluate_run(
         The summary as written (non-finite numbers as ``None``), with a ``"run"`` entry naming the run folder and
         the evaluation options, and the price columns (:func:`snapens.report.add_prices`): each row's forward
         passes per test image and test images/s, measured on ``device`` by timing the last snapshot alone and
-        the evaluated ensemble (:func:`snapens.cost.measure_inference`).
+        the evaluated ensemble (:func:`snapens.cost.measure_inference`). Its ``ensemble_recommended`` row
+        (:func:`snapens.report.add_recommended`) is the combination chosen on validation
+        (:func:`recommended_choice`), priced with only its own members; that choice is also written to
+        ``recommended.json`` (:func:`snapens.runs.recommended_file`), which ``from_run`` and ``export`` read.
 
     Raises:
         ValueError: a bad option or device, an incomplete config.json, missing or corrupt snapshots
@@ -177,7 +237,6 @@ def evaluate_run(
     from snapens.distributed import resolve_device
     from snapens.ensemble import SnapshotEnsemble
     from snapens.models import build_model
-    from snapens.guidance import recommend
 
     run_dir = Path(run_dir)
     if optimize not in report.OPTIMIZE_MODES:
@@ -190,8 +249,8 @@ def evaluate_run(
     # with include_best, is also an ensemble member. from_run checks --last and the files.
     # exists(), not is_file(): a FIFO or folder in its place is refused by the loader, not silently skipped
     has_best = include_best or (run_dir / runs.BEST_FILE).exists()
-    loaded = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=has_best, device=device,
-                                       precision=precision)
+    loaded = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=has_best, weights="equal",
+                                       device=device, precision=precision)
     used_precision = loaded.precision  # resolves auto, and refuses fp16 off CUDA, before any work
     all_names = [Path(n).stem for n in loaded.member_names]
     first = 1 if has_best and not include_best else 0  # members of the evaluated ensemble: loaded[first:]
@@ -221,19 +280,25 @@ def evaluate_run(
                                test_mp[first:], data.test.labels, member_names=names, best_test_probs=best_test,
                                best_val_acc=best_val_acc, weights=weights, optimize=optimize,
                                is_snapshot=[not (include_best and m == 0) for m in range(len(names))])
-    snap_members = [first + m for m in range(len(names)) if not (include_best and m == 0)]
-    report.add_prices(summary, single=_price(loaded.subset([snap_members[-1]]), data.test.images, batch_size),
-                      ensemble=_price(loaded.subset(range(first, len(loaded))), data.test.images, batch_size),
-                      device=str(device))
     # validation only: the guidance must never see test data
-    summary["recommendation"] = (recommend(val_mp[first:], data.val.labels).to_dict()
-                                 if val_mp is not None and len(names) > 1 else None)
+    with _temperature_warned_once():
+        choice, rec = recommended_choice(val_mp[first:] if val_mp is not None else None,
+                                         data.val.labels if has_val else None, names)
+    summary["recommendation"] = rec.to_dict() if rec is not None else None
+    report.add_recommended(summary, choice, test_mp[first:], data.test.labels)
+    snap_members = [first + m for m in range(len(names)) if not (include_best and m == 0)]
+    single = _price(loaded.subset([snap_members[-1]]), data.test.images, batch_size)
+    ensemble = _price(loaded.subset(range(first, len(loaded))), data.test.images, batch_size)
+    report.add_prices(summary, single=single, ensemble=ensemble, device=str(device),
+                      recommended=_recommended_price(loaded, first, choice, single, ensemble, data.test.images,
+                                                     batch_size))
     summary["run"] = {"run_dir": str(run_dir), "last": last, "include_best": include_best,
                       "dataset": cfg["dataset"], "model": info["model"]["name"],
                       "schedule": cfg["schedule"], "epochs": cfg["epochs"], "lr": cfg["lr"],
                       "precision": used_precision}
     summary_path = run_dir / summary_file(last, include_best)
     atomic_write_text(summary_path, report.to_json(summary) + "\n")
+    atomic_write_json(run_dir / recommended_file(last, include_best), choice)
     if optimize == 1 and summary["ensemble_weighted"] is not None:
         atomic_write_json(run_dir / weights_file(last, include_best), {
             "format_version": 1, "method": "nll", "fitted_on": "validation", "members": names,

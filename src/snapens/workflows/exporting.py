@@ -1,8 +1,10 @@
 """Export a run's snapshot ensemble as ONE self-contained module file: :func:`export_run`, ``snapens export``.
 
 The exported module takes the run's images ``[N, C, H, W]`` (its channels and image size) as float in [0, 1]
-(uint8 pixels / 255), normalises them with the training set's mean and std, runs every snapshot at the precision
-chosen at export and returns the ensemble's probabilities. Two formats: ``torch.export`` (``.pt2``) and TorchScript
+(uint8 pixels / 255), normalises them with the training set's mean and std, runs the members at the precision
+chosen at export and returns the ensemble's probabilities. By default the members and weights are the recommended
+ones (chosen on validation by ``snapens evaluate``, stored in recommended.json), with their temperature; members
+of weight 0 are left out. Two formats: ``torch.export`` (``.pt2``) and TorchScript
 (``.pt``, deprecated by PyTorch). Both carry a JSON description as the extra file :data:`EXTRA_FILE`;
 :func:`load_exported` reads either back.
 
@@ -27,11 +29,13 @@ from torch import Tensor
 
 from snapens import runs
 from snapens.runs import read_run_info
-from snapens.workflows.evaluation import load_run_dataset, load_saved_weights
+from snapens.workflows.evaluation import load_run_dataset, load_saved_weights, recommended_choice
 
-__all__ = ["EXTRA_FILE", "FORMATS", "default_format", "export", "export_run", "load_exported"]
+__all__ = ["EXTRA_FILE", "FORMATS", "WEIGHT_CHOICES", "default_format", "export", "export_run", "load_exported"]
 
 FORMATS = {"torchscript": ".pt", "export": ".pt2"}
+#: ``--weights``: the combination validation supports (default), equal weights (the paper), or the fitted ones.
+WEIGHT_CHOICES = ("recommended", "equal", "fitted")
 EXTRA_FILE = "snapens.json"
 _EXAMPLE_BATCH = 8
 #: What the exported module checks of its input itself, and what it leaves to the caller (description field).
@@ -99,7 +103,8 @@ def export_run(
     out: Path,
     *,
     fmt: str | None = None,
-    weights: str = "equal",
+    weights: str = "recommended",
+    temperature: bool = True,
     last: int | None = None,
     include_best: bool = False,
     data_dir: str | os.PathLike[str] | None = None,
@@ -112,7 +117,12 @@ def export_run(
         out: the file to write (atomically).
         fmt: ``"export"`` (``torch.export``) or ``"torchscript"`` (``torch.jit.trace``, deprecated by
             PyTorch); ``None`` = :func:`default_format` of ``out``.
-        weights: ``"equal"`` or ``"fitted"`` (from ``run_dir/ensemble_weights.json``).
+        weights: ``"recommended"`` (default): the members, weights and temperature ``snapens evaluate`` chose
+            on validation (``run_dir/recommended.json``, :func:`snapens.runs.recommended_file`); for a run never
+            evaluated, chosen now on the validation split the same way (:func:`recommended_choice`, at
+            ``precision`` on the CPU). Members of weight 0 are left out of the module. ``"equal"``: every member,
+            equal weights (the paper); ``"fitted"``: the weights in ``run_dir/ensemble_weights.json``.
+        temperature: apply the recommended temperature where validation identified one; ``False``: ``T = 1``.
         last: only the last ``m`` snapshots.
         include_best: add ``best.safetensors`` as a member.
         data_dir: where the dataset is now, instead of the ``data_dir`` stored in config.json.
@@ -136,10 +146,12 @@ def export_run(
         fmt = default_format(out)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if weights not in ("equal", "fitted"):
-        raise ValueError(f"--weights must be 'equal' or 'fitted', got {weights!r}")
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"--weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
     run_dir, out = Path(run_dir), Path(out)
     _refuse_run_file(run_dir, out)
+    if out.suffix not in FORMATS.values():
+        raise ValueError(f"cannot export to {out}: the file must end in .pt2 (torch.export) or .pt (TorchScript)")
     if out.suffix != FORMATS[fmt]:
         raise ValueError(f"--format {fmt} writes a {FORMATS[fmt]} file, got {out}")
     if not out.parent.is_dir():
@@ -148,20 +160,24 @@ def export_run(
     # from_run's ensemble normalises [0, 1] images with the run's mean/std itself, and so does its materialized
     # form that is exported.
     ensemble = SnapshotEnsemble.from_run(run_dir, build_model, last=last, include_best=include_best,
-                                         precision=precision)
+                                         weights="equal", precision=precision)
     names = [Path(n).stem for n in ensemble.member_names]
+    data = load_run_dataset(info, data_dir=data_dir)
     if weights == "fitted":
         ensemble.set_weights(load_saved_weights(run_dir, names, flag="--weights fitted", last=last,
                                                 include_best=include_best))
-
-    data = load_run_dataset(info, data_dir=data_dir)
+    chosen: dict[str, Any] = {}
+    if weights == "recommended":
+        ensemble, chosen = _recommended(ensemble, run_dir, names, data, last, include_best, temperature)
     batch = data.test.subset(torch.arange(min(_EXAMPLE_BATCH, len(data.test))))
     example = batch.images.float() / 255.0
     mean, std = tuple(info["dataset"]["mean"]), tuple(info["dataset"]["std"])
     module = ensemble.materialize().eval()
     description = {
-        "format_version": 1, "format": fmt, "run_dir": str(run_dir), "members": names,
-        "weights": ensemble.weights_.tolist(), "weights_source": weights, "classes": list(data.classes),
+        "format_version": 1, "format": fmt, "run_dir": str(run_dir),
+        "members": [Path(n).stem for n in ensemble.member_names],
+        "weights": ensemble.weights_.tolist(), "weights_source": weights, "temperature": ensemble.temperature,
+        "members_of_run": names, **chosen, "classes": list(data.classes),
         "mean": list(mean), "std": list(std), "input_shape": ["N", *example.shape[1:]],
         "input": ("uint8 images (0..255) or float32 images in [0, 1] (uint8 / 255)" if fmt == "torchscript" else
                   "float32 images in [0, 1] (uint8 / 255)") + ", NCHW; output: ensemble probabilities",
@@ -179,6 +195,29 @@ def export_run(
     if diff > 1e-4:
         raise ValueError(f"the exported file {out} disagrees with the ensemble by {diff:.2e} on test images")
     return {**description, "max_abs_diff": diff}
+
+
+def _recommended(ensemble: Any, run_dir: Path, names: list[str], data: Any, last: int | None, include_best: bool,
+                 temperature: bool) -> tuple[Any, dict[str, Any]]:
+    """The recommended members of ``ensemble`` (all of the run's, equal weights) with their weights and
+    temperature, and what the description records of the choice."""
+    stored = runs.read_recommended(run_dir, last, include_best)
+    if stored is None:  # never evaluated: choose now, on validation, the way evaluate does
+        val = ensemble.member_probs(data.val.images) if len(data.val) else None
+        stored, _ = recommended_choice(val, data.val.labels if val is not None else None, names)
+        source = "chosen on validation at export (run `snapens evaluate` to store it)"
+    else:
+        source = str(run_dir / runs.recommended_file(last, include_best))
+        if stored["members"] != names:
+            raise ValueError(f"{source} was chosen for the members {stored['members']}, not for {names}; run "
+                             "`snapens evaluate` again (with the same --last / --include-best)")
+    kept = [m for m, w in enumerate(stored["weights"]) if w > 0]
+    chosen = ensemble.subset(kept, [stored["weights"][m] for m in kept])
+    use_t = temperature and bool(stored.get("temperature_fitted"))
+    chosen.set_temperature(stored["temperature"] if use_t else 1.0)
+    return chosen, {"recommendation": {"use": stored["use"], "reason": stored["reason"], "source": source,
+                                       "temperature_fitted": bool(stored.get("temperature_fitted")),
+                                       "temperature_applied": use_t}}
 
 
 def export(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], **options: Any) -> dict[str, Any]:

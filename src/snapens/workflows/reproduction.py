@@ -64,7 +64,8 @@ _METHOD_LABELS = {"single": "single model (step)", "snapshot": "snapshot ensembl
                   "single-cycle": "single-cycle"}
 #: The rows of every method: (suffix, label, where the number comes from: a summary entry, "average" or "distill").
 _PARTS = (("last", "final model", "last_snapshot"), ("equal", "ensemble (equal)", "ensemble_equal"),
-          ("fitted", "ensemble (fitted on val)", "ensemble_weighted"), ("average", "weight average", "average"),
+          ("fitted", "ensemble (fitted on val)", "ensemble_weighted"),
+          ("recommended", "ensemble (recommended)", "ensemble_recommended"), ("average", "weight average", "average"),
           ("distill", "distilled student", "distill"))
 #: The row keys of the paper's Table 1 columns (and of earlier reproduce.json files).
 _LEGACY_KEYS = {("single", "last"): "single", ("single", "equal"): "nocycle", ("snapshot", "equal"): "se_equal",
