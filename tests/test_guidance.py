@@ -114,7 +114,7 @@ def test_fitted_weights_that_drop_a_weak_middle_member_are_chosen() -> None:
     # equal: (0.9 + 0.3 + 0.55) / 3 = 0.5833 everywhere; right everywhere, as the best members are
     assert rec.equal_val_nll == pytest.approx(-math.log(1.75 / 3))
     assert rec.equal_worse_by_nll and not rec.equal_worse_by_error and rec.measures_disagree
-    assert "2 of 3 members kept" in rec.hint and "`snapens export --weights fitted`" in rec.hint
+    assert "2 of 3 members kept" in rec.hint and "the default of from_run and `snapens export`" in rec.hint
     # the last-m ensembles: m=1 is Z (NLL 0.3516), m=2 is Y and Z; the recommended one among them is m=1
     assert rec.last_m == 1
 

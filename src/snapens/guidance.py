@@ -180,11 +180,9 @@ def _name(c: dict[str, Any], n_members: int) -> str:
 
 
 def _advice(c: dict[str, Any], n_members: int) -> str:
-    how = {"last-m": f" (`snapens evaluate --last {c['m']}`)",
-           "fitted": " (the 'weights fitted on validation' row; `snapens export --weights fitted`)",
-           "equal": ""}[c["use"]]
     passes = f"{c['forward_passes']} forward pass{'' if c['forward_passes'] == 1 else 'es'}"
-    return f"use {_name(c, n_members)}{how}, {passes}"
+    # The choice is stored in recommended.json and is what from_run and `snapens export` give by default.
+    return f"use {_name(c, n_members)}, {passes} (the default of from_run and `snapens export`)"
 
 
 def _status(rec: dict[str, Any]) -> str:
