@@ -8,7 +8,10 @@ Every choice is made on VALIDATION data:
 * ``last``: the last snapshot of a cyclic run;
 * ``equal``: the paper's ensemble, equal weights over all M snapshots;
 * ``last-m (val)``: equal weights over the last m snapshots, m chosen by validation NLL;
-* ``fitted``: weights fitted on validation NLL (train's evaluation, ``snapens.weighting.fit_ensemble_weights``).
+* ``fitted``: weights fitted on validation NLL (train's evaluation, ``snapens.weighting.fit_ensemble_weights``);
+* ``recommended``: what a user gets by default (``snapens.guidance.recommend``: the fewest forward passes within
+  one standard error of the lowest validation NLL, temperature only where cross-validation supports it), from the
+  run's ``summary.json`` when ``snapens evaluate`` of this version wrote it; ``passes`` is its members run.
 
 Usage::
 
@@ -41,7 +44,8 @@ def val_member_probs(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
         return saved["probs"], saved["labels"]
     info = read_run_info(run_dir)
     data = load_run_dataset(info)
-    ens = SnapshotEnsemble.from_run(run_dir, build_model, precision="auto")  # as train's own evaluation
+    # every member, as train's own evaluation computes them (not the recommended subset)
+    ens = SnapshotEnsemble.from_run(run_dir, build_model, precision="auto", weights="equal", temperature=False)
     probs, labels = ens.member_probs(data.val.images, batch_size=256), torch.as_tensor(data.val.labels)
     torch.save({"probs": probs, "labels": labels}, cache)
     return probs, labels
@@ -60,6 +64,9 @@ def run_rows(run_dir: Path) -> dict[str, Any]:
     cfg = read_run_info(run_dir)["config"]
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = {"last": _test(summary["last_snapshot"])}
+    if summary.get("ensemble_recommended"):
+        rec = summary["ensemble_recommended"]
+        rows["recommended"] = {**_test(rec), "passes": rec["members_run"], "use": rec["use"]}
     if cfg["schedule"] != "step" and summary["num_members"] > 1:
         val, yv = val_member_probs(run_dir)
         m_total = val.shape[0]
@@ -112,7 +119,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines = ["| train images | epochs | setting | seeds | combine | test error % | Δ vs step (pp) | Δ vs 1 cycle (pp) "
              "| NLL | Δ NLL vs step | Δ NLL vs 1 cycle |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (limit, epochs, name), runs in sorted(groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1], kv[0][2])):
-        combos = [c for c in ("last", "equal", "last-m (val)", "fitted") if all(c in r["rows"] for r in runs)]
+        combos = [c for c in ("last", "equal", "last-m (val)", "fitted", "recommended")
+                  if all(c in r["rows"] for r in runs)]
         for combo in combos:
             err = [r["rows"][combo]["error"] for r in runs]
             nll = [r["rows"][combo]["nll"] for r in runs]
@@ -121,8 +129,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
                      _delta(err, [one.get(k) for k in keys], "error", "+.2f"),
                      "—" if None in nll else _ms(nll, ".3f"), _delta(nll, [step.get(k) for k in keys], "nll", "+.3f"),
                      _delta(nll, [one.get(k) for k in keys], "nll", "+.3f")]
-            label = combo if combo != "last-m (val)" else "last-m (val: m=" + ",".join(
-                str(r["rows"][combo]["m"]) for r in runs) + ")"
+            label = combo
+            if combo == "last-m (val)":
+                label = "last-m (val: m=" + ",".join(str(r["rows"][combo]["m"]) for r in runs) + ")"
+            elif combo == "recommended":
+                label = "recommended (passes " + ",".join(str(r["rows"][combo]["passes"]) for r in runs) + ")"
             seeds = ",".join(str(r["seed"]) for r in runs)
             lines.append(f"| {limit or 'all'} | {epochs} | {name} | {seeds} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
