@@ -622,3 +622,12 @@ def test_two_trainers_on_one_folder_one_wins(tmp_path: Path) -> None:
     cfg = json.loads((run_dir / "config.json").read_text())["config"]
     assert (cfg["seed"], cfg["lr"]) == (winner, 0.05 if winner == 4 else TrainConfig().lr)
     assert runs.load_training_state(run_dir / "state.pt")["finished"]
+
+
+def test_no_eval_quiet_prints_the_run_dir_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue 20 item 18: the header's "run dir:" line was printed again at the end, right below it.
+    run_dir = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--snapshots", "1", "--limit-train", "200", "--threads", "1",
+                 "--device", "cpu", "--precision", "fp32", "--no-eval", "--quiet", "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("run dir:") == 1 and out.rstrip().endswith(f"run dir: {run_dir}"), out

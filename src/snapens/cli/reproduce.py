@@ -31,7 +31,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snapens.cli._common import CLIError, METHOD_COLUMNS, configure_logging, method_table, progress_enabled
+from snapens.cli._common import (
+    METHOD_COLUMNS,
+    CLIError,
+    configure_logging,
+    learning_rate,
+    method_table,
+    progress_enabled,
+    thread_count,
+)
 from snapens.workflows.common import plural
 from snapens.workflows.reproduction import METHODS
 
@@ -81,12 +89,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--epochs", type=int, default=None, help=f"budget in epochs (default: {d.epochs})")
     p.add_argument("--snapshots", "--M", type=int, default=None,
                    help=f"M, cycles and snapshots (default: {d.snapshots})")
-    p.add_argument("--lr", type=float, default=None, help=f"restart learning rate lr0 (default: {d.lr})")
+    p.add_argument("--lr", type=learning_rate, default=None, help=f"restart learning rate lr0 (default: {d.lr})")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {d.batch_size})")
     p.add_argument("--seed", type=int, default=None, help=f"first seed (default: {d.seed})")
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="number of seeds, reported as mean +- std")
     p.add_argument("--device", default=None, help=f"cpu, cuda, ... (default: {d.device})")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads for torch (default: one per core)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help=f"training and evaluation precision: auto = bf16 where the hardware runs it natively, else "
                         f"fp32 (default: {d.precision})")

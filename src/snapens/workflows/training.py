@@ -44,6 +44,7 @@ from snapens.runs import CONFIG_FILE
 from snapens.schedule import make_scheduler
 from snapens.workflows.common import (
     build_loaders,
+    check_lr,
     check_model_name,
     default_run_dir,
     environment_info,
@@ -51,7 +52,7 @@ from snapens.workflows.common import (
     set_threads,
 )
 
-__all__ = ["resume_info", "run_header", "schedule_options", "train", "train_run"]
+__all__ = ["check_schedule", "resume_info", "run_header", "schedule_options", "train", "train_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,33 @@ def _absolute_data_paths(cfg: TrainConfig) -> TrainConfig:
     if data_dir is not None:
         data_dir = str(Path(data_dir).expanduser().resolve())
     return dataclasses.replace(cfg, dataset=dataset, data_dir=data_dir)
+
+
+def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
+    """The learning-rate scheduler of ``cfg`` for ``steps_per_epoch`` steps per epoch.
+
+    Raises:
+        ValueError: the schedule does not fit the budget, or its cycle lengths or rates are not computable
+            (e.g. ``--cycle-mult 1e308`` overflows).
+    """
+    try:
+        return make_scheduler(cfg.schedule, optimizer, total_steps=cfg.epochs * steps_per_epoch,
+                              n_cycles=cfg.snapshots, lr_min=cfg.lr_min, steps_per_epoch=steps_per_epoch,
+                              **schedule_options(cfg))
+    except (OverflowError, ZeroDivisionError) as exc:
+        raise ValueError(f"the {cfg.schedule} schedule cannot be computed for these settings (cycle_mult "
+                         f"{cfg.cycle_mult:g}, cycle_decay {cfg.cycle_decay:g}, lr {cfg.lr:g}): {exc}") from None
+
+
+def check_schedule(cfg: TrainConfig, splits: Any) -> None:
+    """Build ``cfg``'s scheduler for the training split of ``splits`` (one process) without training: the check
+    :func:`train_run` makes before its first write, for callers that train several runs (``reproduce``).
+
+    Raises:
+        ValueError: the schedule does not fit the budget (e.g. FGE cycles longer than the budget left).
+    """
+    train_loader, _ = build_loaders(cfg, splits, "cpu")
+    _scheduler(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr), len(train_loader))
 
 
 def _check_run_dir(run_dir: Path, resume: bool, start_over: bool) -> None:
@@ -248,6 +276,9 @@ def train_run(
         _check_run_dir(run_dir, resume, start_over)
         device = process_device(cfg.device, ctx) if device is None else device
         precision = Precision.resolve(cfg.precision, device)  # resolved once, used by fit too
+        check_lr(cfg.lr)  # SGD overflows mid-run on absurd rates (MAX_LR)
+        if cfg.swa_lr is not None:
+            check_lr(cfg.swa_lr, "swa_lr")
         threads = set_threads(cfg.threads)
         cfg = dataclasses.replace(cfg, threads=threads)  # recorded, so that --resume uses the same count
         check_model_name(cfg.model, **cfg.model_kwargs)  # an unknown model fails here, before the data is read
@@ -263,9 +294,8 @@ def train_run(
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
     # len(train_loader) is batches per epoch *per rank*, the same on every rank: every rank takes T steps.
-    scheduler = make_scheduler(cfg.schedule, optimizer, total_steps=cfg.epochs * len(train_loader),
-                               n_cycles=cfg.snapshots, lr_min=cfg.lr_min, steps_per_epoch=len(train_loader),
-                               **schedule_options(cfg))
+    with all_ranks_agree():
+        scheduler = _scheduler(cfg, optimizer, len(train_loader))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if ctx.is_main:
