@@ -69,6 +69,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the teacher run's)")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the teacher run's")
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads for torch (default: the teacher run's)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="accept a teacher run that has not finished training (killed or still running): use the "
+                        "snapshots it has")
     p.add_argument("--json", action="store_true", help="print distill.json instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
     p.set_defaults(func=run)
@@ -88,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = distill(args.run_dir, args.out, dcfg, resume=args.resume, device=args.device,
                          precision=args.precision, threads=args.threads, given=given,
+                         allow_unfinished=args.allow_unfinished,
                          progress=progress_enabled(args.quiet),
                          announce=lambda s: print(s, flush=True, file=sys.stderr if args.json else sys.stdout))
     except engine.TrainingInterrupted as exc:

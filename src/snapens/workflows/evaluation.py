@@ -235,8 +235,10 @@ def evaluate(
     data_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     precision: str = "auto",
+    allow_unfinished: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a finished run folder and write its summary, holding the folder's lock meanwhile.
+    """Evaluate a finished run folder and write its summary, holding the folder's lock meanwhile
+    (an unfinished run is refused unless ``allow_unfinished``: :func:`snapens.runs.require_finished`).
 
     The same as :func:`evaluate_run` (see there for the arguments and the summary), on ``device`` ``"auto"``
     (CUDA when available) by default, as ``snapens evaluate RUN_DIR`` does.
@@ -253,5 +255,6 @@ def evaluate(
     from snapens._lock import run_lock
 
     with run_lock(run_dir):  # it writes summary.json (and weights) into the folder: one owner at a time
+        runs.require_finished(run_dir, allow_unfinished=allow_unfinished)
         return evaluate_run(Path(run_dir), last=last, include_best=include_best, optimize=optimize, device=device,
                             data_dir=data_dir, progress=progress, precision=precision)
