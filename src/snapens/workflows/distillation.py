@@ -178,6 +178,9 @@ def distill_run(
     info = read_run_info(run_dir)
     if resume:
         cfg, entry = _resume_settings(out_dir, {**(given or {}), "device": device, "threads": threads})
+        if (out_dir / DISTILL_JSON).exists():
+            raise ValueError(f"cannot resume: the distillation in {out_dir} already finished (its results are in "
+                             f"{DISTILL_JSON}); choose another --run-dir for a new one")
     else:
         cfg = student_config(info, dcfg, device=device, precision=precision, threads=threads)
         entry = None
@@ -264,8 +267,5 @@ def distill(
         if not resume and (out / "config.json").exists():
             raise ValueError(f"{out} already holds a distillation; pass --resume to continue it or choose another "
                              "--run-dir")
-        if resume and (out / DISTILL_JSON).exists():
-            raise ValueError(f"cannot resume: the distillation in {out} already finished (its results are in "
-                             f"{DISTILL_JSON}); choose another --run-dir for a new one")
         return distill_run(Path(run_dir), out, dcfg, resume=resume, device=device, precision=precision,
                            threads=threads, given=given, progress=progress, announce=announce)
