@@ -33,7 +33,6 @@ from typing import Any
 
 from snapens.cli._common import (
     METHOD_COLUMNS,
-    CLIError,
     configure_logging,
     learning_rate,
     method_table,
@@ -107,6 +106,9 @@ def register(subparsers: Any) -> None:
                    help="also distil each method's ensemble into a MODEL student (same epochs; see snapens distill)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="output folder (default: runs/reproduce-<model>-<dataset>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted reproduction in --out with the same flags: finished runs are "
+                        "not trained again, an interrupted one continues from its state")
     p.add_argument("--json", action="store_true", help="print reproduce.json instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
     p.set_defaults(func=run)
@@ -135,11 +137,9 @@ def run(args: argparse.Namespace) -> int:
                             seed=args.seed, device=args.device, threads=args.threads, precision=args.precision)
     safe_dataset = config.dataset.replace(":", "-").replace("/", "-")
     out = args.out or Path("runs") / f"reproduce-{config.model}-{safe_dataset}"
-    if (out / "reproduce.json").exists():
-        raise CLIError(f"{out} already holds a reproduction (reproduce.json); choose another --out")
     methods = parse_methods(args.methods)
     result = reproduce(config, out, seeds=args.seeds, methods=methods, with_single_cycle=args.with_single_cycle,
-                       distill=args.distill, progress=progress_enabled(args.quiet))
+                       distill=args.distill, progress=progress_enabled(args.quiet), resume=args.resume)
     _plot_price(result, out)
     if args.json:
         print(to_json(result))

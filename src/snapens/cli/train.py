@@ -56,14 +56,14 @@ from snapens.config import (
 from snapens.distributed import launch_context
 from snapens.report import format_summary
 from snapens.runs import CONFIG_FILE
-from snapens.workflows.training import resume_info, train
+from snapens.workflows.training import RESUME_FREE, resume_info, train
 
 __all__ = ["register", "run", "config_from_args", "explicit_overrides", "legacy_model_name"]
 
 logger = logging.getLogger(__name__)
 
 #: Flags that may change when a run is resumed: where and how fast it runs, not what it computes.
-RESUME_OVERRIDABLE = ("device", "threads", "data_dir", "download")
+RESUME_OVERRIDABLE = RESUME_FREE
 _LEGACY_SIZES = ("wrn_N", "wrn_k", "dn_depth", "dn_growth_rate")
 
 

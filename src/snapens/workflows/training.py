@@ -52,7 +52,7 @@ from snapens.workflows.common import (
     set_threads,
 )
 
-__all__ = ["check_schedule", "resume_info", "run_header", "schedule_options", "train", "train_run"]
+__all__ = ["RESUME_FREE", "changed_settings", "check_schedule", "preflight", "resume_info", "run_header", "schedule_options", "train", "train_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,47 @@ def check_schedule(cfg: TrainConfig, splits: Any) -> None:
     """
     train_loader, _ = build_loaders(cfg, splits, "cpu")
     _scheduler(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr), len(train_loader))
+
+
+#: Settings that may differ when a run is resumed: where and how fast it runs, not what it computes.
+RESUME_FREE = ("device", "threads", "data_dir", "download")
+
+
+def changed_settings(cfg: TrainConfig, run_dir: str | os.PathLike[str]) -> list[str]:
+    """The settings of ``cfg`` that differ from those recorded in ``run_dir/config.json`` (:data:`RESUME_FREE`
+    aside): what resuming the run with ``cfg`` would change.
+
+    Raises:
+        ValueError: ``run_dir`` holds no readable config.json (``cannot resume: ...``).
+    """
+    import json
+
+    saved = resume_info(run_dir)["config"]
+    now = json.loads(json.dumps(_absolute_data_paths(cfg).to_dict()))  # tuples as lists, as config.json has them
+    return sorted(k for k, v in now.items() if k not in RESUME_FREE and saved.get(k) != v)
+
+
+def preflight(configs: list[TrainConfig]) -> None:
+    """Check runs before any of them is trained: each config's model and schedule, on the dataset of the first
+    (read once; the configs must share it). ``snapens reproduce`` trains one run per method: a method that
+    cannot run must fail before the first one spends its budget.
+
+    Raises:
+        ValueError / FileNotFoundError: an unknown model, a missing dataset, a schedule that does not fit.
+    """
+    from snapens.data import load_dataset
+
+    if not configs:
+        return
+    for cfg in configs:
+        check_model_name(cfg.model, **cfg.model_kwargs)
+    first = _absolute_data_paths(configs[0])
+    with torch.random.fork_rng(devices=[]):
+        splits = load_dataset(first.dataset, data_dir=first.data_dir, download=first.download,
+                              val_size=first.val_size, seed=first.seed, limit_train=first.limit_train,
+                              limit_test=first.limit_test)
+        for cfg in configs:
+            check_schedule(cfg, splits)
 
 
 def _check_run_dir(run_dir: Path, resume: bool, start_over: bool) -> None:
