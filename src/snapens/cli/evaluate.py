@@ -2,7 +2,8 @@
 
 Choices (the single best model, the ensemble weights, the temperature) are made on the validation split; the
 numbers are measured on the test split. Writes ``RUN_DIR/summary.json`` (and ``RUN_DIR/ensemble_weights.json``
-with ``--optimize 1``) and prints a table (or the JSON with ``--json``).
+with ``--optimize 1``) and prints a table (or the JSON with ``--json``). A run folder on read-only media is
+evaluated all the same: the results are printed, not saved (a warning says so).
 
 summary.json is the whole run's (what ``snapens plot`` draws): an evaluation of a variant, ``--last M`` and/or
 ``--include-best``, writes its own files instead, e.g. ``summary-last3.json``, ``summary-best.json``,
