@@ -180,7 +180,8 @@ def test_require_finished_counts_the_snapshots_too(tiny_run, tmp_path) -> None:
     (run_dir / runs.SNAPSHOT_DIR / manifest["snapshots"][-1]["file"]).unlink()
     manifest["snapshots"] = manifest["snapshots"][:-1]
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="1 of 2 snapshots"):
+    with pytest.raises(ValueError, match=f"{run_dir} is incomplete: it finished training with 2 snapshots, but "
+                                         ".*manifest.json lists 1"):
         runs.require_finished(run_dir)
     (run_dir / runs.STATE_FILE).unlink()  # no state (a hand-made or copied folder): its manifest is the run
     runs.require_finished(run_dir)

@@ -226,19 +226,24 @@ def require_finished(run_dir: str | os.PathLike[str], *, allow_unfinished: bool 
     try:
         state = load_training_state(path)
         store = SnapshotStore(run_dir / SNAPSHOT_DIR)
-        have = len(store.list()) if store.manifest_path.exists() else 0
+        listed = store.manifest_path.exists()
+        have = len(store.list()) if listed else 0
     except (SnapshotError, OSError, ValueError) as exc:
         raise ValueError(f"cannot tell whether {run_dir} finished training: {exc}") from exc
     want, epoch, epochs = state.get("n_cycles"), state.get("epoch"), state.get("epochs")
-    if state.get("finished") and (not isinstance(want, int) or have >= want):
-        return
-    what = (f"{run_dir} has not finished training (epoch {epoch} of {epochs}, {have} of {want} snapshots): it is "
-            f"still training or was stopped")
+    if state.get("finished"):
+        if not listed or not isinstance(want, int) or have >= want:
+            return  # finished; missing or damaged snapshot files are named by the loaders, file by file
+        what = (f"{run_dir} is incomplete: it finished training with {want} snapshots, but {store.manifest_path} "
+                f"lists {have}")
+    else:
+        what = (f"{run_dir} has not finished training (epoch {epoch} of {epochs}, {have} of {want} snapshots): "
+                "it is still training or was stopped")
     if allow_unfinished:
         logger.warning("warning: %s; using its %d snapshots as asked (--allow-unfinished)", what, have)
         return
-    raise ValueError(f"{what}; finish it with `snapens train --resume --run-dir {run_dir}`, or pass "
-                     "--allow-unfinished to use the snapshots it has")
+    fix = "" if state.get("finished") else f"finish it with `snapens train --resume --run-dir {run_dir}`, or "
+    raise ValueError(f"{what}; {fix}pass --allow-unfinished to use the snapshots it has")
 
 
 def remove_stale_temp_files(run_dir: Path) -> None:
