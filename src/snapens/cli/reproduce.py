@@ -17,7 +17,9 @@ calibrated ensemble for the same number of epochs (``snapens distill``). Each ro
 and its price: forward passes per image and images/s measured on this device (a weight average costs what a
 single model of its architecture costs). Test errors stand next to the paper's Table 1 numbers when the paper
 reports that model and dataset. With ``--seeds N`` the numbers are mean +- std over N seeds (the other columns
-means). Writes OUT/reproduce.json and OUT/price.png; the runs are kept under OUT/<schedule>-seed<k>/.
+means). Writes OUT/reproduce.json and OUT/price.png; the runs are kept under OUT/<schedule>-seed<k>/. Every
+method's settings are checked before the first run trains; an interrupted reproduction continues with the same
+flags and ``--resume`` (finished runs are not trained again).
 
 The default (no arguments) is cnn-small on the bundled 8x8 digits at the TrainConfig defaults: minutes on a
 laptop CPU. A paper setting is e.g. ``--preset paper-wrn-32-4-cifar10`` (days on a CPU).
