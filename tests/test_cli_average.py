@@ -41,8 +41,9 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 
 def _hashes(folder: Path) -> dict[str, str]:
+    # .lock, made by the first command that locks the folder, is empty: the lock is the kernel's, not the file's
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def _snapshot_states(run: Path) -> list[dict[str, torch.Tensor]]:
@@ -156,3 +157,66 @@ def test_snapshots_of_another_architecture_are_refused(swa_run: Path, tmp_path: 
     (run / "config.json").write_text(json.dumps(cfg))
     assert "snapshots of different architectures cannot be averaged" in cli_error("average", str(run), "--quiet")
     assert not (run / "average.safetensors").exists()
+
+
+# ------------------------------------------------------------------------- issue 20 (round two), items 1 and 2
+
+
+def test_readers_refuse_an_unfinished_run(tiny_run: Path, tmp_path: Path, cli_error, capsys) -> None:
+    # `average L1` during `train --run-dir L1` averaged 1 of 4 snapshots and exited 0; distill built its teacher
+    # from part of them, export exported part of them.
+    from test_runs import make_unfinished
+
+    run = _copy(tiny_run, tmp_path)
+    make_unfinished(run)
+    before = _hashes(run)
+    for argv in (["average", run], ["evaluate", run, "--device", "cpu"],
+                 ["distill", run, "--threads", "1", "--device", "cpu", "--quiet"],
+                 ["export", run, tmp_path / "ens.pt2"]):
+        message = cli_error(*argv)
+        assert f"{run} has not finished training (epoch 1 of 2, 1 of 2 snapshots)" in message, argv
+        assert "--allow-unfinished" in message
+    assert _hashes(run) == before and not (tmp_path / "ens.pt2").exists()
+    assert main(["average", str(run), "--allow-unfinished", "--device", "cpu", "--json"]) == 0  # the user means it
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["members"] == ["snapshot-01"]
+    assert "has not finished training" in captured.err
+
+
+def test_export_refuses_an_unfinished_run_in_the_library_too(tiny_run: Path, tmp_path: Path) -> None:
+    from test_runs import make_unfinished
+
+    from snapens.workflows.exporting import export
+
+    run = _copy(tiny_run, tmp_path)
+    make_unfinished(run)
+    with pytest.raises(ValueError, match="has not finished training"):
+        export(run, tmp_path / "ens.pt2")
+    assert not (tmp_path / "ens.pt2").exists()
+
+
+def test_average_holds_the_run_folders_lock(swa_run: Path, tmp_path: Path, cli_error) -> None:
+    # Item 1: every command that writes into a run folder owns it meanwhile (average writes average.*).
+    from snapens._lock import run_lock
+
+    run = _copy(swa_run, tmp_path)
+    before = _hashes(run)
+    with run_lock(run):
+        assert f"{run} is in use by another snapens process" in cli_error("average", run, "--device", "cpu")
+    assert _hashes(run) == before
+
+
+def test_export_cli_refuses_an_unfinished_run_unless_allowed(tiny_run: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from test_runs import make_unfinished
+
+    from snapens.cli import main
+
+    run = _copy(tiny_run, tmp_path)
+    make_unfinished(run)
+    out = tmp_path / "ens.pt"
+    assert main(["export", str(run), str(out), "--weights", "equal", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has not finished training" in err and not out.exists()
+    assert main(["export", str(run), str(out), "--weights", "equal", "--allow-unfinished", "--quiet"]) == 0
+    assert out.is_file()

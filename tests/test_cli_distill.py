@@ -142,3 +142,54 @@ def test_missing_run_and_a_second_distillation_are_refused(teacher: Path, tmp_pa
     (out / "config.json").write_text("{}")
     assert "already holds a distillation" in cli_error("distill", teacher, "--run-dir", out, *FAST)
     assert (out / "config.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------------- issue 20 (round two), items 7 and 8
+
+
+def test_resume_after_the_students_training_writes_the_missing_distill_json(teacher: Path, tmp_path: Path,
+                                                                              cli_error) -> None:
+    # Killed after the student's last epoch, before distill.json: --resume said the run finished, a fresh start
+    # that the folder holds a distillation. Deleting distill.json leaves exactly that folder.
+    out = tmp_path / "student"
+    rc, _ = _main(["distill", teacher, "--epochs", "1", "--run-dir", out, "--json", *FAST])
+    assert rc == 0
+    first = json.loads((out / "distill.json").read_text())
+    (out / "distill.json").unlink()
+    snapshot_bits = folder_hash(out / "snapshots")
+    rc, printed = _main(["distill", teacher, "--resume", "--run-dir", out, "--json", *FAST])
+    assert rc == 0
+    again = json.loads((out / "distill.json").read_text())
+    assert json.loads(printed)["student"]["test"] == again["student"]["test"] == first["student"]["test"]
+    assert again["teacher"]["test"] == first["teacher"]["test"] and again["agreement"] == first["agreement"]
+    assert folder_hash(out / "snapshots") == snapshot_bits  # evaluated, not trained again
+    # now it is finished: a further --resume says so, naming distill.json
+    assert "already finished (its results are in distill.json)" in cli_error(
+        "distill", teacher, "--resume", "--run-dir", out, *FAST)
+
+
+def test_an_unfinished_teacher_is_refused_and_a_changed_teacher_is_named_on_resume(
+        teacher: Path, tmp_path: Path, cli_error) -> None:
+    import shutil
+
+    from test_runs import make_unfinished
+
+    half = tmp_path / "teacher"
+    shutil.copytree(teacher, half, ignore=shutil.ignore_patterns("distill-*"))
+    make_unfinished(half, keep=2)
+    out = tmp_path / "student"
+    message = cli_error("distill", half, "--epochs", "1", "--run-dir", out, *FAST)
+    assert f"{half} has not finished training (epoch 2 of 10, 2 of 5 snapshots)" in message
+    assert not out.exists()
+    # The user means it: the student learns from the 2 snapshots there are, and records them.
+    rc, _ = _main(["distill", half, "--epochs", "1", "--run-dir", out, "--allow-unfinished", *FAST])
+    assert rc == 0
+    entry = json.loads((out / "config.json").read_text())["distill"]
+    assert entry["teacher_members"] == ["snapshot-01", "snapshot-02"] and len(entry["teacher_sha256"]) == 2
+    # The teacher finishes meanwhile; the student's --resume used to fail with "Expected 4 weights ... got (2,)".
+    shutil.rmtree(half)
+    shutil.copytree(teacher, half, ignore=shutil.ignore_patterns("distill-*"))
+    (out / "distill.json").unlink()
+    message = cli_error("distill", half, "--resume", "--run-dir", out, *FAST)
+    assert f"the teacher {half} changed since the student in {out} started" in message
+    assert "snapshot-05 but were snapshot-01, snapshot-02" in message

@@ -156,3 +156,78 @@ def test_unknown_method_and_distill_model_are_one_line_errors(tmp_path: Path, cl
     assert "unknown method(s) nope" in cli_error("reproduce", "--methods", "single,nope", "--out", out)
     assert "list-models" in cli_error("reproduce", "--distill", "no-such-net", "--out", out, "--quiet")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------- issue 20 (round two), items 1 and 9
+
+TINY = ["--epochs", "2", "--snapshots", "2", "--batch-size", "128", "--device", "cpu", "--threads", "1",
+        "--precision", "fp32", "--quiet"]
+
+
+def _hash(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_a_folder_in_use_is_refused_before_anything_is_trained(tmp_path: Path, cli_error) -> None:
+    # Two `reproduce --out D` at once left a config.json of one call next to snapshots of the other.
+    from snapens._lock import run_lock
+
+    out = tmp_path / "repro"
+    with run_lock(out, create=True):
+        assert f"{out} is in use by another snapens process" in cli_error("reproduce", *TINY, "--out", out)
+        assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def test_every_method_is_checked_before_the_first_is_trained(tmp_path: Path, cli_error) -> None:
+    # fge's cycle (2 epochs) does not fit the 1 epoch left after fge_start: found before snapshot trains.
+    out = tmp_path / "repro"
+    message = cli_error("reproduce", "--methods", "snapshot,fge", *TINY, "--out", out)
+    assert "cycle_epochs=2" in message and "longer than" in message
+    assert not out.exists()
+
+
+def test_resume_skips_finished_methods_and_continues_an_interrupted_one(tmp_path: Path, cli_error) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_cli_train import DRIVER, snapshots
+
+    from snapens import runs
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = ["reproduce", "--methods", "single,snapshot", *TINY]
+    reference = tmp_path / "reference"
+    done = subprocess.run([sys.executable, "-m", "snapens", *argv, "--out", str(reference)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    # Killed in the snapshot run's second epoch (SnapshotLR: the step run before it finished).
+    out = tmp_path / "repro"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    spe = -(-json.loads((reference / "step-seed0" / "config.json").read_text())["dataset"]["num_train"] // 128)
+    killed = subprocess.run([sys.executable, str(driver), *argv, "--out", str(out)], capture_output=True, text=True,
+                            env={**env, "SIGNAL": "KILL", "AT_STEP": str(spe + 3)}, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert runs.load_training_state(out / "step-seed0" / "state.pt")["finished"]
+    assert not runs.load_training_state(out / "cosine-cycles-seed0" / "state.pt")["finished"]
+    assert not (out / "reproduce.json").exists()
+    # Without --resume the folder is refused, naming the flag; with other settings too.
+    assert "pass --resume to continue it" in cli_error(*argv, "--out", out)
+    assert "do not change --lr" in cli_error(*argv, "--out", out, "--resume", "--lr", "0.05")
+    step_run = _hash(out / "step-seed0" / "snapshots")
+    done = subprocess.run([sys.executable, "-m", "snapens", *argv, "--out", str(out), "--resume"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert _hash(out / "step-seed0" / "snapshots") == step_run  # not trained again
+    for run in ("step-seed0", "cosine-cycles-seed0"):  # the interrupted run continued bit for bit
+        ref, got = snapshots(reference / run), snapshots(out / run)
+        assert len(ref) == len(got) == 2
+        assert all(torch.equal(r[k], g[k]) for r, g in zip(ref, got) for k in r), run
+    a, b = (json.loads((d / "reproduce.json").read_text()) for d in (reference, out))
+    assert [r["errors"] for r in a["rows"]] == [r["errors"] for r in b["rows"]]
+    assert "already holds a reproduction" in cli_error(*argv, "--out", out, "--resume")

@@ -605,3 +605,12 @@ def test_header_states_the_schedules_rates(options: dict, rates: str) -> None:
     cfg = TrainConfig(dataset="digits", model="cnn-small", epochs=8, **options)
     header = run_header(cfg, Path("run"), torch.device("cpu"), "fp32", 1, n_snapshots=3)
     assert rates in header.splitlines()[0], header
+
+
+def test_no_eval_quiet_prints_the_run_dir_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue 20 item 18: the header's "run dir:" line was printed again at the end, right below it.
+    run_dir = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--snapshots", "1", "--limit-train", "200", "--threads", "1",
+                 "--device", "cpu", "--precision", "fp32", "--no-eval", "--quiet", "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("run dir:") == 1 and out.rstrip().endswith(f"run dir: {run_dir}"), out

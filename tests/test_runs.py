@@ -130,3 +130,58 @@ def test_restore_rng_state_requires_all_parts():
     del state["numpy"]
     with pytest.raises(ValueError, match="numpy"):
         restore_rng_state(state)
+
+
+# ------------------------------------------------------------------------- issue 20 (round two), item 2
+
+
+def make_unfinished(run_dir, keep: int = 1) -> None:
+    """Turn a finished run into one stopped mid-way (as a reader sees a run still training): its state says
+    not finished, at epoch ``keep``, and its manifest and snapshots/ hold only the first ``keep`` snapshots."""
+    import json
+
+    state = load_training_state(run_dir / runs.STATE_FILE)
+    state.update(finished=False, epoch=keep)
+    save_training_state(run_dir / runs.STATE_FILE, state)
+    manifest_path = run_dir / runs.SNAPSHOT_DIR / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["snapshots"][keep:]:
+        (run_dir / runs.SNAPSHOT_DIR / entry["file"]).unlink()
+    manifest["snapshots"] = manifest["snapshots"][:keep]
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_require_finished_refuses_an_unfinished_run_unless_allowed(tiny_run, tmp_path, caplog) -> None:
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    runs.require_finished(run_dir)  # finished: accepted
+    make_unfinished(run_dir)
+    with pytest.raises(ValueError) as info:
+        runs.require_finished(run_dir)
+    message = str(info.value)
+    assert "\n" not in message and f"{run_dir} has not finished training (epoch 1 of 2, 1 of 2 snapshots)" in message
+    assert f"snapens train --resume --run-dir {run_dir}" in message and "--allow-unfinished" in message
+    with caplog.at_level("WARNING", logger="snapens"):
+        runs.require_finished(run_dir, allow_unfinished=True)
+    assert "has not finished training" in caplog.text
+
+
+def test_require_finished_counts_the_snapshots_too(tiny_run, tmp_path) -> None:
+    # A state that says finished but a manifest short of a snapshot: not the run the state describes.
+    import json
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    manifest_path = run_dir / runs.SNAPSHOT_DIR / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    (run_dir / runs.SNAPSHOT_DIR / manifest["snapshots"][-1]["file"]).unlink()
+    manifest["snapshots"] = manifest["snapshots"][:-1]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"{run_dir} is incomplete: it finished training with 2 snapshots, but "
+                                         ".*manifest.json lists 1"):
+        runs.require_finished(run_dir)
+    (run_dir / runs.STATE_FILE).unlink()  # no state (a hand-made or copied folder): its manifest is the run
+    runs.require_finished(run_dir)

@@ -62,6 +62,7 @@ __all__ = [
     "read_resume_state",
     "read_run_info",
     "remove_stale_temp_files",
+    "require_finished",
     "restore_rng_state",
     "recommended_file",
     "run_exists",
@@ -240,6 +241,47 @@ def read_resume_state(run_dir: str | os.PathLike[str], expect: Mapping[str, Any]
         if was != now:
             raise ValueError(f"cannot resume {run_dir}: its {key} is {was!r} but this call has {now!r}")
     return state
+
+
+def require_finished(run_dir: str | os.PathLike[str], *, allow_unfinished: bool = False) -> None:
+    """Refuse a run that is still training or stopped before its end (killed, interrupted, diverged).
+
+    A run is finished when its ``state.pt`` says so (:func:`snapens.engine.fit` sets ``finished`` after the last
+    epoch, once the last snapshot is on disk) and its manifest lists every snapshot the state promises
+    (``n_cycles``). A folder without ``state.pt`` (built by hand, or copied without it) holds what its manifest
+    lists and is accepted. ``allow_unfinished``: accept the snapshots there are, with a warning.
+
+    Raises:
+        ValueError: the run is unfinished (one line, naming what it has and how to finish it), or its state is
+            unreadable.
+    """
+    from snapens.checkpoint import SnapshotStore
+
+    run_dir = Path(run_dir)
+    path = run_dir / STATE_FILE
+    if not path.exists():
+        return
+    try:
+        state = load_training_state(path)
+        store = SnapshotStore(run_dir / SNAPSHOT_DIR)
+        listed = store.manifest_path.exists()
+        have = len(store.list()) if listed else 0
+    except (SnapshotError, OSError, ValueError) as exc:
+        raise ValueError(f"cannot tell whether {run_dir} finished training: {exc}") from exc
+    want, epoch, epochs = state.get("n_cycles"), state.get("epoch"), state.get("epochs")
+    if state.get("finished"):
+        if not listed or not isinstance(want, int) or have >= want:
+            return  # finished; missing or damaged snapshot files are named by the loaders, file by file
+        what = (f"{run_dir} is incomplete: it finished training with {want} snapshots, but {store.manifest_path} "
+                f"lists {have}")
+    else:
+        what = (f"{run_dir} has not finished training (epoch {epoch} of {epochs}, {have} of {want} snapshots): "
+                "it is still training or was stopped")
+    if allow_unfinished:
+        logger.warning("warning: %s; using its %d snapshots as asked (--allow-unfinished)", what, have)
+        return
+    fix = "" if state.get("finished") else f"finish it with `snapens train --resume --run-dir {run_dir}`, or "
+    raise ValueError(f"{what}; {fix}pass --allow-unfinished to use the snapshots it has")
 
 
 def remove_stale_temp_files(run_dir: Path) -> None:

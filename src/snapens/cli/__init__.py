@@ -10,6 +10,7 @@ line ``snapens: error: ...`` here. Subcommand modules import no other one: only 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import sys
@@ -38,7 +39,15 @@ def plain_text(text: str) -> str:
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line on stderr (exit 2), like every other user error, and
-    whose help is plain text (the subcommands' descriptions are their module docstrings, written in reST)."""
+    whose help is plain text (the subcommands' descriptions are their module docstrings, written in reST).
+
+    Abbreviated flags are refused (``--snapshot 3`` is not ``--snapshots 3``): a typo must not pass for another
+    flag, and a flag added later must not change what an old command line means.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def format_help(self) -> str:
         return plain_text(super().format_help())
@@ -61,6 +70,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown_arguments(parser: argparse.ArgumentParser, command: str | None, unknown: list[str]) -> str:
+    """The one error line for arguments no parser took: naming the subcommand and the closest flags."""
+    flags: list[str] = []
+    where = parser
+    for action in parser._actions:  # the subcommand's own parser knows its flags
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            where = action.choices[command]
+    for action in where._actions:
+        flags.extend(s for s in action.option_strings if s.startswith("--"))
+    hints = []
+    for arg in unknown:
+        if arg.startswith("-"):
+            typo = arg.split("=", 1)[0]
+            # an abbreviation (argparse's allow_abbrev is off) first, then the most similar spelling
+            close = [f for f in flags if f.startswith(typo)] or difflib.get_close_matches(typo, flags, n=1,
+                                                                                           cutoff=0.75)
+            if close:
+                hints.append(f"{typo}: did you mean {' or '.join(close[:2])}?")
+    sub = f"{command}: " if command else ""
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    return f"{PROG}: error: {sub}unrecognized arguments: {' '.join(unknown)}{hint}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``snapens`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code.
 
@@ -68,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     set ``SNAPENS_DEBUG=1`` to see the traceback instead.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.exit(2, _unknown_arguments(parser, args.command, unknown))
     if args.command is None:
         parser.print_usage(sys.stderr)
         return fail("choose a command: train, evaluate, average, distill, plot, export or reproduce "

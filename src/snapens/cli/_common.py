@@ -7,7 +7,9 @@ folder in :mod:`snapens.workflows.common`; the torchrun launch, devices and the 
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,6 +24,9 @@ __all__ = [
     "format_table",
     "METHOD_COLUMNS",
     "method_table",
+    "finite_float",
+    "learning_rate",
+    "thread_count",
 ]
 
 
@@ -30,6 +35,45 @@ PROG = "snapens"
 
 class CLIError(Exception):
     """A user error: printed as one line ``snapens: error: ...``, exit code 2."""
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type``: a finite number (``inf`` and ``nan`` are refused at parse time)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def learning_rate(text: str) -> float:
+    """An argparse ``type``: a finite learning rate of at most :data:`snapens.workflows.common.MAX_LR` (one that
+    is not positive is refused by the config, with the setting's name)."""
+    from snapens.workflows.common import MAX_LR
+
+    value = finite_float(text)
+    if value > MAX_LR:
+        raise argparse.ArgumentTypeError(f"expected a learning rate of at most {MAX_LR:g}, got {text!r}")
+    return value
+
+
+def thread_count(text: str) -> int:
+    """An argparse ``type``: an integer thread count of at most 4 per CPU core
+    (:func:`snapens.workflows.common.max_threads`; one below 1 is refused by the config, with the setting's name)."""
+    from snapens.workflows.common import check_threads
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value >= 1:
+        try:
+            check_threads(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def fail(message: str) -> int:

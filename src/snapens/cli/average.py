@@ -59,6 +59,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="where the dataset is now, instead of the data_dir stored in config.json")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="accept a run that has not finished training (killed or still running): use the "
+                        "snapshots it has")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.add_argument("--quiet", action="store_true", help="no notes on stderr (results are still printed)")
     p.set_defaults(func=run)
@@ -67,10 +70,10 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``snapens average``; returns 0."""
     from snapens._io import to_json
-    from snapens.workflows.weight_average import average_run
+    from snapens.workflows.weight_average import average
 
     configure_logging(args.quiet)
-    result = average_run(args.run_dir, last=args.last, members=args.members, bn_batches=args.bn_batches,
-                         device=args.device, data_dir=args.data_dir)
+    result = average(args.run_dir, last=args.last, members=args.members, bn_batches=args.bn_batches,
+                     device=args.device, data_dir=args.data_dir, allow_unfinished=args.allow_unfinished)
     print(to_json(result) if args.json else format_result(result, args.run_dir))
     return 0

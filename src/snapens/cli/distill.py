@@ -20,7 +20,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snapens.cli._common import CLIError, configure_logging, method_table, progress_enabled
+from snapens.cli._common import (
+    CLIError,
+    configure_logging,
+    finite_float,
+    learning_rate,
+    method_table,
+    progress_enabled,
+    thread_count,
+)
 
 __all__ = ["format_distill", "register", "run"]
 
@@ -50,17 +58,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the teacher: a folder written by `snapens train`")
     p.add_argument("--model", default=None, help="the student's architecture (default: the teacher's)")
     p.add_argument("--epochs", type=int, default=None, help=f"the student's epochs (default: {d.epochs})")
-    p.add_argument("--temperature", type=float, default=None, metavar="T",
+    p.add_argument("--temperature", type=finite_float, default=None, metavar="T",
                    help=f"softmax temperature of the soft targets, > 0 (default: {d.temperature:g})")
-    p.add_argument("--alpha", type=float, default=None,
+    p.add_argument("--alpha", type=finite_float, default=None,
                    help=f"weight of the teacher's soft targets in [0, 1] (default: {d.alpha:g})")
-    p.add_argument("--lr", type=float, default=None, help=f"the student's peak learning rate (default: {d.lr:g})")
+    p.add_argument("--lr", type=learning_rate, default=None, help=f"the student's peak learning rate (default: {d.lr:g})")
     p.add_argument("--run-dir", dest="out", type=Path, default=None, metavar="OUT",
                    help="the student's run folder (default: RUN_DIR/distill-<model>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted distillation in OUT")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the teacher run's)")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the teacher run's")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the teacher run's)")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads for torch (default: the teacher run's)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="accept a teacher run that has not finished training (killed or still running): use the "
+                        "snapshots it has")
     p.add_argument("--json", action="store_true", help="print distill.json instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
     p.set_defaults(func=run)
@@ -80,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = distill(args.run_dir, args.out, dcfg, resume=args.resume, device=args.device,
                          precision=args.precision, threads=args.threads, given=given,
+                         allow_unfinished=args.allow_unfinished,
                          progress=progress_enabled(args.quiet),
                          announce=lambda s: print(s, flush=True, file=sys.stderr if args.json else sys.stdout))
     except engine.TrainingInterrupted as exc:

@@ -9,6 +9,8 @@ export``: the combination validation supports at the fewest forward passes (it m
 the last m snapshots, fitted weights or the paper's equal weights), with a temperature where validation identifies
 one; the line "You get: ..." under the table names it and says why. recommended.json stores it, so every later
 command uses the same choice; the other rows stay for comparison.
+A run folder on read-only media is evaluated all the same: the results are printed, not saved (a warning
+says so).
 
 summary.json is the whole run's (what ``snapens plot`` draws): an evaluation of a variant, ``--last M`` and/or
 ``--include-best``, writes its own files instead, e.g. ``summary-last3.json``, ``summary-best.json``,
@@ -58,6 +60,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="where the dataset is now, instead of the data_dir stored in config.json (for a run "
                         "moved to another machine)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="accept a run that has not finished training (killed or still running): use the "
+                        "snapshots it has")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes (results are still printed)")
     p.set_defaults(func=run)
@@ -74,6 +79,6 @@ def run(args: argparse.Namespace) -> int:
                     "random restarts", args.num_tests)
     summary = evaluate(args.run_dir, last=args.last, include_best=args.include_best, optimize=args.optimize,
                        device=args.device, data_dir=args.data_dir, progress=progress_enabled(args.quiet),
-                       precision=args.precision)
+                       precision=args.precision, allow_unfinished=args.allow_unfinished)
     print(to_json(summary) if args.json else format_summary(summary))
     return 0

@@ -67,6 +67,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="the precision the exported module runs its members in (recorded in the file): auto = "
                         "bf16 where this CPU runs it natively, else fp32 (default: auto)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="accept a run that has not finished training (killed or still running): use the "
+                        "snapshots it has")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=run)
 
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(args.quiet)
     result = export(args.run_dir, args.out, fmt=args.fmt, weights=args.weights, temperature=args.temperature,
-                    last=args.last, include_best=args.include_best, data_dir=args.data_dir, precision=args.precision)
+                    last=args.last, include_best=args.include_best, data_dir=args.data_dir, precision=args.precision,
+                    allow_unfinished=args.allow_unfinished)
     if not args.quiet:
         of = len(result["members_of_run"])
         members = plural(len(result["members"]), "member") + ("" if len(result["members"]) == of else f" of {of}")

@@ -17,7 +17,9 @@ calibrated ensemble for the same number of epochs (``snapens distill``). Each ro
 and its price: forward passes per image and images/s measured on this device (a weight average costs what a
 single model of its architecture costs). Test errors stand next to the paper's Table 1 numbers when the paper
 reports that model and dataset. With ``--seeds N`` the numbers are mean +- std over N seeds (the other columns
-means). Writes OUT/reproduce.json and OUT/price.png; the runs are kept under OUT/<schedule>-seed<k>/.
+means). Writes OUT/reproduce.json and OUT/price.png; the runs are kept under OUT/<schedule>-seed<k>/. Every
+method's settings are checked before the first run trains; an interrupted reproduction continues with the same
+flags and ``--resume`` (finished runs are not trained again).
 
 The default (no arguments) is cnn-small on the bundled 8x8 digits at the TrainConfig defaults: minutes on a
 laptop CPU. A paper setting is e.g. ``--preset paper-wrn-32-4-cifar10`` (days on a CPU).
@@ -31,7 +33,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snapens.cli._common import CLIError, METHOD_COLUMNS, configure_logging, method_table, progress_enabled
+from snapens.cli._common import (
+    METHOD_COLUMNS,
+    configure_logging,
+    learning_rate,
+    method_table,
+    progress_enabled,
+    thread_count,
+)
 from snapens.workflows.common import plural
 from snapens.workflows.reproduction import METHODS
 
@@ -81,12 +90,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--epochs", type=int, default=None, help=f"budget in epochs (default: {d.epochs})")
     p.add_argument("--snapshots", "--M", type=int, default=None,
                    help=f"M, cycles and snapshots (default: {d.snapshots})")
-    p.add_argument("--lr", type=float, default=None, help=f"restart learning rate lr0 (default: {d.lr})")
+    p.add_argument("--lr", type=learning_rate, default=None, help=f"restart learning rate lr0 (default: {d.lr})")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {d.batch_size})")
     p.add_argument("--seed", type=int, default=None, help=f"first seed (default: {d.seed})")
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="number of seeds, reported as mean +- std")
     p.add_argument("--device", default=None, help=f"cpu, cuda, ... (default: {d.device})")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads for torch (default: one per core)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help=f"training and evaluation precision: auto = bf16 where the hardware runs it natively, else "
                         f"fp32 (default: {d.precision})")
@@ -99,6 +108,9 @@ def register(subparsers: Any) -> None:
                    help="also distil each method's ensemble into a MODEL student (same epochs; see snapens distill)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="output folder (default: runs/reproduce-<model>-<dataset>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted reproduction in --out with the same flags: finished runs are "
+                        "not trained again, an interrupted one continues from its state")
     p.add_argument("--json", action="store_true", help="print reproduce.json instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
     p.set_defaults(func=run)
@@ -127,11 +139,9 @@ def run(args: argparse.Namespace) -> int:
                             seed=args.seed, device=args.device, threads=args.threads, precision=args.precision)
     safe_dataset = config.dataset.replace(":", "-").replace("/", "-")
     out = args.out or Path("runs") / f"reproduce-{config.model}-{safe_dataset}"
-    if (out / "reproduce.json").exists():
-        raise CLIError(f"{out} already holds a reproduction (reproduce.json); choose another --out")
     methods = parse_methods(args.methods)
     result = reproduce(config, out, seeds=args.seeds, methods=methods, with_single_cycle=args.with_single_cycle,
-                       distill=args.distill, progress=progress_enabled(args.quiet))
+                       distill=args.distill, progress=progress_enabled(args.quiet), resume=args.resume)
     _plot_price(result, out)
     if args.json:
         print(to_json(result))

@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from snapens import engine
-from snapens.cli._common import CLIError, configure_logging, format_table, progress_enabled
+from snapens.cli._common import (
+    CLIError,
+    configure_logging,
+    finite_float,
+    format_table,
+    learning_rate,
+    progress_enabled,
+    thread_count,
+)
 from snapens.config import (
     AUTO_MAX_SNAPSHOTS,
     M_SCHEDULES,
@@ -48,14 +56,14 @@ from snapens.config import (
 from snapens.distributed import launch_context
 from snapens.report import format_summary
 from snapens.runs import CONFIG_FILE
-from snapens.workflows.training import resume_info, train
+from snapens.workflows.training import RESUME_FREE, resume_info, train
 
 __all__ = ["register", "run", "config_from_args", "explicit_overrides", "legacy_model_name"]
 
 logger = logging.getLogger(__name__)
 
 #: Flags that may change when a run is resumed: where and how fast it runs, not what it computes.
-RESUME_OVERRIDABLE = ("device", "threads", "data_dir", "download")
+RESUME_OVERRIDABLE = RESUME_FREE
 _LEGACY_SIZES = ("wrn_N", "wrn_k", "dn_depth", "dn_growth_rate")
 
 
@@ -87,29 +95,29 @@ def register(subparsers: Any) -> None:
                    help=f"cycles = snapshots, or auto: epochs // the dataset's shortest useful cycle, 1 to "
                         f"{AUTO_MAX_SNAPSHOTS} (README, Training runs; default: {d.snapshots})")
     g.add_argument("--schedule", choices=SCHEDULES, help=f"(default: {d.schedule})")
-    g.add_argument("--lr", type=float, help=f"restart learning rate lr0 (default: {d.lr})")
-    g.add_argument("--lr-min", type=float, help=f"learning rate at the end of each cycle (default: {d.lr_min})")
-    g.add_argument("--cycle-decay", type=float,
+    g.add_argument("--lr", type=learning_rate, help=f"restart learning rate lr0 (default: {d.lr})")
+    g.add_argument("--lr-min", type=finite_float, help=f"learning rate at the end of each cycle (default: {d.lr_min})")
+    g.add_argument("--cycle-decay", type=finite_float,
                    help=f"cosine schedules: each restart's peak is the previous one's times this (default: "
                         f"{d.cycle_decay})")
-    g.add_argument("--cycle-mult", type=float,
+    g.add_argument("--cycle-mult", type=finite_float,
                    help=f"cosine schedules: each cycle this many times longer than the last, lengths summing to "
                         f"the budget (default: {d.cycle_mult})")
-    g.add_argument("--fge-start", type=float, metavar="F",
+    g.add_argument("--fge-start", type=finite_float, metavar="F",
                    help=f"fge: fraction of the budget trained before the first cycle (default: {d.fge_start})")
     g.add_argument("--cycle-epochs", type=int,
                    help=f"fge: epochs per triangular cycle, a snapshot at its middle (default: {d.cycle_epochs})")
-    g.add_argument("--swa-start", type=float, metavar="F",
+    g.add_argument("--swa-start", type=finite_float, metavar="F",
                    help=f"swa: fraction of the budget before the constant SWA rate (default: {d.swa_start})")
-    g.add_argument("--swa-lr", type=float,
+    g.add_argument("--swa-lr", type=learning_rate,
                    help="swa: the constant SWA learning rate, a snapshot at each epoch end (default: lr / 2)")
     g.add_argument("--batch-size", type=int,
                    help=f"per process under torchrun: the global batch is this times the process count, the "
                         f"LR is not rescaled (default: {d.batch_size})")
-    g.add_argument("--momentum", type=float, help=f"(default: {d.momentum})")
+    g.add_argument("--momentum", type=finite_float, help=f"(default: {d.momentum})")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
                    help=f"Nesterov momentum (default: {d.nesterov})")
-    g.add_argument("--weight-decay", type=float, help=f"(default: {d.weight_decay})")
+    g.add_argument("--weight-decay", type=finite_float, help=f"(default: {d.weight_decay})")
     g.add_argument("--seed", type=int, help=f"(default: {d.seed})")
     g.add_argument("--preset", help="a named setting, e.g. paper-wrn-32-4-cifar100 (see --list-presets)")
     g.add_argument("--list-presets", action="store_true", help="print the presets and exit")
@@ -121,7 +129,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False, default=None,
                    help="keep the NCHW memory format")
-    g.add_argument("--threads", type=int,
+    g.add_argument("--threads", type=thread_count,
                    help=f"CPU threads for torch (default: {d.threads}). More threads pay off only for big models "
                         "on cores nobody else uses; on a shared or busy machine keep 1 (extra threads spin "
                         "and can make a run 10x slower). Kept by --resume: another count changes the bits")
@@ -136,7 +144,7 @@ def register(subparsers: Any) -> None:
     g = p.add_argument_group("legacy flags (the Keras implementation)")
     g.add_argument("--M", dest="legacy_M", type=int, metavar="M", help="= --snapshots")
     g.add_argument("--nb_epoch", dest="legacy_nb_epoch", type=int, metavar="N", help="= --epochs")
-    g.add_argument("--alpha_zero", dest="legacy_alpha_zero", type=float, metavar="LR", help="= --lr")
+    g.add_argument("--alpha_zero", dest="legacy_alpha_zero", type=learning_rate, metavar="LR", help="= --lr")
     g.add_argument("--wrn_N", type=int, metavar="N", help="with --model wrn: depth 6N+4 (default 2)")
     g.add_argument("--wrn_k", type=int, metavar="K", help="with --model wrn: widen factor (default 4)")
     g.add_argument("--dn_depth", type=int, metavar="D", help="with --model dn: depth (default 40)")
@@ -287,8 +295,9 @@ def run(args: argparse.Namespace) -> int:
     ctx = launch_context()
     configure_logging(args.quiet, rank=ctx.rank)
     cfg = _resume_config(args) if args.resume else config_from_args(args)
+    evaluate = _evaluate_setting(args)
     try:
-        run_dir = train(cfg, args.run_dir, resume=args.resume, evaluate=_evaluate_setting(args),
+        run_dir = train(cfg, args.run_dir, resume=args.resume, evaluate=evaluate,
                         progress=progress_enabled(args.quiet) and ctx.is_main, plot=True,
                         announce=lambda s: print(s, flush=True),
                         on_summary=lambda summary: print(format_summary(summary)), sync_bn=_sync_bn(args),
@@ -304,6 +313,6 @@ def run(args: argparse.Namespace) -> int:
         if not ctx.is_main:
             return 2  # the same error on every rank: rank 0 reports it
         raise CLIError(str(exc)) from exc
-    if ctx.is_main:
+    if ctx.is_main and (evaluate or not args.quiet):  # --no-eval --quiet: the header's "run dir:" was the last line
         print(f"run dir: {run_dir}")
     return 0

@@ -4,6 +4,8 @@ the evaluation batch size and the model-name check."""
 from __future__ import annotations
 
 import datetime as _dt
+import math
+import os
 import platform
 import re
 from pathlib import Path
@@ -15,11 +17,16 @@ import snapens
 
 __all__ = [
     "EVAL_MIN_BATCH",
+    "MAX_LR",
+    "THREADS_PER_CPU",
     "build_loaders",
+    "check_lr",
     "check_model_name",
+    "check_threads",
     "default_run_dir",
     "environment_info",
     "eval_batch_size",
+    "max_threads",
     "plural",
     "set_threads",
 ]
@@ -33,16 +40,53 @@ def eval_batch_size(train_batch_size: int) -> int:
     return max(EVAL_MIN_BATCH, int(train_batch_size))
 
 
+#: At most this many threads per CPU core: far more threads than cores only slow a run down, and OpenBLAS
+#: crashes (SIGSEGV, no message) when asked for tens of thousands.
+THREADS_PER_CPU = 4
+#: The largest learning rate accepted: 50 times the largest lr0 of the papers (0.2). It stops absurd values
+#: before anything is written: SGD applies ``lr * grad`` in float32, and ``--lr 1e300`` overflowed mid-step (a
+#: RuntimeError) after config.json and state.pt were written, leaving a run that neither resumed nor restarted.
+MAX_LR = 10.0
+
+
+def max_threads() -> int:
+    """The most threads :func:`set_threads` accepts: :data:`THREADS_PER_CPU` per core of this machine."""
+    return THREADS_PER_CPU * (os.cpu_count() or 1)
+
+
+def check_threads(threads: int) -> int:
+    """``threads`` if it is a positive integer of at most :func:`max_threads`.
+
+    Raises:
+        ValueError: anything else (one line).
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if threads > max_threads():
+        raise ValueError(f"threads {threads} is more than {THREADS_PER_CPU} per CPU core of this machine "
+                         f"({os.cpu_count() or 1} cores): at most {max_threads()}")
+    return threads
+
+
+def check_lr(lr: float, name: str = "lr") -> float:
+    """``lr`` if it is a finite learning rate in (0, :data:`MAX_LR`].
+
+    Raises:
+        ValueError: anything else, naming ``name`` (one line).
+    """
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and 0 < lr <= MAX_LR):
+        raise ValueError(f"{name} must be a finite learning rate in (0, {MAX_LR:g}], got {lr!r}")
+    return float(lr)
+
+
 def set_threads(threads: int | None) -> int:
     """Set torch's intra-op CPU threads (``None`` keeps the default); returns the number in use.
 
     Raises:
-        ValueError: ``threads`` < 1.
+        ValueError: ``threads`` < 1 or more than :func:`max_threads`.
     """
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_threads(threads))
     return torch.get_num_threads()
 
 
@@ -74,8 +118,15 @@ def plural(count: int, noun: str) -> str:
 
 
 def default_run_dir(dataset: str, model: str, now: _dt.datetime | None = None, root: str = "runs") -> Path:
-    """``runs/<dataset>-<model>-<YYYYmmdd-HHMMSS>``, with characters unsafe in file names replaced by ``_``."""
+    """``runs/<dataset>-<model>-<YYYYmmdd-HHMMSS>``, with characters unsafe in file names replaced by ``_``.
+
+    An image folder (``folder:PATH``) is named by the folder's own name (``folder-cifar10-jpeg-...``), not by
+    its whole path.
+    """
     stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    if dataset.lower().startswith("folder:"):
+        path = Path(dataset[len("folder:"):]).expanduser()
+        dataset = f"folder-{path.name if path.name not in ('', '.', '..') else path.resolve().name}"
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}-{model}").strip("_")
     return Path(root) / f"{safe}-{stamp}"
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from snapens import runs
 from snapens.distributed import resolve_device
 from snapens.runs import read_run_info
 from snapens.workflows.common import check_model_name, set_threads
@@ -87,6 +88,32 @@ def _resume_settings(out_dir: Path, given: dict[str, Any]) -> tuple[Any, dict[st
     return TrainConfig(**recorded), entry
 
 
+def _teacher_members(run_dir: Path) -> tuple[list[str], list[str]]:
+    """The teacher's members as its manifest lists them: names (``snapshot-01``, ...) and sha256s."""
+    from snapens.checkpoint import SnapshotStore
+
+    infos = SnapshotStore(run_dir / runs.SNAPSHOT_DIR).list()
+    return [i.path.stem for i in infos], [i.sha256 for i in infos]
+
+
+def _check_same_teacher(run_dir: Path, entry: dict[str, Any], out_dir: Path) -> None:
+    """Refuse to resume a student whose teacher's snapshots changed since it started (e.g. the teacher run was
+    unfinished then and has finished since): its recorded weights and soft targets belong to the old members."""
+    names, hashes = _teacher_members(run_dir)
+    was_names, was_hashes = entry.get("teacher_members"), entry.get("teacher_sha256")
+    if names != was_names or (was_hashes is not None and hashes != was_hashes):
+        what = ("its members are now " + ", ".join(names) + " but were " + ", ".join(map(str, was_names or []))
+                if names != was_names else "its snapshot files changed (sha256)")
+        raise ValueError(f"--resume: the teacher {run_dir} changed since the student in {out_dir} started: {what}; "
+                         "start a new distillation in another --run-dir")
+
+
+def _student_trained(out_dir: Path) -> bool:
+    """Whether the student in ``out_dir`` finished training (killed afterwards, before ``distill.json``)."""
+    path = out_dir / runs.STATE_FILE
+    return path.is_file() and bool(runs.load_training_state(path).get("finished"))
+
+
 def _teacher_ensemble(run_dir: Path, device: torch.device, precision: str, weights: list[float] | None) -> Any:
     from snapens.ensemble import SnapshotEnsemble
     from snapens.models import build_model
@@ -151,6 +178,9 @@ def distill_run(
     info = read_run_info(run_dir)
     if resume:
         cfg, entry = _resume_settings(out_dir, {**(given or {}), "device": device, "threads": threads})
+        if (out_dir / DISTILL_JSON).exists():
+            raise ValueError(f"cannot resume: the distillation in {out_dir} already finished (its results are in "
+                             f"{DISTILL_JSON}); choose another --run-dir for a new one")
     else:
         cfg = student_config(info, dcfg, device=device, precision=precision, threads=threads)
         entry = None
@@ -158,19 +188,26 @@ def distill_run(
     set_threads(cfg.threads)  # before the teacher's fit too: its weights are recorded, and threads change sums
     dev = resolve_device(cfg.device)  # resolved once: the teacher, the student's training and its evaluation
     used_precision = resolve_precision(cfg.precision, dev)
+    if entry is not None:
+        _check_same_teacher(run_dir, entry, out_dir)
     data = load_run_dataset(info, data_dir=cfg.data_dir)
     ensemble = _teacher_ensemble(run_dir, dev, used_precision, None)
     if entry is None:
         fitted = _fit_teacher(ensemble, data, info, dev)
         entry = {"teacher_run": str(run_dir.resolve()),
                  "teacher_members": [Path(n).stem for n in ensemble.member_names],
+                 "teacher_sha256": _teacher_members(run_dir)[1],
                  "teacher_weights": fitted["weights"], "teacher_temperature": fitted["temperature"],
                  "fitted_on": fitted["fitted_on"], "temperature": dcfg.temperature, "alpha": dcfg.alpha}
     ensemble.set_weights(entry["teacher_weights"])
     teacher = EnsembleTeacher(ensemble, calibration_temperature=entry["teacher_temperature"])
     loss_fn = make_loss_fn(teacher, temperature=entry["temperature"], alpha=entry["alpha"])
-    train_run(cfg, out_dir, resume=resume, progress=progress, announce=announce, loss_fn=loss_fn,
-              extra_info={"distill": entry}, device=dev)
+    if resume and _student_trained(out_dir):
+        # killed after the student's last epoch and before distill.json: what is left is the evaluation
+        logger.info("the student in %s finished training: evaluating it", out_dir)
+    else:
+        train_run(cfg, out_dir, resume=resume, progress=progress, announce=announce, loss_fn=loss_fn,
+                  extra_info={"distill": entry}, device=dev)
 
     summary = evaluate_run(out_dir, device=dev, progress=progress, precision=cfg.precision, optimize=-1)
     test_loader = make_loader(data.test, info, dev)
@@ -207,13 +244,15 @@ def distill(
     given: dict[str, Any] | None = None,
     progress: bool = False,
     announce: Callable[[str], None] | None = None,
+    allow_unfinished: bool = False,
 ) -> dict[str, Any]:
     """:func:`distill_run` into ``out_dir`` (default ``run_dir/distill-<model>``), holding its lock; a folder
-    that already holds a distillation is refused unless ``resume``. ``dcfg``: a
-    :class:`~snapens.config.DistillConfig` (its defaults when None).
+    that already holds a distillation is refused unless ``resume`` (and a finished one always). ``dcfg``: a
+    :class:`~snapens.config.DistillConfig` (its defaults when None). A teacher run that has not finished
+    training is refused unless ``allow_unfinished`` (:func:`snapens.runs.require_finished`).
 
     Raises:
-        ValueError / FileNotFoundError: see :func:`distill_run`; nothing is written then.
+        ValueError / FileNotFoundError: see :func:`distill_run`; an unfinished teacher; nothing is written then.
         snapens._lock.RunFolderBusy: another process holds ``out_dir``.
         snapens.engine.TrainingInterrupted: SIGINT/SIGTERM (the student's state was saved).
     """
@@ -223,9 +262,10 @@ def distill(
     dcfg = dcfg if dcfg is not None else DistillConfig()
     info = read_run_info(run_dir)  # a missing teacher fails before any folder is made
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / f"distill-{dcfg.model or info['model']['name']}"
-    if not resume and (out / "config.json").exists():
-        raise ValueError(f"{out} already holds a distillation; pass --resume to continue it or choose another "
-                         "--run-dir")
-    with run_lock(out, create=not resume):
+    runs.require_finished(run_dir, allow_unfinished=allow_unfinished)
+    with run_lock(out, create=not resume):  # checked while owning the folder: no other process is writing it
+        if not resume and (out / "config.json").exists():
+            raise ValueError(f"{out} already holds a distillation; pass --resume to continue it or choose another "
+                             "--run-dir")
         return distill_run(Path(run_dir), out, dcfg, resume=resume, device=device, precision=precision,
                            threads=threads, given=given, progress=progress, announce=announce)

@@ -199,6 +199,7 @@ def evaluate_run(
     data_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     precision: str = "auto",
+    write: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a run folder's snapshot ensemble and write its summary (see :func:`snapens.report.summarize`).
 
@@ -217,6 +218,7 @@ def evaluate_run(
         progress: show progress bars on stderr.
         precision: the members' inference precision, ``auto`` (bf16 where the hardware runs it natively, else
             fp32), ``fp32``, ``bf16`` or ``fp16`` (CUDA); the one used is recorded as ``run.precision``.
+        write: False for a folder that cannot be written (read-only media): the summary is returned only.
 
     Returns:
         The summary as written (non-finite numbers as ``None``), with a ``"run"`` entry naming the run folder and
@@ -297,6 +299,9 @@ def evaluate_run(
                       "schedule": cfg["schedule"], "epochs": cfg["epochs"], "lr": cfg["lr"],
                       "precision": used_precision}
     summary_path = run_dir / summary_file(last, include_best)
+    if not write:
+        logger.warning("warning: %s is read-only: the summary is not saved to %s", run_dir, summary_path.name)
+        return report.json_safe(summary)
     atomic_write_text(summary_path, report.to_json(summary) + "\n")
     atomic_write_json(run_dir / recommended_file(last, include_best), choice)
     if optimize == 1 and summary["ensemble_weighted"] is not None:
@@ -317,8 +322,10 @@ def evaluate(
     data_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     precision: str = "auto",
+    allow_unfinished: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a finished run folder and write its summary, holding the folder's lock meanwhile.
+    """Evaluate a finished run folder and write its summary, holding the folder's lock meanwhile
+    (an unfinished run is refused unless ``allow_unfinished``: :func:`snapens.runs.require_finished`).
 
     The same as :func:`evaluate_run` (see there for the arguments and the summary), on ``device`` ``"auto"``
     (CUDA when available) by default, as ``snapens evaluate RUN_DIR`` does.
@@ -334,6 +341,9 @@ def evaluate(
     """
     from snapens._lock import run_lock
 
-    with run_lock(run_dir):  # it writes summary.json (and weights) into the folder: one owner at a time
+    # it writes summary.json (and weights) into the folder: one owner at a time; a read-only folder is only read
+    with run_lock(run_dir, read_only=True) as lock:
+        runs.require_finished(run_dir, allow_unfinished=allow_unfinished)
         return evaluate_run(Path(run_dir), last=last, include_best=include_best, optimize=optimize, device=device,
-                            data_dir=data_dir, progress=progress, precision=precision)
+                            data_dir=data_dir, progress=progress, precision=precision,
+                            write=lock is not None or not Path(run_dir).is_dir())

@@ -234,4 +234,5 @@ def export(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], **optio
 
     into_run = Path(run_dir).resolve() in Path(out).resolve().parents
     with run_lock(run_dir) if into_run else contextlib.nullcontext():  # writing into a run: own it
+        runs.require_finished(run_dir, allow_unfinished=bool(options.pop("allow_unfinished", False)))
         return export_run(Path(run_dir), Path(out), **options)

@@ -123,29 +123,77 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _method_run(cfg: Any, run_dir: Path, method: str, distill_model: str | None, progress: bool) -> dict[str, Any]:
-    """Train, evaluate, average (and distil) one method's run; returns its rows' numbers by part."""
+def _trained(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that finished training."""
+    from snapens import runs
+
+    path = run_dir / runs.STATE_FILE
+    return path.is_file() and bool(runs.load_training_state(path).get("finished"))
+
+
+def _student(run_dir: Path, distill_model: str, epochs: int, resume: bool, progress: bool) -> dict[str, Any]:
+    """The distilled student's distill.json: read back when a resumed reproduction already has it."""
+    from snapens._io import read_json
+    from snapens._lock import run_lock
     from snapens.config import DistillConfig
-    from snapens.workflows.distillation import distill_run
+    from snapens.workflows.distillation import DISTILL_JSON, distill_run
+
+    out = run_dir / f"distill-{distill_model}"
+    if resume and (out / DISTILL_JSON).is_file():
+        return read_json(out / DISTILL_JSON)
+    with run_lock(out, create=True):
+        return distill_run(run_dir, out, DistillConfig(model=distill_model, epochs=epochs),
+                           resume=resume and (out / "config.json").is_file(), progress=progress)
+
+
+def _method_run(cfg: Any, run_dir: Path, method: str, distill_model: str | None, progress: bool,
+                resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate, average (and distil) one method's run, holding its folder's lock; returns its rows'
+    numbers by part. ``resume``: a run that finished training is not trained again, an interrupted one continues
+    (its evaluation and average are repeated: seconds, and the same numbers)."""
+    from snapens import runs
+    from snapens._lock import run_lock
     from snapens.workflows.evaluation import evaluate_run
     from snapens.workflows.training import train_run
     from snapens.workflows.weight_average import average_run
 
-    train_run(cfg, run_dir, resume=False, progress=progress)
-    summary = evaluate_run(run_dir, optimize=1, device=cfg.device, progress=progress, precision=cfg.precision)
-    parts: dict[str, dict[str, Any] | None] = {}
-    for part, _, entry in _PARTS:
-        if entry in summary:
-            parts[part] = summary[entry]
-    average = average_run(run_dir, device=cfg.device)
+    with run_lock(run_dir, create=True):
+        started = runs.run_exists(run_dir) or (run_dir / runs.CONFIG_FILE).exists()
+        if not (resume and _trained(run_dir)):
+            train_run(cfg, run_dir, resume=resume and started, progress=progress)
+        summary = evaluate_run(run_dir, optimize=1, device=cfg.device, progress=progress, precision=cfg.precision)
+        parts: dict[str, dict[str, Any] | None] = {}
+        for part, _, entry in _PARTS:
+            if entry in summary:
+                parts[part] = summary[entry]
+        average = average_run(run_dir, device=cfg.device)
     # The same architecture as a single snapshot: the same forward pass, so the same measured price.
     parts["average"] = {**average["test"], **summary["price"]["single"]}
     if distill_model is not None:
-        student = distill_run(run_dir, run_dir / f"distill-{distill_model}",
-                              DistillConfig(model=distill_model, epochs=cfg.epochs), progress=progress)
+        student = _student(run_dir, distill_model, cfg.epochs, resume, progress)
         parts["distill"] = {**student["student"]["test"],
                             **{k: student["student"][k] for k in ("forward_passes", "images_per_second")}}
     return {"method": method, "schedule": cfg.schedule, "seed": cfg.seed, "run_dir": str(run_dir), "parts": parts}
+
+
+def _check_out(out_dir: Path, plan: list[tuple[str, Any]], resume: bool) -> None:
+    """Refuse a finished reproduction, runs left by an interrupted one (without ``resume``), and (with it) runs
+    whose recorded settings differ from this call's. Call it holding ``out_dir``'s lock."""
+    from snapens import runs
+    from snapens.workflows.training import changed_settings
+
+    if (out_dir / "reproduce.json").exists():
+        raise ValueError(f"{out_dir} already holds a reproduction (reproduce.json); choose another --out")
+    started = [(out_dir / f"{cfg.schedule}-seed{cfg.seed}", cfg) for _, cfg in plan]
+    started = [(d, cfg) for d, cfg in started if runs.run_exists(d) or (d / runs.CONFIG_FILE).exists()]
+    if started and not resume:
+        raise ValueError(f"{out_dir} holds the runs of an unfinished reproduction ({', '.join(d.name for d, _ in started)}"
+                         "); pass --resume to continue it or choose another --out")
+    for run_dir, cfg in started:
+        changed = changed_settings(cfg, run_dir)
+        if changed:
+            raise ValueError(f"--resume continues the reproduction as recorded in {run_dir / runs.CONFIG_FILE}; do not "
+                             "change " + ", ".join("--" + k.replace("_", "-") for k in changed))
 
 
 def _rows(runs: list[dict[str, Any]], methods: list[str], paper: dict[str, float | None]) -> list[dict[str, Any]]:
@@ -176,6 +224,7 @@ def reproduce(
     with_single_cycle: bool = False,
     distill: str | None = None,
     progress: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate one run per method for ``config`` (a :class:`snapens.config.TrainConfig`).
 
@@ -188,6 +237,11 @@ def reproduce(
         with_single_cycle: also the ``single-cycle`` method.
         distill: a student architecture: each method's ensemble is also distilled into one (same epochs).
         progress: progress bars.
+        resume: continue an interrupted reproduction in ``out_dir``: methods whose run finished training are not
+            trained again, an interrupted run continues from its state (the settings must be the recorded ones).
+
+    Every method's settings are checked (its model, and its schedule on the dataset) before the first run is
+    trained; ``out_dir``'s lock is held throughout, and each run's while it is trained and evaluated.
 
     Returns:
         The content of ``reproduce.json``: per row the test errors (%) and NLLs per seed, mean, std, the means
@@ -195,7 +249,9 @@ def reproduce(
         diverged run, as ``None``).
     """
     from snapens._io import atomic_write_text
+    from snapens._lock import run_lock
     from snapens.report import json_safe, to_json
+    from snapens.workflows.training import preflight
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"--seeds must be a positive integer, got {seeds!r}")
@@ -205,28 +261,43 @@ def reproduce(
     parse_methods(",".join(methods))
     if distill is not None:
         check_model_name(distill)
+    seed_list = [config.seed + k for k in range(seeds)]
+    plan = [(method, dataclasses.replace(config, schedule=METHODS[method], seed=seed))
+            for seed in seed_list for method in methods]
+    # Every method's settings before the first step: a method that cannot run must not find out after the
+    # others spent their budget (and leave a folder the next call refuses).
+    preflight([cfg for _, cfg in plan[:len(methods)]])
     out_dir = Path(out_dir)
     created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seed_list = [config.seed + k for k in range(seeds)]
     runs = []
     try:
-        for seed in seed_list:
-            for method in methods:
-                cfg = dataclasses.replace(config, schedule=METHODS[method], seed=seed)
-                runs.append(_method_run(cfg, out_dir / f"{cfg.schedule}-seed{seed}", method, distill, progress))
+        # One owner for the whole reproduction (its own runs are locked one by one as they are trained): two
+        # calls with the same --out can no longer mix their settings in one folder.
+        with run_lock(out_dir, create=True):
+            _check_out(out_dir, plan, resume)
+            for method, cfg in plan:
+                runs.append(_method_run(cfg, out_dir / f"{cfg.schedule}-seed{cfg.seed}", method, distill, progress,
+                                        resume))
+            result = _result(config, seed_list, methods, distill, runs)
+            atomic_write_text(out_dir / "reproduce.json", to_json(result) + "\n")
     except BaseException:
         # A failure before anything was trained (missing data, a bad model) leaves no empty folder behind;
         # finished or interrupted runs stay where they are.
         for folder in created:
-            try:
-                folder.rmdir()  # only succeeds on an empty folder
-            except OSError:
-                break
+            if folder.exists():
+                try:
+                    folder.rmdir()  # only succeeds on an empty folder
+                except OSError:
+                    break
         raise
+    return json_safe(result)
 
+
+def _result(config: Any, seed_list: list[int], methods: list[str], distill: str | None,
+            runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The content of reproduce.json."""
     paper = paper_errors(config.model, config.dataset, config.lr)
-    result = {
+    return {
         "format_version": 1,
         "config": config.to_dict(),
         "seeds": seed_list,
@@ -237,8 +308,6 @@ def reproduce(
         "paper_source": PAPER_SOURCE,
         "paper_has_setting": any(v is not None for v in paper.values()),
     }
-    atomic_write_text(out_dir / "reproduce.json", to_json(result) + "\n")
-    return json_safe(result)
 
 
 def price_points(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ from snapens.runs import CONFIG_FILE
 from snapens.schedule import SWA_FACTOR, make_scheduler
 from snapens.workflows.common import (
     build_loaders,
+    check_lr,
     check_model_name,
     default_run_dir,
     environment_info,
@@ -51,7 +52,7 @@ from snapens.workflows.common import (
     set_threads,
 )
 
-__all__ = ["resume_info", "run_header", "schedule_options", "train", "train_run"]
+__all__ = ["RESUME_FREE", "changed_settings", "check_schedule", "preflight", "resume_info", "run_header", "schedule_options", "train", "train_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,74 @@ def _absolute_data_paths(cfg: TrainConfig) -> TrainConfig:
     if data_dir is not None:
         data_dir = str(Path(data_dir).expanduser().resolve())
     return dataclasses.replace(cfg, dataset=dataset, data_dir=data_dir)
+
+
+def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
+    """The learning-rate scheduler of ``cfg`` for ``steps_per_epoch`` steps per epoch.
+
+    Raises:
+        ValueError: the schedule does not fit the budget, or its cycle lengths or rates are not computable
+            (e.g. ``--cycle-mult 1e308`` overflows).
+    """
+    try:
+        return make_scheduler(cfg.schedule, optimizer, total_steps=cfg.epochs * steps_per_epoch,
+                              n_cycles=cfg.snapshots, lr_min=cfg.lr_min, steps_per_epoch=steps_per_epoch,
+                              **schedule_options(cfg))
+    except (OverflowError, ZeroDivisionError) as exc:
+        raise ValueError(f"the {cfg.schedule} schedule cannot be computed for these settings (cycle_mult "
+                         f"{cfg.cycle_mult:g}, cycle_decay {cfg.cycle_decay:g}, lr {cfg.lr:g}): {exc}") from None
+
+
+def check_schedule(cfg: TrainConfig, splits: Any) -> None:
+    """Build ``cfg``'s scheduler for the training split of ``splits`` (one process) without training: the check
+    :func:`train_run` makes before its first write, for callers that train several runs (``reproduce``).
+
+    Raises:
+        ValueError: the schedule does not fit the budget (e.g. FGE cycles longer than the budget left).
+    """
+    train_loader, _ = build_loaders(cfg, splits, "cpu")
+    _scheduler(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr), len(train_loader))
+
+
+#: Settings that may differ when a run is resumed: where and how fast it runs, not what it computes.
+RESUME_FREE = ("device", "threads", "data_dir", "download")
+
+
+def changed_settings(cfg: TrainConfig, run_dir: str | os.PathLike[str]) -> list[str]:
+    """The settings of ``cfg`` that differ from those recorded in ``run_dir/config.json`` (:data:`RESUME_FREE`
+    aside): what resuming the run with ``cfg`` would change.
+
+    Raises:
+        ValueError: ``run_dir`` holds no readable config.json (``cannot resume: ...``).
+    """
+    import json
+
+    saved = resume_info(run_dir)["config"]
+    now = json.loads(json.dumps(_absolute_data_paths(cfg).to_dict()))  # tuples as lists, as config.json has them
+    return sorted(k for k, v in now.items() if k not in RESUME_FREE and saved.get(k) != v)
+
+
+def preflight(configs: list[TrainConfig]) -> None:
+    """Check runs before any of them is trained: each config's model and schedule, on the dataset of the first
+    (read once; the configs must share it). ``snapens reproduce`` trains one run per method: a method that
+    cannot run must fail before the first one spends its budget.
+
+    Raises:
+        ValueError / FileNotFoundError: an unknown model, a missing dataset, a schedule that does not fit.
+    """
+    from snapens.data import load_dataset
+
+    if not configs:
+        return
+    for cfg in configs:
+        check_model_name(cfg.model, **cfg.model_kwargs)
+    first = _absolute_data_paths(configs[0])
+    with torch.random.fork_rng(devices=[]):
+        splits = load_dataset(first.dataset, data_dir=first.data_dir, download=first.download,
+                              val_size=first.val_size, seed=first.seed, limit_train=first.limit_train,
+                              limit_test=first.limit_test)
+        for cfg in configs:
+            check_schedule(cfg, splits)
 
 
 def _check_run_dir(run_dir: Path, resume: bool, start_over: bool) -> None:
@@ -263,6 +332,9 @@ def train_run(
         _check_run_dir(run_dir, resume, start_over)
         device = process_device(cfg.device, ctx) if device is None else device
         precision = Precision.resolve(cfg.precision, device)  # resolved once, used by fit too
+        check_lr(cfg.lr)  # SGD overflows mid-run on absurd rates (MAX_LR)
+        if cfg.swa_lr is not None:
+            check_lr(cfg.swa_lr, "swa_lr")
         threads = set_threads(cfg.threads)
         cfg = dataclasses.replace(cfg, threads=threads)  # recorded, so that --resume uses the same count
         check_model_name(cfg.model, **cfg.model_kwargs)  # an unknown model fails here, before the data is read
@@ -278,9 +350,8 @@ def train_run(
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
     # len(train_loader) is batches per epoch *per rank*, the same on every rank: every rank takes T steps.
-    scheduler = make_scheduler(cfg.schedule, optimizer, total_steps=cfg.epochs * len(train_loader),
-                               n_cycles=cfg.snapshots, lr_min=cfg.lr_min, steps_per_epoch=len(train_loader),
-                               **schedule_options(cfg))
+    with all_ranks_agree():
+        scheduler = _scheduler(cfg, optimizer, len(train_loader))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if ctx.is_main:

@@ -19,7 +19,7 @@ from snapens import runs
 from snapens.runs import AVERAGE_FILE, AVERAGE_JSON
 from snapens.workflows.evaluation import load_run_dataset, make_loader
 
-__all__ = ["average_run"]
+__all__ = ["average", "average_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,3 +126,19 @@ def average_run(
     save_weights(run_dir / AVERAGE_FILE, model, json_safe(meta))
     atomic_write_json(run_dir / AVERAGE_JSON, result)
     return json_safe(result)
+
+
+def average(run_dir: str | os.PathLike[str], *, allow_unfinished: bool = False, **options: Any) -> dict[str, Any]:
+    """:func:`average_run` (``options`` are its keyword arguments) holding the run folder's lock, on a finished
+    run only unless ``allow_unfinished`` (:func:`snapens.runs.require_finished`): ``snapens average`` as a
+    function.
+
+    Raises:
+        ValueError: see :func:`average_run`; an unfinished run.
+        snapens._lock.RunFolderBusy: another process holds the run folder (e.g. it is still training).
+    """
+    from snapens._lock import run_lock
+
+    with run_lock(run_dir):  # it writes average.safetensors and average.json into the folder
+        runs.require_finished(run_dir, allow_unfinished=allow_unfinished)
+        return average_run(run_dir, **options)
