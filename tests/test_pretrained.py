@@ -195,3 +195,24 @@ def test_export_refuses_what_it_cannot_ship(run_dir: Path, bundle, tmp_path: Pat
     one = pretrained.export_pretrained(run_dir, tmp_path / "one", name="x", command="c", last=1)
     assert [k for k in one["files"] if k.endswith(".safetensors")] == ["snapshots/snapshot-01.safetensors"]
     assert pretrained.load(tmp_path / "one").n_members == 1
+
+
+def test_cli_evaluate_pretrained_copies_checks_and_evaluates(bundle, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """``snapens evaluate --pretrained NAME_OR_DIR [DEST]``: verified, copied to DEST, evaluated there; the
+    package's copy is never written to; a wrong --dataset or an unshipped name writes nothing."""
+    from snapens.cli import main
+
+    folder, _ = bundle
+    before = sorted(p.name for p in folder.rglob("*"))
+    dest = tmp_path / "eval"
+    argv = ["evaluate", "--pretrained", str(folder), str(dest), "--precision", "fp32", "--device", "cpu", "--quiet"]
+    assert main([*argv, "--dataset", "cifar10"]) == 2
+    assert "trained on digits, not cifar10" in capsys.readouterr().err and not dest.exists()
+    assert main([*argv, "--dataset", "digits", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (dest / "summary.json").is_file() and (dest / "recommended.json").is_file()
+    assert summary["num_members"] == 2 and sorted(p.name for p in folder.rglob("*")) == before
+    assert main(["evaluate", "--pretrained", "resnet-20-cifar10", str(tmp_path / "r20"), "--quiet"]) == 2
+    assert "not shipped yet" in capsys.readouterr().err and not (tmp_path / "r20").exists()
+    assert main(["evaluate", "--quiet"]) == 2 and "needs RUN_DIR" in capsys.readouterr().err

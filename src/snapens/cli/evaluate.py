@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from snapens.cli._common import configure_logging, progress_enabled
+from snapens.cli._common import CLIError, configure_logging, progress_enabled
 from snapens.config import PRECISIONS
 
 __all__ = ["register", "run"]
@@ -39,7 +39,15 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "evaluate", help="evaluate a run's snapshot ensemble on the test split",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a folder written by `snapens train`")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", nargs="?", default=None,
+                   help="a folder written by `snapens train`; with --pretrained, the new folder the bundle is "
+                        "copied to and evaluated in (default: runs/pretrained-NAME-TIME)")
+    p.add_argument("--pretrained", default=None, metavar="NAME",
+                   help="evaluate a pre-trained bundle (a registered name or a bundle folder; every file's "
+                        "sha256 is checked first) instead of a run folder")
+    p.add_argument("--dataset", default=None,
+                   help="with --pretrained: the dataset you expect it to be evaluated on (refused if the "
+                        "bundle was trained on another)")
     p.add_argument("--last", type=int, default=None, metavar="M",
                    help="ensemble only the last M snapshots (written to summary-lastM.json: summary.json stays "
                         "the whole run's)")
@@ -77,8 +85,17 @@ def run(args: argparse.Namespace) -> int:
     if args.num_tests is not None:
         logger.info("note: --num_tests %d is ignored: the NLL weight fit is convex, one exact solve replaces the "
                     "random restarts", args.num_tests)
-    summary = evaluate(args.run_dir, last=args.last, include_best=args.include_best, optimize=args.optimize,
-                       device=args.device, data_dir=args.data_dir, progress=progress_enabled(args.quiet),
-                       precision=args.precision, allow_unfinished=args.allow_unfinished)
+    options = dict(last=args.last, include_best=args.include_best, optimize=args.optimize, device=args.device,
+                   data_dir=args.data_dir, progress=progress_enabled(args.quiet), precision=args.precision,
+                   allow_unfinished=args.allow_unfinished)
+    if args.pretrained is not None:
+        from snapens.workflows.evaluation import evaluate_pretrained
+
+        folder, summary = evaluate_pretrained(args.pretrained, args.run_dir, dataset=args.dataset, **options)
+        logger.info("pre-trained %s evaluated in %s", args.pretrained, folder)
+    elif args.run_dir is None or args.dataset is not None:
+        raise CLIError("evaluate needs RUN_DIR (or --pretrained NAME); --dataset goes with --pretrained only")
+    else:
+        summary = evaluate(args.run_dir, **options)
     print(to_json(summary) if args.json else format_summary(summary))
     return 0

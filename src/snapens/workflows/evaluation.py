@@ -347,3 +347,45 @@ def evaluate(
         return evaluate_run(Path(run_dir), last=last, include_best=include_best, optimize=optimize, device=device,
                             data_dir=data_dir, progress=progress, precision=precision,
                             write=lock is not None or not Path(run_dir).is_dir())
+
+
+def evaluate_pretrained(
+    name: str | os.PathLike[str],
+    dest: str | os.PathLike[str] | None = None,
+    *,
+    dataset: str | None = None,
+    **options: Any,
+) -> tuple[Path, dict[str, Any]]:
+    """Evaluate a pre-trained bundle (:mod:`snapens.pretrained`) like a run folder: ``snapens evaluate
+    --pretrained NAME``.
+
+    The bundle is verified (every file's sha256) and copied into ``dest`` (a new or empty folder; a fresh folder
+    under ``runs/`` when None), which then holds the bundle and the evaluation's files; the package's own copy is
+    never written to.
+
+    Args:
+        name: a registered bundle name or a bundle folder.
+        dest: where the copy and the summary go.
+        dataset: the dataset the user expects (e.g. ``cifar10-jpeg``); refused when the bundle was trained on
+            another one. None: the bundle's own.
+        options: :func:`evaluate`'s keyword arguments (``data_dir``, ``device``, ``precision``, ...).
+
+    Returns:
+        ``(dest, summary)``.
+
+    Raises:
+        ValueError: an unknown name, a dataset other than the bundle's, ``dest`` not empty.
+        snapens.checkpoint.SnapshotError: a file that does not match its sha256, or weights not shipped yet.
+    """
+    import time
+
+    from snapens import pretrained
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = Path(dest) if dest is not None else Path("runs") / f"pretrained-{Path(name).name}-{stamp}"
+    # verified before anything is written: an unknown, unshipped or changed bundle leaves nothing behind
+    trained_on = read_run_info(pretrained.verify(name))["config"]["dataset"]
+    if dataset is not None and dataset != trained_on:
+        raise ValueError(f"the pre-trained bundle {name} was trained on {trained_on}, not {dataset}")
+    pretrained.extract(name, folder)
+    return folder, evaluate(folder, **options)
