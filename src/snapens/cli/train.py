@@ -1,8 +1,8 @@
 """``snapens train``: train one network with M learning-rate cycles and keep a snapshot at the end of each.
 
 With no arguments it trains the embedded default (scikit-learn's 8x8 digits, ``cnn-small``), then evaluates
-the snapshot ensemble on the test split and writes its plots: 24 s on a quiet 2-core CPU, 39 s with
-``--threads 1`` on a busy one (the README has the measurements). ``--limit-train N --limit-test N`` try a big
+the snapshot ensemble on the test split and writes its plots: about 10 s on 2 shared cores with the default
+``--threads 1`` (the README has the measurements). ``--limit-train N --limit-test N`` try a big
 dataset on a stratified subset in minutes. Every default comes from
 :class:`snapens.config.TrainConfig`; ``--preset`` overlays a named setting (``--list-presets``), explicit flags
 override both.
