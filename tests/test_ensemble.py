@@ -248,6 +248,22 @@ def test_torch_jit_trace_round_trip(nets, x):
     torch.testing.assert_close(traced(x2), ens(x2), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, still supported
+def test_scripted_images_refuses_nan_like_out_of_range_values(nets, images):
+    """`lo < -slack or hi > 1 + slack` is False for NaN: the .pt module took NaN images and returned NaN."""
+    ens = make(nets, mean=MEAN, std=STD, input_shape=[3, 6, 6]).materialize()
+    floats = images.float() / 255
+    scripted = ens.scripted_images(floats)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(floats), ens.predict_proba(floats), rtol=0, atol=1e-6)
+        for bad in (floats.clone().fill_(float("nan")), torch.where(floats > 0.5, float("nan"), floats),
+                    floats + 2):
+            with pytest.raises(torch.jit.Error, match=r"snapens: expected images in \[0, 1\]"):
+                scripted(bad)
+    with pytest.raises(ValueError, match=r"expected images in \[0, 1\]"):  # as the prediction methods say
+        ens.predict_proba(floats.clone().fill_(float("nan")))
+
+
 def test_wrapped_state_dicts_and_wrong_architecture(nets, x):
     prefixed = [{f"module.{k}": v for k, v in n.state_dict().items()} for n in nets]
     ens = SnapshotEnsemble(TinyNet, prefixed, precision="fp32")
@@ -639,6 +655,29 @@ def test_from_run_on_digits_refuses_int64_images_instead_of_confident_nonsense(t
     for bad in (torch.rand(4, 1, 16, 16), torch.rand(4, 1, 4, 4), torch.rand(4, 3, 8, 8)):
         with pytest.raises(ValueError, match=r"expected images \[N, 1, 8, 8\]"):
             ens.predict_proba(bad)
+
+
+def test_forward_and_member_probs_batch_refuse_other_dtypes_and_shapes_too(tiny_run):
+    """ens(x.long()) gave ~90 % error silently while predict_proba refused it: the dtype and shape checks are
+    data-independent, so forward and member_probs_batch run them as well (the range check stays out)."""
+    from snapens.data import load_dataset
+    from snapens.models import build_model
+
+    info = json.loads((tiny_run / "config.json").read_text())
+    test = load_dataset("digits", seed=info["config"]["seed"]).test
+    ens = SnapshotEnsemble.from_run(tiny_run, build_model, precision="fp32", weights="equal")
+    materialized = ens.materialize()
+    with torch.no_grad():
+        for module in (ens, materialized):
+            torch.testing.assert_close(module(test.images[:5]), ens.predict_proba(test.images[:5]), rtol=0,
+                                       atol=1e-5)
+            for call in (module, module.forward, module.member_probs_batch):
+                for bad in (test.images[:5].long(), test.images[:5] > 0):
+                    with pytest.raises(ValueError, match="expected uint8 pixels"):
+                        call(bad)
+                with pytest.raises(ValueError, match=r"expected images \[N, 1, 8, 8\]"):
+                    call(torch.rand(4, 3, 8, 8))
+            assert module(test.images[:5].float()).shape == (5, 10)  # 0..255 floats: range not checked here
 
 
 def test_from_run_of_an_old_run_checks_the_channels_and_a_bad_shape_entry_is_refused(tmp_path, images):

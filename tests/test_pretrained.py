@@ -69,8 +69,9 @@ def _registered(tmp_path: Path, bundle: tuple[Path, dict]) -> dict:
 
 def test_export_writes_a_run_like_bundle_of_half_precision_members(run_dir: Path, bundle) -> None:
     folder, entry = bundle
-    assert sorted(entry["files"]) == ["card.json", "card.md", "config.json", "snapshots/manifest.json",
-                                      "snapshots/snapshot-01.safetensors", "snapshots/snapshot-02.safetensors"]
+    assert sorted(entry["files"]) == ["card.json", "card.md", "config.json", "recommended.json",
+                                      "snapshots/manifest.json", "snapshots/snapshot-01.safetensors",
+                                      "snapshots/snapshot-02.safetensors"]
     store = SnapshotStore(folder / "snapshots")
     for info in store.list():
         state = store.load_state_dict(info.index)
@@ -93,8 +94,8 @@ def test_export_writes_a_run_like_bundle_of_half_precision_members(run_dir: Path
 
 def test_loaded_bundle_predicts_as_the_fp16_rounded_members(run_dir: Path, bundle, test_images, tmp_path) -> None:
     images, labels = test_images
-    loaded = pretrained.load(bundle[0], precision="fp32")
-    by_name = pretrained.load("digits-cnn", precision="fp32", **_registered(tmp_path, bundle))
+    loaded = pretrained.load(bundle[0], precision="fp32", weights="equal")
+    by_name = pretrained.load("digits-cnn", precision="fp32", weights="equal", **_registered(tmp_path, bundle))
     source = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32", weights="equal")  # as the bundle
     stats = json.loads((run_dir / "config.json").read_text())["dataset"]
     store = SnapshotStore(run_dir / "snapshots")
@@ -114,6 +115,40 @@ def test_loaded_bundle_predicts_as_the_fp16_rounded_members(run_dir: Path, bundl
     assert 0 < (p_loaded - p_source).abs().max() < 0.05
     assert (p_loaded.argmax(1) == p_source.argmax(1)).float().mean() >= 0.98
     assert loaded.n_members == 2 and (p_loaded.argmax(1) == labels).float().mean() > 0.5
+
+
+def test_a_bundle_loads_with_its_runs_recommended_combination_and_equal_is_one_argument_away(
+        run_dir: Path, bundle, test_images, tmp_path: Path) -> None:
+    """Issue 21: the recommended combination wherever an ensemble is taken out of a run, a bundle included."""
+    folder, entry = bundle
+    images, _ = test_images
+    assert json.loads((folder / "recommended.json").read_text()) == json.loads((run_dir / "recommended.json").read_text())
+    card = json.loads((folder / "card.json").read_text())
+    assert card["files"]["recommended.json"] == entry["files"]["recommended.json"]  # pinned like the members
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert card["metrics"]["rows"]["ensemble_recommended"]["error"] == summary["ensemble_recommended"]["error"]
+    assert "| ensemble_recommended |" in (folder / "card.md").read_text()
+    loaded = pretrained.load(folder, precision="fp32")
+    source = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32")  # recommended, unrounded members
+    assert len(loaded) == len(source) and loaded.weights_.tolist() == source.weights_.tolist()
+    assert loaded.temperature == source.temperature
+    assert [Path(n).name for n in loaded.member_names] == [Path(n).name for n in source.member_names]
+    p_loaded, p_source = loaded.predict_proba(images), source.predict_proba(images)
+    assert (p_loaded - p_source).abs().max() < 0.05  # float16 rounding only (see the test above)
+    equal = pretrained.load(folder, precision="fp32", weights="equal")
+    assert len(equal) == 2 and equal.weights_.tolist() == [0.5, 0.5] and equal.temperature == 1.0
+    # the recommendation is verified like every file: a changed one is refused, an unpinned one is not read
+    copy = tmp_path / "copy"
+    pretrained.extract(folder, copy)
+    rec = json.loads((copy / "recommended.json").read_text())
+    (copy / "recommended.json").write_text(json.dumps({**rec, "weights": [1.0, 0.0]}))
+    with pytest.raises(SnapshotError, match=r"recommended\.json does not match"):
+        pretrained.load(copy)
+    one = pretrained.export_pretrained(run_dir, tmp_path / "one", name="x", command="c", last=1)
+    assert "recommended.json" not in one["files"]  # the run was not evaluated with --last 1
+    (tmp_path / "one" / "recommended.json").write_text(json.dumps({**rec, "members": ["snapshot-01"], "weights": [1.0],
+                                                                    "temperature": 5.0, "temperature_fitted": True}))
+    assert pretrained.load(tmp_path / "one").temperature == 1.0  # unpinned: not read; equal weights, noted
 
 
 def test_a_changed_file_is_refused_by_name(bundle, tmp_path: Path) -> None:
@@ -175,7 +210,7 @@ def test_extract_then_cli_evaluate_gives_the_loaded_ensembles_numbers(bundle, te
     proc = _snapens("evaluate", dest, "--json", "--quiet", "--precision", "fp32", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    probs = pretrained.load(bundle[0], precision="fp32").predict_proba(images)
+    probs = pretrained.load(bundle[0], precision="fp32", weights="equal").predict_proba(images)
     error = 100.0 * float((probs.argmax(1) != labels).float().mean())
     assert summary["num_test"] == len(labels) and summary["ensemble_equal"]["error"] == pytest.approx(error)
     # The card can record the numbers of the float16 members themselves; the registry entry follows the card.

@@ -258,11 +258,9 @@ def test_one_validation_mistake_is_enough_for_the_in_sample_fit() -> None:
     assert f <= metrics.nll(apply_temperature(probs, t / 1.02), labels)
 
 
-def test_the_removed_val_probs_keyword_is_refused():
+def test_fit_ensemble_weights_takes_val_member_probs_by_keyword():
     p = torch.tensor([[[0.9, 0.1], [0.2, 0.8]], [[0.6, 0.4], [0.4, 0.6]]])
     y = torch.tensor([0, 1])
-    with pytest.raises(TypeError, match="val_probs"):
-        weighting.fit_ensemble_weights(val_probs=p, val_labels=y)  # type: ignore[call-arg]
     assert weighting.fit_ensemble_weights(val_member_probs=p, val_labels=y).shape == (2,)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -45,7 +44,6 @@ __all__ = [
     "fit_temperature",
     "fit_temperature_checked",
     "prune_weights",
-    "validate_weights",
     "weighted_average",
 ]
 
@@ -79,13 +77,6 @@ def check_simplex_weights(weights: Any, n_members: int) -> Tensor:
         ValueError: wrong length, non-finite, negative, or not summing to 1 within ``1e-6``.
     """
     return _checks.check_weights(weights, n_members)
-
-
-def validate_weights(weights: Any, n_members: int) -> Tensor:
-    """Deprecated alias of :func:`check_simplex_weights`."""
-    warnings.warn("snapens.weighting.validate_weights is deprecated; use check_simplex_weights",
-                  DeprecationWarning, stacklevel=2)
-    return check_simplex_weights(weights, n_members)
 
 
 def _true_class_probs(member_probs: Tensor, labels: Tensor) -> np.ndarray:

@@ -209,18 +209,7 @@ class _Ensemble(nn.Module):
         pre-normalised inputs (not range-checked) and refuses uint8. Where :attr:`input_shape` is known, images
         must be ``[N, C, H, W]`` with those sizes (no 1-channel image broadcast to 3 channels, no 16x16 image for a
         32x32 run)."""
-        if self.input_mean is None and x.dtype == torch.uint8:
-            raise ValueError("got uint8 images, but this ensemble takes normalised inputs: build it with the "
-                             "training set's mean and std (from_run does by default) to give it images")
-        if self.input_mean is not None and x.dtype != torch.uint8 and not x.is_floating_point():
-            raise ValueError(f"got {str(x.dtype).replace('torch.', '')} images; expected uint8 pixels (0..255) or "
-                             "floating point images in [0, 1] (uint8 / 255): convert 0..255 integers with "
-                             "x.to(torch.uint8)")
-        expected = self.input_shape
-        if expected is not None and (x.dim() != 4 or any(d is not None and d != n
-                                                         for d, n in zip(expected, x.shape[1:]))):
-            raise ValueError(f"expected images {image_shape_text(expected)} (the run's channels and image size), "
-                             f"got a tensor of shape {list(x.shape)}")
+        self._check_form(x)
         if self.input_mean is None or not x.is_floating_point() or x.numel() == 0:
             return
         lo, hi = (float(v) for v in torch.aminmax(x))
@@ -229,6 +218,24 @@ class _Ensemble(nn.Module):
                 f"expected images in [0, 1] (uint8 pixels / 255) or a uint8 tensor, got values in [{lo:.4g}, "
                 f"{hi:.4g}]; for inputs you normalised yourself build the ensemble without mean/std "
                 "(from_run(..., inputs='normalized'))")
+
+    def _check_form(self, x: Tensor) -> None:
+        """The data-independent part of :meth:`check_images` (dtype and shape, not the values): ``forward`` runs
+        it too, since it does not depend on the values and so traces and exports."""
+        if self.input_mean is None and x.dtype == torch.uint8:
+            raise ValueError("got uint8 images, but this ensemble takes normalised inputs: build it with the "
+                             "training set's mean and std (from_run does by default) to give it images")
+        if self.input_mean is not None and x.dtype != torch.uint8 and not x.is_floating_point():
+            raise ValueError(f"got {str(x.dtype).replace('torch.', '')} images; expected uint8 pixels (0..255) or "
+                             "floating point images in [0, 1] (uint8 / 255): convert 0..255 integers with "
+                             "x.to(torch.uint8)")
+        expected = self.input_shape
+        if torch.jit.is_tracing():  # sizes are tensors there: the scripted wrapper checks the shape instead
+            return
+        if expected is not None and (x.dim() != 4 or any(d is not None and d != n
+                                                         for d, n in zip(expected, x.shape[1:]))):
+            raise ValueError(f"expected images {image_shape_text(expected)} (the run's channels and image size), "
+                             f"got a tensor of shape {list(x.shape)}")
 
     def preprocess(self, x: Tensor) -> Tensor:
         """Model input for ``x``: ``(x - mean) / std`` for float images in [0, 1], ``x * scale - shift`` for uint8
@@ -240,6 +247,7 @@ class _Ensemble(nn.Module):
         return (x.to(torch.float32) - self.input_mean) / self.input_std
 
     def _model_input(self, x: Tensor, channels_last: bool) -> Tensor:
+        self._check_form(x)  # every path into the members (forward, member_probs_batch) passes here
         x = self.preprocess(x)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -253,8 +261,8 @@ class _Ensemble(nn.Module):
         """Ensemble probabilities :math:`\\sum_m w_m \\mathrm{softmax}(f_m(x))` for one batch: [B, C], float32
         (temperature-scaled where :meth:`set_temperature` set one).
 
-        ``x`` must be on :attr:`device`; unlike the prediction methods, ``forward`` does not check the range of
-        image inputs (it stays traceable)."""
+        ``x`` must be on :attr:`device`. Like the prediction methods, ``forward`` refuses other dtypes and image
+        shapes (``ValueError``); unlike them it does not check the range of the values (it stays traceable)."""
         return self._combine(self.member_probs_batch(x))
 
     def _batches(self, x_or_batches: Inputs, batch_size: int) -> Iterator[Tensor]:

@@ -120,7 +120,7 @@ class _CheckedImages(nn.Module):
                              "(integer or bool): convert 0..255 integers with x.to(torch.uint8)")
         elif x.numel() > 0:
             lo, hi = float(x.min()), float(x.max())
-            if lo < -self.slack or hi > 1.0 + self.slack:
+            if not (lo >= -self.slack and hi <= 1.0 + self.slack):  # written so that NaN fails it
                 raise ValueError("snapens: expected images in [0, 1] (uint8 pixels / 255) or uint8, got values in ["
                                  + str(lo) + ", " + str(hi) + "]")
         return self.ensemble(x.to(torch.float32))

@@ -6,6 +6,8 @@ A bundle is a folder laid out like a run folder of ``snapens train``, so that
 * ``config.json``: the source run's config.json (its ``data_dir`` removed: the data live elsewhere now);
 * ``snapshots/manifest.json`` and ``snapshots/snapshot-KK.safetensors``: the members, stored in float16
   (half the bytes; the ensemble casts them back to float32 when it loads a member);
+* ``recommended.json`` (where the run was evaluated): the combination ``snapens evaluate`` chose on the run's
+  validation split, which :func:`load` uses by default, as ``from_run`` does for a run;
 * ``card.json`` / ``card.md``: the model card, i.e. the command that trained the run, test error and NLL of every
   row of its evaluation, and the sha256 of every other file.
 
@@ -51,7 +53,8 @@ CARD_JSON = "card.json"
 CARD_MD = "card.md"
 CARD_FORMAT = 1
 #: The rows of a run's summary.json recorded in the card (besides one row per member).
-_SUMMARY_ROWS = ("single_best", "last_snapshot", "ensemble_equal", "ensemble_weighted", "ensemble_temperature")
+_SUMMARY_ROWS = ("single_best", "last_snapshot", "ensemble_equal", "ensemble_weighted", "ensemble_temperature",
+                 "ensemble_recommended")
 
 
 class PretrainedNotAvailableError(SnapshotError):
@@ -184,9 +187,9 @@ def _verify(name_or_dir: str | os.PathLike[str], root: str | os.PathLike[str] | 
 
 def load(name_or_dir: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None,
          registry_path: str | os.PathLike[str] | None = None, last: int | None = None,
-         weights: Sequence[float] | None = None, device: str | torch.device = "cpu",
-         member_device: str | torch.device | None = "cpu", precision: str = "auto",
-         channels_last: bool | None = None) -> SnapshotEnsemble:
+         weights: Sequence[float] | str | None = "recommended", temperature: bool = True,
+         device: str | torch.device = "cpu", member_device: str | torch.device | None = "cpu",
+         precision: str = "auto", channels_last: bool | None = None) -> SnapshotEnsemble:
     """A pre-trained snapshot ensemble, every file sha256-verified before any tensor is read.
 
     It takes images as :meth:`SnapshotEnsemble.from_run` does (uint8 0..255 or float in [0, 1], normalised
@@ -195,14 +198,24 @@ def load(name_or_dir: str | os.PathLike[str], *, root: str | os.PathLike[str] | 
     Args:
         name_or_dir: A registered name (see :func:`available`) or a bundle folder.
         root, registry_path: see :func:`verify`.
-        last, weights, device, member_device, precision, channels_last: as for ``from_run``.
+        weights: ``"recommended"`` (default): the combination the source run's ``snapens evaluate`` chose on
+            validation, carried (pinned) as the bundle's recommended.json, as ``from_run`` uses a run's; a bundle
+            without one (exported from a run never evaluated, or with ``last``) gets equal weights, with a logged
+            note. ``"equal"`` or ``None``: every member, equal weights. Or one weight per member.
+        last, temperature, device, member_device, precision, channels_last: as for ``from_run``.
 
     Raises:
         ValueError, PretrainedNotAvailableError, SnapshotError: see :func:`verify`.
     """
-    folder = verify(name_or_dir, root=root, registry_path=registry_path)
-    return SnapshotEnsemble.from_run(folder, build_model, last=last, weights=weights, device=device,
-                                     member_device=member_device, precision=precision, channels_last=channels_last)
+    folder, pinned = _verify(name_or_dir, root, registry_path)
+    if isinstance(weights, str) and weights == "recommended" and runs.recommended_file(last) not in pinned:
+        # an unpinned recommended.json (a copy evaluated in place, say) is not read: nothing unverified is
+        logger.info("%s carries no recommended combination (%s pinned by its digests): equal weights", folder,
+                    runs.recommended_file(last))
+        weights = "equal"
+    return SnapshotEnsemble.from_run(folder, build_model, last=last, weights=weights, temperature=temperature,
+                                     device=device, member_device=member_device, precision=precision,
+                                     channels_last=channels_last)
 
 
 def extract(name_or_dir: str | os.PathLike[str], dest: str | os.PathLike[str], *,
@@ -315,6 +328,8 @@ def _write_bundle(run_dir: Path, out_dir: Path, info: dict[str, Any], source: Sn
         store.save(state, index=new_index, step=snap.step, epoch=snap.epoch, lr=snap.lr, model_name=snap.model_name,
                    model_kwargs=snap.model_kwargs, metrics=snap.metrics)
     atomic_write_json(out_dir / runs.CONFIG_FILE, config)
+    _copy_recommendation(run_dir, out_dir, [Path(i.path).stem for i in infos], [i.path.stem for i in store.list()],
+                         last)
     size = sum(p.stat().st_size for p in store.folder.glob("*.safetensors"))
     if max_bytes is not None and size > max_bytes:
         raise ValueError(f"the bundle's snapshots take {size} bytes, over the limit of {max_bytes}")
@@ -326,6 +341,21 @@ def _write_bundle(run_dir: Path, out_dir: Path, info: dict[str, Any], source: Sn
             "members": len(infos), "stored_dtype": "float16", "snapshot_bytes": size,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     return write_card(out_dir, summary, measured_on="the source run (float32 members)", card=card)
+
+
+def _copy_recommendation(run_dir: Path, out_dir: Path, run_stems: list[str], bundle_stems: list[str],
+                         last: int | None) -> None:
+    """The run's recommendation for the bundled members (recommended.json, or recommended-lastK.json with
+    ``last``) as the bundle's recommended.json, its members renamed to the bundle's snapshot files."""
+    rec = runs.read_recommended(run_dir, last)
+    if rec is None:
+        logger.info("%s holds no %s (never evaluated): the bundle carries no recommended combination and loads "
+                    "with equal weights", run_dir, runs.recommended_file(last))
+        return
+    if rec["members"] != run_stems:
+        raise ValueError(f"{run_dir / runs.recommended_file(last)} was chosen for the members {rec['members']}, "
+                         f"not for {run_stems}; run `snapens evaluate` on the run again")
+    atomic_write_json(out_dir / runs.RECOMMENDED_FILE, {**rec, "members": bundle_stems})
 
 
 def write_card(bundle_dir: str | os.PathLike[str], summary: Mapping[str, Any] | None, *, measured_on: str,
