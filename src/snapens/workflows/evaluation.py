@@ -22,7 +22,7 @@ import torch
 from snapens import runs
 from snapens._io import read_json
 from snapens.runs import read_run_info, recommended_file, summary_file, weights_file
-from snapens.workflows.common import eval_batch_size
+from snapens.workflows.common import check_recorded_split, eval_batch_size
 
 __all__ = ["evaluate", "evaluate_run", "load_run_dataset", "load_saved_weights", "make_loader", "recommended_choice"]
 
@@ -106,7 +106,8 @@ def load_run_dataset(info: dict[str, Any], *, data_dir: str | os.PathLike[str] |
         ValueError: the dataset found has other split sizes or classes than the one the run was trained on
             (config.json's ``dataset`` entry): another dataset, or the same one changed; or, for runs that recorded
             it, another split (``dataset.split_sha256``, :func:`snapens.data.split_fingerprint`): config.json's
-            seed, val_size or limits edited since training.
+            seed, val_size or limits edited since training; or images of another shape than config.json's
+            ``dataset.image_shape`` (edited by hand).
         FileNotFoundError: the dataset's files are missing.
     """
     from snapens.data import load_dataset
@@ -131,22 +132,8 @@ def load_run_dataset(info: dict[str, Any], *, data_dir: str | os.PathLike[str] |
     if list(data.classes) != list(trained["classes"]):
         raise ValueError(f"the {cfg['dataset']} dataset {where} now has classes {_short(list(data.classes))}, but "
                          f"the run was trained with {_short(list(trained['classes']))}; {hint}")
-    _check_split(data, info)
+    check_recorded_split(data, info)
     return data
-
-
-def _check_split(data: Any, info: dict[str, Any]) -> None:
-    """Refuse a split other than the training run's (config.json's ``dataset.split_sha256``; older runs have none)."""
-    from snapens.data import split_fingerprint
-
-    recorded = info["dataset"].get("split_sha256")
-    if recorded is not None and split_fingerprint(data) != recorded:
-        cfg = info["config"]
-        raise ValueError(f"the train/validation/test split rebuilt from config.json (seed {cfg['seed']}, val_size "
-                         f"{cfg['val_size']}, limit_train {cfg.get('limit_train')}, limit_test "
-                         f"{cfg.get('limit_test')}) is not the one the run was trained on: config.json was likely "
-                         "edited (seed, val_size or limits) or the dataset's files changed; restore the values the run "
-                         "was trained with")
 
 
 def make_loader(split: Any, info: dict[str, Any], device: str | torch.device) -> Any:
