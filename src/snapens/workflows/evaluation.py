@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -348,7 +349,8 @@ def evaluate_pretrained(
 
     The bundle is verified (every file's sha256) and copied into ``dest`` (a new or empty folder; a fresh folder
     under ``runs/`` when None), which then holds the bundle and the evaluation's files; the package's own copy is
-    never written to.
+    never written to. When the evaluation fails (bad options, missing data), the copy is removed again, so that
+    a rerun with the same ``dest`` works.
 
     Args:
         name: a registered bundle name or a bundle folder.
@@ -374,5 +376,20 @@ def evaluate_pretrained(
     trained_on = read_run_info(pretrained.verify(name))["config"]["dataset"]
     if dataset is not None and dataset != trained_on:
         raise ValueError(f"the pre-trained bundle {name} was trained on {trained_on}, not {dataset}")
-    pretrained.extract(name, folder)
-    return folder, evaluate(folder, **options)
+    # the copy is this call's to undo when it fails (e.g. --precision fp16 on a CPU): a rerun into the same DEST
+    # is refused while the folder is not empty; a folder that held anything before is never touched
+    fresh = not folder.exists()
+    was_empty = folder.is_dir() and not any(folder.iterdir())
+    try:
+        pretrained.extract(name, folder)
+        return folder, evaluate(folder, **options)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif was_empty:
+            for child in list(folder.iterdir()):
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
