@@ -540,3 +540,34 @@ def test_exported_program_refuses_what_it_can_and_says_what_it_cannot(run_dir: P
         with pytest.raises(Exception, match="size"):
             module(bad)
     assert meta["input_dtypes"] == ["float32"] and "does NOT check the dtype" in meta["input_checks"]
+
+
+def test_export_refuses_an_edited_image_shape_with_one_line(unevaluated: Path, tmp_path: Path, cli_error) -> None:
+    # Review fix: config.json's dataset.image_shape hand-edited to [1, 16, 16] on an 8x8 run: load_run_dataset
+    # (so export, evaluate, plot) refuses it with one line, before any file is written.
+    _edit_config(unevaluated, lambda i: i["dataset"].update(image_shape=[1, 16, 16]))
+    out = tmp_path / "ens.pt"
+    message = cli_error("export", unevaluated, out, "--precision", "fp32", "--weights", "equal")
+    assert "dataset.image_shape [1, 16, 16] is not the shape of the run's images [1, 8, 8]" in message
+    assert not out.exists()
+    assert "dataset.image_shape" in cli_error("evaluate", unevaluated, "--device", "cpu", "--quiet")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load is deprecated, still supported
+def test_export_removes_a_module_that_refuses_the_runs_images(unevaluated: Path, tmp_path: Path, cli_error,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Review fix: should a written .pt refuse the run's own images (a torch.jit.Error from its input checks,
+    # here with load_run_dataset's shape check bypassed), export says so in one line and removes the file.
+    from snapens.workflows import exporting
+
+    real = exporting.load_run_dataset
+
+    def unchecked(info: dict, **kw):
+        return real({**info, "dataset": {k: v for k, v in info["dataset"].items() if k != "image_shape"}}, **kw)
+
+    monkeypatch.setattr(exporting, "load_run_dataset", unchecked)
+    _edit_config(unevaluated, lambda i: i["dataset"].update(image_shape=[1, 16, 16]))
+    out = tmp_path / "ens.pt"
+    message = cli_error("export", unevaluated, out, "--precision", "fp32", "--weights", "equal")
+    assert "refuses the run's test images" in message and "was removed" in message
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp*"))

@@ -135,7 +135,8 @@ def export_run(
 
     Raises:
         ValueError: a bad format, weights or precision, ``out`` one of the run's own files, a run that is not
-            complete, or a file that disagrees with the ensemble (it is written, then refused).
+            complete, or a file that disagrees with the ensemble (it is written, then refused); a file whose module
+            refuses the run's own test images is removed.
         FileNotFoundError: ``out``'s folder, the dataset or (``weights="fitted"``) the saved weights are missing.
     """
     from snapens._io import atomic_write_bytes
@@ -188,10 +189,16 @@ def export_run(
     atomic_write_bytes(out, _serialize(module, example, fmt, json.dumps(description)))
 
     # The file must reproduce the ensemble's (so evaluate's) numbers at the same precision.
-    reloaded, _ = load_exported(out)
     inputs = [example, batch.images] if fmt == "torchscript" else [example]  # .pt also takes uint8
-    with torch.no_grad():
-        diff = max(float((reloaded(x) - ensemble.predict_proba(x)).abs().max()) for x in inputs)
+    try:
+        reloaded, _ = load_exported(out)
+        with torch.no_grad():
+            diff = max(float((reloaded(x) - ensemble.predict_proba(x)).abs().max()) for x in inputs)
+    except torch.jit.Error as exc:  # the module's own input checks refuse the run's images: no usable file
+        out.unlink(missing_ok=True)
+        raise ValueError(f"the exported module refuses the run's test images, so {out} was removed (is "
+                         f"config.json's dataset.image_shape the run's?): {str(exc).strip().splitlines()[-1]}"
+                         ) from exc
     if diff > 1e-4:
         raise ValueError(f"the exported file {out} disagrees with the ensemble by {diff:.2e} on test images")
     return {**description, "max_abs_diff": diff}
