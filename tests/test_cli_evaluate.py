@@ -588,3 +588,18 @@ def test_evaluate_pretrained_removes_its_copy_when_the_options_are_bad(run_dir: 
     assert "not an empty folder" in cli_error("evaluate", "--pretrained", bundle, dest, "--device", "cpu",
                                               "--precision", "fp16", "--quiet")
     assert (dest / "summary.json").is_file()
+
+
+def test_recommended_json_says_what_the_choice_was_fitted_on() -> None:
+    # Review fix: a run without a validation split recorded "fitted_on": "validation" in recommended.json.
+    from snapens.workflows.evaluation import recommended_choice
+
+    names = ["snapshot-01", "snapshot-02"]
+    none, rec = recommended_choice(None, None, names)
+    assert none["fitted_on"] == "none: no validation split, equal weights" and rec is None
+    assert none["weights"] == [0.5, 0.5] and none["use"] == "equal"
+    one, _ = recommended_choice(torch.full((1, 4, 2), 0.5), torch.zeros(4, dtype=torch.long), names[:1])
+    assert one["fitted_on"] == "none: one member"
+    p = torch.tensor([[0.6, 0.4], [0.4, 0.6]] * 8, dtype=torch.float64)
+    val, rec = recommended_choice(torch.stack([p, p.flip(-1)]), torch.zeros(16, dtype=torch.long), names)
+    assert val["fitted_on"] == "validation" and rec is not None

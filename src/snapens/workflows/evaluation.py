@@ -63,7 +63,10 @@ def recommended_choice(val_member_probs: torch.Tensor | None, val_labels: torch.
     from snapens.guidance import recommend
 
     n = len(names)
-    base = {"format_version": 1, "fitted_on": "validation", "members": list(names)}
+    # what the choice was really made on: nothing, when there is no validation split or one member
+    fitted_on = ("validation" if val_member_probs is not None and n > 1
+                 else "none: one member" if n == 1 else "none: no validation split, equal weights")
+    base = {"format_version": 1, "fitted_on": fitted_on, "members": list(names)}
     if val_member_probs is not None and n > 1:
         rec = recommend(val_member_probs, val_labels)
         return {**base, "weights": list(rec.weights), "temperature": rec.temperature,
