@@ -152,12 +152,20 @@ def test_set_threads_refuses_more_than_four_per_core():
     assert torch.get_num_threads() == before  # refused before torch (and OpenBLAS) saw it
 
 
-def test_a_cycle_mult_that_overflows_is_one_line_and_writes_nothing(tmp_path, cli_error):
+def test_a_cycle_mult_that_overflows_is_one_line_and_writes_nothing(tmp_path, capsys):
+    # refused at parse time (review fix: it was refused after the dataset loaded, with an OverflowError's tail);
+    # the library refuses it too, and the schedule's own overflow check stays behind both
+    from snapens.config import MAX_CYCLE_MULT, TrainConfig
+
     run = tmp_path / "run"
-    message = cli_error("train", "--epochs", "2", "--snapshots", "2", "--cycle-mult", "1e308", "--run-dir", run,
-                        "--device", "cpu", "--threads", "1", "--quiet", "--no-eval")
-    assert "cosine-cycles schedule cannot be computed" in message and "cycle_mult 1e+308" in message
-    assert not run.exists()
+    message = _usage_error(["train", "--epochs", "2", "--snapshots", "2", "--cycle-mult", "1e308", "--run-dir",
+                            str(run), "--device", "cpu", "--threads", "1", "--quiet", "--no-eval"], capsys)
+    assert message == ("snapens: error: train: argument --cycle-mult: expected a cycle length multiplier of at most "
+                       f"{MAX_CYCLE_MULT:g}, got '1e308'\n")
+    assert "Numerical result" not in message and not run.exists()
+    with pytest.raises(ValueError, match=f"cycle_mult must be >= 1 .* at most {MAX_CYCLE_MULT:g}, got 1e"):
+        TrainConfig(cycle_mult=1e308)
+    TrainConfig(cycle_mult=MAX_CYCLE_MULT)  # the bound itself is accepted
 
 
 def test_an_image_folder_run_is_named_after_the_folder():

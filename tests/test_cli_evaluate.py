@@ -565,3 +565,41 @@ def test_temperature_not_fitted_is_logged_once(run_copy: Path, monkeypatch: pyte
     assert summary["recommendation"]["temperature_reason"] == "kept for the test"
     assert summary["ensemble_recommended"]["temperature"] == 1.0
     assert not logging.getLogger("snapens.weighting").filters  # the filter is gone afterwards
+
+
+def test_evaluate_pretrained_removes_its_copy_when_the_options_are_bad(run_dir: Path, tmp_path: Path,
+                                                                         cli_error) -> None:
+    # Review fix: --precision fp16 on a CPU fails after the bundle was copied; the copy is removed (a new DEST)
+    # or emptied again (an empty DEST that existed), so that the rerun with good options works.
+    from snapens import pretrained
+
+    bundle = tmp_path / "bundle"
+    pretrained.export_pretrained(run_dir, bundle, name="digits-cnn", command="snapens train ...")
+    dest, empty = tmp_path / "eval", tmp_path / "empty"
+    empty.mkdir()
+    for folder in (dest, empty):
+        bad = ["evaluate", "--pretrained", bundle, folder, "--device", "cpu", "--quiet"]
+        assert "precision 'fp16' needs a CUDA device" in cli_error(*bad, "--precision", "fp16")
+        assert not folder.exists() if folder == dest else list(folder.iterdir()) == []
+    assert main(["evaluate", "--pretrained", str(bundle), str(dest), "--device", "cpu", "--precision", "fp32",
+                 "--quiet"]) == 0
+    assert (dest / "summary.json").is_file() and (dest / "recommended.json").is_file()
+    # a DEST that held anything is never cleaned: the refusal leaves it as it was
+    assert "not an empty folder" in cli_error("evaluate", "--pretrained", bundle, dest, "--device", "cpu",
+                                              "--precision", "fp16", "--quiet")
+    assert (dest / "summary.json").is_file()
+
+
+def test_recommended_json_says_what_the_choice_was_fitted_on() -> None:
+    # Review fix: a run without a validation split recorded "fitted_on": "validation" in recommended.json.
+    from snapens.workflows.evaluation import recommended_choice
+
+    names = ["snapshot-01", "snapshot-02"]
+    none, rec = recommended_choice(None, None, names)
+    assert none["fitted_on"] == "none: no validation split, equal weights" and rec is None
+    assert none["weights"] == [0.5, 0.5] and none["use"] == "equal"
+    one, _ = recommended_choice(torch.full((1, 4, 2), 0.5), torch.zeros(4, dtype=torch.long), names[:1])
+    assert one["fitted_on"] == "none: one member"
+    p = torch.tensor([[0.6, 0.4], [0.4, 0.6]] * 8, dtype=torch.float64)
+    val, rec = recommended_choice(torch.stack([p, p.flip(-1)]), torch.zeros(16, dtype=torch.long), names)
+    assert val["fitted_on"] == "validation" and rec is not None

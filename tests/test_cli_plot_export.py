@@ -226,7 +226,9 @@ def test_export_program_with_fitted_weights_round_trip(run_dir: Path, tmp_path: 
         got = module(raw)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     _, meta = load_exported(out)
-    assert meta["weights_source"] == "fitted" and meta["weights"] == pytest.approx(fitted, abs=1e-6)
+    from snapens.weighting import prune_weights  # members below DROP_BELOW are left out of the module
+    counted = [w for w in prune_weights(fitted).tolist() if w > 0]
+    assert meta["weights_source"] == "fitted" and meta["weights"] == pytest.approx(counted, abs=1e-6)
     assert meta["format"] == "export" and meta["precision"] == "fp32"
 
 
@@ -540,3 +542,61 @@ def test_exported_program_refuses_what_it_can_and_says_what_it_cannot(run_dir: P
         with pytest.raises(Exception, match="size"):
             module(bad)
     assert meta["input_dtypes"] == ["float32"] and "does NOT check the dtype" in meta["input_checks"]
+
+
+def test_export_refuses_an_edited_image_shape_with_one_line(unevaluated: Path, tmp_path: Path, cli_error) -> None:
+    # Review fix: config.json's dataset.image_shape hand-edited to [1, 16, 16] on an 8x8 run: load_run_dataset
+    # (so export, evaluate, plot) refuses it with one line, before any file is written.
+    _edit_config(unevaluated, lambda i: i["dataset"].update(image_shape=[1, 16, 16]))
+    out = tmp_path / "ens.pt"
+    message = cli_error("export", unevaluated, out, "--precision", "fp32", "--weights", "equal")
+    assert "dataset.image_shape [1, 16, 16] is not the shape of the run's images [1, 8, 8]" in message
+    assert not out.exists()
+    assert "dataset.image_shape" in cli_error("evaluate", unevaluated, "--device", "cpu", "--quiet")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load is deprecated, still supported
+def test_export_removes_a_module_that_refuses_the_runs_images(unevaluated: Path, tmp_path: Path, cli_error,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Review fix: should a written .pt refuse the run's own images (a torch.jit.Error from its input checks,
+    # here with load_run_dataset's shape check bypassed), export says so in one line and removes the file.
+    from snapens.workflows import exporting
+
+    real = exporting.load_run_dataset
+
+    def unchecked(info: dict, **kw):
+        return real({**info, "dataset": {k: v for k, v in info["dataset"].items() if k != "image_shape"}}, **kw)
+
+    monkeypatch.setattr(exporting, "load_run_dataset", unchecked)
+    _edit_config(unevaluated, lambda i: i["dataset"].update(image_shape=[1, 16, 16]))
+    out = tmp_path / "ens.pt"
+    message = cli_error("export", unevaluated, out, "--precision", "fp32", "--weights", "equal")
+    assert "refuses the run's test images" in message and "was removed" in message
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp*"))
+
+
+def test_export_fitted_weights_drop_the_members_that_do_not_count(unevaluated: Path, tmp_path: Path) -> None:
+    # Review fix: fitted weights [1.7e-16, 1.0] export the last snapshot alone (weighting.prune_weights), and the
+    # description says which members were dropped and why; weights above the threshold keep every member.
+    from snapens import weighting
+    from snapens.cli import export as export_cli
+
+    assert f"below {weighting.DROP_BELOW:g} are left out" in " ".join(export_cli.__doc__.split())
+    run = unevaluated
+    (run / "ensemble_weights.json").write_text(json.dumps({"members": ["snapshot-01", "snapshot-02"],
+                                                           "weights": [1.7e-16, 1.0 - 1.7e-16]}))
+    out = tmp_path / "ens.pt2"
+    assert main(["export", str(run), str(out), "--weights", "fitted", "--quiet", "--precision", "fp32"]) == 0
+    module, meta = load_exported(out)
+    assert meta["members"] == ["snapshot-02"] and meta["weights"] == [1.0] and meta["weights_source"] == "fitted"
+    assert meta["fitted"]["dropped"] == ["snapshot-01"] and meta["fitted"]["drop_below"] == weighting.DROP_BELOW
+    raw, expected = _reference(run, weights=[0.0, 1.0])
+    with torch.no_grad():
+        torch.testing.assert_close(module(raw), expected, atol=1e-5, rtol=0)
+    (run / "ensemble_weights.json").write_text(json.dumps({"members": ["snapshot-01", "snapshot-02"],
+                                                           "weights": [0.25, 0.75]}))
+    both = tmp_path / "both.pt2"
+    assert main(["export", str(run), str(both), "--weights", "fitted", "--quiet", "--precision", "fp32"]) == 0
+    meta = load_exported(both)[1]
+    assert meta["members"] == ["snapshot-01", "snapshot-02"] and meta["weights"] == pytest.approx([0.25, 0.75])
+    assert meta["fitted"]["dropped"] == []

@@ -231,3 +231,12 @@ def test_resume_skips_finished_methods_and_continues_an_interrupted_one(tmp_path
     a, b = (json.loads((d / "reproduce.json").read_text()) for d in (reference, out))
     assert [r["errors"] for r in a["rows"]] == [r["errors"] for r in b["rows"]]
     assert "already holds a reproduction" in cli_error(*argv, "--out", out, "--resume")
+
+
+def test_resume_without_an_existing_out_is_refused(tmp_path: Path, cli_error) -> None:
+    # Review fix: `reproduce --resume` with no --out folder started a fresh reproduction; refused like
+    # `train --resume`, nothing created.
+    out = tmp_path / "nowhere" / "repro"
+    message = cli_error("reproduce", "--methods", "single", *TINY, "--out", out, "--resume")
+    assert message.startswith("cannot resume: ") and str(out) in message and "leave out --resume" in message
+    assert not (tmp_path / "nowhere").exists()

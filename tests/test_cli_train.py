@@ -614,3 +614,23 @@ def test_no_eval_quiet_prints_the_run_dir_once(tmp_path: Path, capsys: pytest.Ca
                  "--device", "cpu", "--precision", "fp32", "--no-eval", "--quiet", "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert out.count("run dir:") == 1 and out.rstrip().endswith(f"run dir: {run_dir}"), out
+
+
+def test_resume_refuses_a_split_other_than_the_recorded_one(finished_run: tuple[Path, str], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # Review fix: config.json's seed edited after a kill before the first step (config.json alone): the rebuilt
+    # split is not the recorded one (dataset.split_sha256), so --resume refuses before training, nothing written.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    info = json.loads((finished_run[0] / "config.json").read_text())
+    info["config"]["seed"] = 7
+    (run_dir / "config.json").write_text(json.dumps(info))
+    before = (run_dir / "config.json").read_bytes()
+    assert main(["train", "--resume", "--run-dir", str(run_dir), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("snapens: error: "), err
+    assert "is not the one the run was trained on" in lines[0] and "seed 7" in lines[0]
+    # only the (empty) lock file of the refused call beside config.json, unchanged
+    assert sorted(p.name for p in run_dir.iterdir() if p.name != ".lock") == ["config.json"]
+    assert (run_dir / "config.json").read_bytes() == before and not runs.run_exists(run_dir)

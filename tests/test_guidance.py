@@ -113,7 +113,8 @@ def test_fitted_weights_that_drop_a_weak_middle_member_are_chosen() -> None:
     assert rec.fitted_cv_val_nll == pytest.approx(-math.log(0.725), abs=1e-5)
     # equal: (0.9 + 0.3 + 0.55) / 3 = 0.5833 everywhere; right everywhere, as the best members are
     assert rec.equal_val_nll == pytest.approx(-math.log(1.75 / 3))
-    assert rec.equal_worse_by_nll and not rec.equal_worse_by_error and rec.measures_disagree
+    # tied by error (all right): no disagreement (review fix: a tie was called one)
+    assert rec.equal_worse_by_nll and not rec.equal_worse_by_error and not rec.measures_disagree
     assert "2 of 3 members kept" in rec.hint and "the default of from_run and `snapens export`" in rec.hint
     # the last-m ensembles: m=1 is Z (NLL 0.3516), m=2 is Y and Z; the recommended one among them is m=1
     assert rec.last_m == 1
@@ -202,3 +203,17 @@ def test_evaluate_gives_the_guidance_validation_data_only(tiny_run: Path, tmp_pa
     assert torch.equal(torch.as_tensor(labels), torch.as_tensor(data.val.labels))
     assert summary["recommendation"]["n_members"] == summary["num_members"]
     assert summary["recommendation"]["hint"]
+
+
+def test_tied_errors_are_a_tie_not_a_disagreement() -> None:
+    # Review fix: equal weights worse by NLL and tied by error (2.08 % vs 2.08 %) was called "the two measures
+    # disagree". 48 images, true-class probs: image 0 early 0.2 / last 0.3 (both wrong, equal 0.25 wrong), the
+    # other 47 early 0.6 / last 0.95 (all right): errors 1/48 = 2.08 % each; NLL last < equal.
+    early = torch.tensor([0.2] + [0.6] * 47, dtype=torch.float64)
+    last = torch.tensor([0.3] + [0.95] * 47, dtype=torch.float64)
+    probs = torch.stack([torch.stack([early, 1 - early], -1), torch.stack([last, 1 - last], -1)])
+    rec = recommend(probs, torch.zeros(48, dtype=torch.long))
+    assert rec.equal_val_error == pytest.approx(100 / 48) == rec.best_error_member_val_error
+    assert rec.equal_worse_by_nll and not rec.equal_worse_by_error and not rec.measures_disagree
+    assert "and tied with it by validation error (2.08 % vs 2.08 % for member 2)" in rec.hint
+    assert "disagree" not in rec.hint

@@ -14,7 +14,7 @@ from typing import Any
 from snapens._precision import PRECISIONS
 
 __all__ = ["TrainConfig", "DistillConfig", "PRESETS", "SCHEDULES", "M_SCHEDULES", "SCHEDULE_OPTIONS", "PRECISIONS",
-           "AUTO_MIN_CYCLE_EPOCHS", "AUTO_MAX_SNAPSHOTS", "auto_snapshots", "lr_min_problem",
+           "MAX_CYCLE_MULT", "AUTO_MIN_CYCLE_EPOCHS", "AUTO_MAX_SNAPSHOTS", "auto_snapshots", "lr_min_problem",
            "resolve_config"]
 
 #: Schedules the engine knows: the snapshot ensemble, the paper's single-model step baseline (its snapshots at
@@ -41,6 +41,9 @@ def lr_min_problem(schedule: str, lr_min: float) -> str | None:
     return f"lr_min={lr_min} applies to the cosine schedules, not to {schedule}"
 
 
+#: The largest ``cycle_mult`` accepted: with 100 each cycle is 100 times the last, so beyond it the first cycles
+#: get no step on any budget worth running; ``--cycle-mult 1e308`` overflowed while the schedule was computed.
+MAX_CYCLE_MULT = 100.0
 #: ``--snapshots auto``: the shortest cycle, in epochs, worth a snapshot on each dataset family (``folder:PATH``
 #: datasets are "folder"). From the budget study, benchmarks/results/budget_study.md; edit it there and here.
 AUTO_MIN_CYCLE_EPOCHS: dict[str, int] = {"cifar10": 16, "cifar100": 16, "cifar10-jpeg": 16, "svhn": 16,
@@ -165,9 +168,9 @@ class TrainConfig:
     def _check_schedule_options(self) -> None:
         if not 0 < self.cycle_decay <= 1:
             raise ValueError(f"cycle_decay must be in (0, 1], got {self.cycle_decay}")
-        if not 1 <= self.cycle_mult < float("inf"):
-            raise ValueError(f"cycle_mult must be >= 1 (each cycle at least as long as the last), got "
-                             f"{self.cycle_mult}")
+        if not 1 <= self.cycle_mult <= MAX_CYCLE_MULT:
+            raise ValueError(f"cycle_mult must be >= 1 (each cycle at least as long as the last) and at most "
+                             f"{MAX_CYCLE_MULT:g}, got {self.cycle_mult}")
         for name in ("fge_start", "swa_start"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a fraction of the budget in (0, 1), got {getattr(self, name)}")

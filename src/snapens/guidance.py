@@ -67,7 +67,8 @@ class Recommendation:
     equal_worse_by_error: bool  # equal error above the lowest member error
     best_error_member: int  # 0-based index of the member with the lowest validation error (ties: the later)
     best_error_member_val_error: float
-    measures_disagree: bool  # NLL and error disagree on equal vs best member, or on the choice vs equal
+    measures_disagree: bool  # one of NLL and error says worse, the other strictly better (equal vs best member,
+    # or the choice vs equal); a tie is no disagreement
     criterion: str  # the measure the choice is made on, in words
     weights: list[float]  # M weights summing to 1: the recommended combination
     temperature: float  # the temperature to apply; 1.0 when not identifiable or not confirmed by CV
@@ -193,12 +194,17 @@ def _status(rec: dict[str, Any]) -> str:
     by_err = f"validation error ({e_err:.2f} % vs {b_err:.2f} % for member {j})"
     if rec["equal_worse_by_nll"] and rec["equal_worse_by_error"]:
         return f"the equal-weight ensemble is worse than its best member by {by_nll} and by {by_err}"
+    # the measures disagree only when one says worse and the other strictly better; a tie is said as a tie
     if rec["equal_worse_by_nll"]:
-        return (f"the equal-weight ensemble is worse than its best member by {by_nll}, but not by {by_err}: "
-                "the two measures disagree")
+        if e_err < b_err:
+            return (f"the equal-weight ensemble is worse than its best member by {by_nll}, but not by {by_err}: "
+                    "the two measures disagree")
+        return f"the equal-weight ensemble is worse than its best member by {by_nll}, and tied with it by {by_err}"
     if rec["equal_worse_by_error"]:
-        return (f"the equal-weight ensemble is worse than its best member by {by_err}, but not by {by_nll}: "
-                "the two measures disagree")
+        if e_nll < b_nll:
+            return (f"the equal-weight ensemble is worse than its best member by {by_err}, but not by {by_nll}: "
+                    "the two measures disagree")
+        return f"the equal-weight ensemble is worse than its best member by {by_err}, and tied with it by {by_nll}"
     return f"the equal-weight ensemble is at least as good as each of its members by {by_nll} and by {by_err}"
 
 
@@ -292,7 +298,8 @@ def recommend(val_member_probs: Any, val_labels: Any, *, folds: int = CV_FOLDS) 
         fitted_cv_val_nll=None if fitted is None else fitted["val_nll"], use=chosen["use"],
         equal_worse_by_nll=worse_nll, equal_worse_by_error=worse_err, best_error_member=best_err,
         best_error_member_val_error=member_err[best_err],
-        measures_disagree=worse_nll != worse_err or _error_prefers_equal(chosen, equal),
+        measures_disagree=(worse_nll and equal["val_error"] < min(member_err)
+                           or worse_err and equal["val_nll"] < min(member_nll) or _error_prefers_equal(chosen, equal)),
         criterion=_CRITERION, weights=chosen["weights"], temperature=temp.temperature,
         temperature_fitted=temp.fitted, temperature_reason=temp.reason, forward_passes=chosen["forward_passes"],
         chosen_val_nll=chosen["val_nll"], chosen_val_error=chosen["val_error"],

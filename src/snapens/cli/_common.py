@@ -26,6 +26,7 @@ __all__ = [
     "method_table",
     "finite_float",
     "learning_rate",
+    "cycle_multiplier",
     "thread_count",
 ]
 
@@ -56,6 +57,18 @@ def learning_rate(text: str) -> float:
     value = finite_float(text)
     if value > MAX_LR:
         raise argparse.ArgumentTypeError(f"expected a learning rate of at most {MAX_LR:g}, got {text!r}")
+    return value
+
+
+def cycle_multiplier(text: str) -> float:
+    """An argparse ``type``: a finite cycle length multiplier of at most :data:`snapens.config.MAX_CYCLE_MULT`
+    (one below 1 is refused by the config, with the setting's name)."""
+    from snapens.config import MAX_CYCLE_MULT
+
+    value = finite_float(text)
+    if value > MAX_CYCLE_MULT:
+        raise argparse.ArgumentTypeError(f"expected a cycle length multiplier of at most {MAX_CYCLE_MULT:g}, "
+                                         f"got {text!r}")
     return value
 
 

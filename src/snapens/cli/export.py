@@ -13,7 +13,9 @@ Which members, weights and T (--weights):
                          identifies one (--no-temperature: T=1). A run never evaluated is chosen on now, the same way.
   equal                  every member, equal weights, T=1: the paper (which lost to the last snapshot alone in every
                          cell of the README's budget study)
-  fitted                 the weights saved in RUN_DIR/ensemble_weights.json by `snapens evaluate --optimize 1`, T=1
+  fitted                 the weights saved in RUN_DIR/ensemble_weights.json by `snapens evaluate --optimize 1`, T=1;
+                         members weighted below 0.001 are left out (the rest renormalised), so the module runs only
+                         the members that count
 With --last M / --include-best the files that evaluate wrote with the same flags are read, e.g.
 recommended-last3.json, ensemble_weights-last3.json.
 

@@ -38,6 +38,7 @@ from snapens import engine
 from snapens.cli._common import (
     CLIError,
     configure_logging,
+    cycle_multiplier,
     finite_float,
     format_table,
     learning_rate,
@@ -47,6 +48,7 @@ from snapens.cli._common import (
 from snapens.config import (
     AUTO_MAX_SNAPSHOTS,
     M_SCHEDULES,
+    MAX_CYCLE_MULT,
     PRECISIONS,
     PRESETS,
     SCHEDULES,
@@ -100,9 +102,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--cycle-decay", type=finite_float,
                    help=f"cosine schedules: each restart's peak is the previous one's times this (default: "
                         f"{d.cycle_decay})")
-    g.add_argument("--cycle-mult", type=finite_float,
+    g.add_argument("--cycle-mult", type=cycle_multiplier,
                    help=f"cosine schedules: each cycle this many times longer than the last, lengths summing to "
-                        f"the budget (default: {d.cycle_mult})")
+                        f"the budget, 1 to {MAX_CYCLE_MULT:g} (default: {d.cycle_mult})")
     g.add_argument("--fge-start", type=finite_float, metavar="F",
                    help=f"fge: fraction of the budget trained before the first cycle (default: {d.fge_start})")
     g.add_argument("--cycle-epochs", type=int,

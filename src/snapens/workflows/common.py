@@ -1,5 +1,5 @@
 """What every whole-run workflow needs: threads, the environment record, the default run folder, the loaders,
-the evaluation batch size and the model-name check."""
+the evaluation batch size, the model-name check and the check that a rebuilt split is the recorded one."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ __all__ = [
     "THREADS_PER_CPU",
     "build_loaders",
     "check_lr",
+    "check_recorded_split",
     "check_model_name",
     "check_threads",
     "default_run_dir",
@@ -169,3 +170,27 @@ def build_loaders(
         val = BatchLoader(splits.val, eval_batch_size(cfg.batch_size), shuffle=False, augment=None,
                           mean=splits.mean, std=splits.std, device=device, channels_last=cfg.channels_last)
     return train, val
+
+
+def check_recorded_split(data: Any, info: dict[str, Any]) -> None:
+    """Refuse a dataset rebuilt from config.json that is not the one the run was trained on: other image shapes
+    than ``dataset.image_shape`` or another split than ``dataset.split_sha256`` (older runs lack them: unchecked).
+
+    Raises:
+        ValueError: one line, pointing at config.json.
+    """
+    from snapens.data import split_fingerprint
+
+    recorded, cfg = info["dataset"], info["config"]
+    shape = recorded.get("image_shape")
+    if shape is not None and list(shape) != [data.in_channels, *data.image_size]:
+        raise ValueError(f"config.json's dataset.image_shape {list(shape)} is not the shape of the run's images "
+                         f"{[data.in_channels, *data.image_size]}: config.json was likely edited; restore the value "
+                         "the run was trained with")
+    expected = recorded.get("split_sha256")
+    if expected is not None and split_fingerprint(data) != expected:
+        raise ValueError(f"the train/validation/test split rebuilt from config.json (seed {cfg['seed']}, val_size "
+                         f"{cfg['val_size']}, limit_train {cfg.get('limit_train')}, limit_test "
+                         f"{cfg.get('limit_test')}) is not the one the run was trained on: config.json was likely "
+                         "edited (seed, val_size or limits) or the dataset's files changed; restore the values the run "
+                         "was trained with")

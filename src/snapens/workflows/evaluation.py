@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from snapens import runs
 from snapens._io import read_json
 from snapens.runs import read_run_info, recommended_file, summary_file, weights_file
-from snapens.workflows.common import eval_batch_size
+from snapens.workflows.common import check_recorded_split, eval_batch_size
 
 __all__ = ["evaluate", "evaluate_run", "load_run_dataset", "load_saved_weights", "make_loader", "recommended_choice"]
 
@@ -62,7 +63,10 @@ def recommended_choice(val_member_probs: torch.Tensor | None, val_labels: torch.
     from snapens.guidance import recommend
 
     n = len(names)
-    base = {"format_version": 1, "fitted_on": "validation", "members": list(names)}
+    # what the choice was really made on: nothing, when there is no validation split or one member
+    fitted_on = ("validation" if val_member_probs is not None and n > 1
+                 else "none: one member" if n == 1 else "none: no validation split, equal weights")
+    base = {"format_version": 1, "fitted_on": fitted_on, "members": list(names)}
     if val_member_probs is not None and n > 1:
         rec = recommend(val_member_probs, val_labels)
         return {**base, "weights": list(rec.weights), "temperature": rec.temperature,
@@ -106,7 +110,8 @@ def load_run_dataset(info: dict[str, Any], *, data_dir: str | os.PathLike[str] |
         ValueError: the dataset found has other split sizes or classes than the one the run was trained on
             (config.json's ``dataset`` entry): another dataset, or the same one changed; or, for runs that recorded
             it, another split (``dataset.split_sha256``, :func:`snapens.data.split_fingerprint`): config.json's
-            seed, val_size or limits edited since training.
+            seed, val_size or limits edited since training; or images of another shape than config.json's
+            ``dataset.image_shape`` (edited by hand).
         FileNotFoundError: the dataset's files are missing.
     """
     from snapens.data import load_dataset
@@ -131,22 +136,8 @@ def load_run_dataset(info: dict[str, Any], *, data_dir: str | os.PathLike[str] |
     if list(data.classes) != list(trained["classes"]):
         raise ValueError(f"the {cfg['dataset']} dataset {where} now has classes {_short(list(data.classes))}, but "
                          f"the run was trained with {_short(list(trained['classes']))}; {hint}")
-    _check_split(data, info)
+    check_recorded_split(data, info)
     return data
-
-
-def _check_split(data: Any, info: dict[str, Any]) -> None:
-    """Refuse a split other than the training run's (config.json's ``dataset.split_sha256``; older runs have none)."""
-    from snapens.data import split_fingerprint
-
-    recorded = info["dataset"].get("split_sha256")
-    if recorded is not None and split_fingerprint(data) != recorded:
-        cfg = info["config"]
-        raise ValueError(f"the train/validation/test split rebuilt from config.json (seed {cfg['seed']}, val_size "
-                         f"{cfg['val_size']}, limit_train {cfg.get('limit_train')}, limit_test "
-                         f"{cfg.get('limit_test')}) is not the one the run was trained on: config.json was likely "
-                         "edited (seed, val_size or limits) or the dataset's files changed; restore the values the run "
-                         "was trained with")
 
 
 def make_loader(split: Any, info: dict[str, Any], device: str | torch.device) -> Any:
@@ -361,7 +352,8 @@ def evaluate_pretrained(
 
     The bundle is verified (every file's sha256) and copied into ``dest`` (a new or empty folder; a fresh folder
     under ``runs/`` when None), which then holds the bundle and the evaluation's files; the package's own copy is
-    never written to.
+    never written to. When the evaluation fails (bad options, missing data), the copy is removed again, so that
+    a rerun with the same ``dest`` works.
 
     Args:
         name: a registered bundle name or a bundle folder.
@@ -387,5 +379,20 @@ def evaluate_pretrained(
     trained_on = read_run_info(pretrained.verify(name))["config"]["dataset"]
     if dataset is not None and dataset != trained_on:
         raise ValueError(f"the pre-trained bundle {name} was trained on {trained_on}, not {dataset}")
-    pretrained.extract(name, folder)
-    return folder, evaluate(folder, **options)
+    # the copy is this call's to undo when it fails (e.g. --precision fp16 on a CPU): a rerun into the same DEST
+    # is refused while the folder is not empty; a folder that held anything before is never touched
+    fresh = not folder.exists()
+    was_empty = folder.is_dir() and not any(folder.iterdir())
+    try:
+        pretrained.extract(name, folder)
+        return folder, evaluate(folder, **options)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif was_empty:
+            for child in list(folder.iterdir()):
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise

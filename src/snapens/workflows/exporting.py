@@ -4,7 +4,8 @@ The exported module takes the run's images ``[N, C, H, W]`` (its channels and im
 (uint8 pixels / 255), normalises them with the training set's mean and std, runs the members at the precision
 chosen at export and returns the ensemble's probabilities. By default the members and weights are the recommended
 ones (chosen on validation by ``snapens evaluate``, stored in recommended.json), with their temperature; members
-of weight 0 are left out. Two formats: ``torch.export`` (``.pt2``) and TorchScript
+of weight 0 are left out; so are, with fitted weights (``--weights fitted``), the members weighted below
+:data:`snapens.weighting.DROP_BELOW` (the rest renormalised): the module runs only the members that count. Two formats: ``torch.export`` (``.pt2``) and TorchScript
 (``.pt``, deprecated by PyTorch). Both carry a JSON description as the extra file :data:`EXTRA_FILE`;
 :func:`load_exported` reads either back.
 
@@ -135,7 +136,8 @@ def export_run(
 
     Raises:
         ValueError: a bad format, weights or precision, ``out`` one of the run's own files, a run that is not
-            complete, or a file that disagrees with the ensemble (it is written, then refused).
+            complete, or a file that disagrees with the ensemble (it is written, then refused); a file whose module
+            refuses the run's own test images is removed.
         FileNotFoundError: ``out``'s folder, the dataset or (``weights="fitted"``) the saved weights are missing.
     """
     from snapens._io import atomic_write_bytes
@@ -163,10 +165,9 @@ def export_run(
                                          weights="equal", precision=precision)
     names = [Path(n).stem for n in ensemble.member_names]
     data = load_run_dataset(info, data_dir=data_dir)
-    if weights == "fitted":
-        ensemble.set_weights(load_saved_weights(run_dir, names, flag="--weights fitted", last=last,
-                                                include_best=include_best))
     chosen: dict[str, Any] = {}
+    if weights == "fitted":
+        ensemble, chosen = _fitted(ensemble, run_dir, names, last, include_best)
     if weights == "recommended":
         ensemble, chosen = _recommended(ensemble, run_dir, names, data, last, include_best, temperature)
     batch = data.test.subset(torch.arange(min(_EXAMPLE_BATCH, len(data.test))))
@@ -188,13 +189,34 @@ def export_run(
     atomic_write_bytes(out, _serialize(module, example, fmt, json.dumps(description)))
 
     # The file must reproduce the ensemble's (so evaluate's) numbers at the same precision.
-    reloaded, _ = load_exported(out)
     inputs = [example, batch.images] if fmt == "torchscript" else [example]  # .pt also takes uint8
-    with torch.no_grad():
-        diff = max(float((reloaded(x) - ensemble.predict_proba(x)).abs().max()) for x in inputs)
+    try:
+        reloaded, _ = load_exported(out)
+        with torch.no_grad():
+            diff = max(float((reloaded(x) - ensemble.predict_proba(x)).abs().max()) for x in inputs)
+    except torch.jit.Error as exc:  # the module's own input checks refuse the run's images: no usable file
+        out.unlink(missing_ok=True)
+        raise ValueError(f"the exported module refuses the run's test images, so {out} was removed (is "
+                         f"config.json's dataset.image_shape the run's?): {str(exc).strip().splitlines()[-1]}"
+                         ) from exc
     if diff > 1e-4:
         raise ValueError(f"the exported file {out} disagrees with the ensemble by {diff:.2e} on test images")
     return {**description, "max_abs_diff": diff}
+
+
+def _fitted(ensemble: Any, run_dir: Path, names: list[str], last: int | None,
+            include_best: bool) -> tuple[Any, dict[str, Any]]:
+    """The members of ``ensemble`` that count under the saved fitted weights (those below
+    :data:`snapens.weighting.DROP_BELOW` dropped, :func:`~snapens.weighting.prune_weights`) and what the
+    description records of it."""
+    from snapens.weighting import DROP_BELOW, prune_weights
+
+    saved = load_saved_weights(run_dir, names, flag="--weights fitted", last=last, include_best=include_best)
+    pruned = prune_weights(saved).tolist()
+    kept = [m for m, w in enumerate(pruned) if w > 0]
+    return ensemble.subset(kept, [pruned[m] for m in kept]), {"fitted": {
+        "source": str(run_dir / runs.weights_file(last, include_best)), "drop_below": DROP_BELOW,
+        "dropped": [names[m] for m, w in enumerate(pruned) if w <= 0]}}
 
 
 def _recommended(ensemble: Any, run_dir: Path, names: list[str], data: Any, last: int | None, include_best: bool,

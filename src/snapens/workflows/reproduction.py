@@ -238,7 +238,8 @@ def reproduce(
         distill: a student architecture: each method's ensemble is also distilled into one (same epochs).
         progress: progress bars.
         resume: continue an interrupted reproduction in ``out_dir``: methods whose run finished training are not
-            trained again, an interrupted run continues from its state (the settings must be the recorded ones).
+            trained again, an interrupted run continues from its state (the settings must be the recorded ones);
+            an ``out_dir`` that does not exist is refused.
 
     Every method's settings are checked (its model, and its schedule on the dataset) before the first run is
     trained; ``out_dir``'s lock is held throughout, and each run's while it is trained and evaluated.
@@ -261,6 +262,9 @@ def reproduce(
     parse_methods(",".join(methods))
     if distill is not None:
         check_model_name(distill)
+    if resume and not Path(out_dir).is_dir():  # as train --resume: nothing to continue is not a fresh start
+        raise ValueError(f"cannot resume: {out_dir} is not a directory (no reproduction to continue); leave out "
+                         "--resume to start one")
     seed_list = [config.seed + k for k in range(seeds)]
     plan = [(method, dataclasses.replace(config, schedule=METHODS[method], seed=seed))
             for seed in seed_list for method in methods]

@@ -45,6 +45,7 @@ from snapens.schedule import SWA_FACTOR, make_scheduler
 from snapens.workflows.common import (
     build_loaders,
     check_lr,
+    check_recorded_split,
     check_model_name,
     default_run_dir,
     environment_info,
@@ -339,6 +340,9 @@ def train_run(
         cfg = dataclasses.replace(cfg, threads=threads)  # recorded, so that --resume uses the same count
         check_model_name(cfg.model, **cfg.model_kwargs)  # an unknown model fails here, before the data is read
     splits = _load_splits(cfg, ctx, evaluate)
+    with all_ranks_agree():
+        if resume and ctx.is_main:  # config.json edited since training (e.g. its seed): another split, refused
+            check_recorded_split(splits, resume_info(run_dir))
     model_kwargs = {"num_classes": len(splits.classes), "in_channels": splits.in_channels, **cfg.model_kwargs}
     _seed_everything(cfg.seed)
     model = build_model(cfg.model, **model_kwargs)
