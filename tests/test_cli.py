@@ -12,7 +12,6 @@ from snapens.cli import main
     (["train", "--epochs", "x"], "invalid int value: 'x'"),
     (["train", "--schedule", "foo"], "invalid choice: 'foo'"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
-    (["evaluate"], "required: RUN_DIR"),
     (["nope"], "invalid choice: 'nope'"),
 ])
 def test_usage_errors_are_one_line_exit_2(argv, fragment, capsys):

@@ -559,9 +559,10 @@ def test_temperature_not_fitted_is_logged_once(run_copy: Path, monkeypatch: pyte
     from snapens import weighting
 
     monkeypatch.setattr(weighting, "_bounded_temperature", lambda *a: (1.0, "kept for the test"))
-    with caplog.at_level(logging.WARNING, logger="snapens"):
+    with caplog.at_level(logging.INFO, logger="snapens"):
         summary = evaluate_run(run_copy, device="cpu", precision="fp32")
     assert caplog.text.count("Temperature not fitted, T=1 kept: kept for the test") == 1
+    assert all(r.levelno < logging.WARNING for r in caplog.records if "Temperature not fitted" in r.getMessage())
     assert summary["recommendation"]["temperature_reason"] == "kept for the test"
     assert summary["ensemble_recommended"]["temperature"] == 1.0
     assert not logging.getLogger("snapens.weighting").filters  # the filter is gone afterwards

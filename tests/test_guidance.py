@@ -83,7 +83,7 @@ def test_a_last_snapshot_within_noise_of_the_best_is_chosen_for_its_one_pass() -
     assert rec.use == "last-m" and rec.last_m == 1
     assert rec.weights == [0.0, 1.0] and rec.forward_passes == 1
     assert rec.chosen_val_nll == pytest.approx(rec.equal_val_nll + gap)
-    assert "within 1 standard error" in rec.reason and "1 forward passes instead of 2" in rec.reason
+    assert "within 1 standard error" in rec.reason and "1 forward pass instead of 2" in rec.reason
     assert "only the last snapshot" in rec.hint and "1 forward pass" in rec.hint
 
 

@@ -223,7 +223,7 @@ def test_temperature_is_kept_at_1_when_every_validation_prediction_is_right(capl
     probs, labels = _confident_digits_like()
     assert bool((probs.argmax(dim=1) == labels).all())  # 100 % validation accuracy
     reasons: list[str] = []
-    with caplog.at_level(logging.WARNING, logger="snapens.weighting"):
+    with caplog.at_level(logging.INFO, logger="snapens.weighting"):
         t = fit_temperature(probs, labels, explain=reasons)
     # The NLL falls towards 0 as T -> 0: no minimum to find. The old fit returned a T of a few hundredths.
     assert metrics.nll(apply_temperature(probs, 0.05), labels) < metrics.nll(probs, labels)
@@ -300,7 +300,7 @@ def test_a_temperature_fitted_on_one_mistake_is_not_confirmed_by_cross_validatio
     in_sample = fit_temperature(probs, labels, folds=None)
     assert in_sample < 1.0
     reasons: list[str] = []
-    with caplog.at_level(logging.WARNING, logger="snapens.weighting"):
+    with caplog.at_level(logging.INFO, logger="snapens.weighting"):
         fit = weighting.fit_temperature_checked(probs, labels, explain=reasons)
     assert fit.temperature == 1.0 and not fit.fitted and fit.candidate == pytest.approx(in_sample)
     assert fit.val_nll == pytest.approx(metrics.nll(probs, labels))

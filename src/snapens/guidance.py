@@ -211,7 +211,8 @@ def _status(rec: dict[str, Any]) -> str:
 def _reason(chosen: dict[str, Any], best: dict[str, Any], n_members: int) -> str:
     if chosen is best:
         return f"the lowest {_CRITERION.split(' (')[0]} ({chosen['val_nll']:.4f})"
-    cost = (f"{chosen['forward_passes']} forward passes instead of {best['forward_passes']}"
+    passes = chosen["forward_passes"]
+    cost = (f"{passes} forward pass{'' if passes == 1 else 'es'} instead of {best['forward_passes']}"
             if chosen["forward_passes"] < best["forward_passes"] else "the simpler combination")
     return (f"validation NLL {chosen['val_nll']:.4f}, within {NOISE_STANDARD_ERRORS:g} standard error "
             f"({chosen['nll_gap_se']:.4f}) of the lowest, {best['val_nll']:.4f} for {_name(best, n_members)}, "

@@ -341,7 +341,8 @@ def _bounded_temperature(d: np.ndarray, margins: np.ndarray, lo: float, hi: floa
 
 
 def _keep_one(reason: str, explain: list[str] | None) -> None:
-    logger.warning("Temperature not fitted, T=1 kept: %s", reason)
+    # an expected outcome (the report's note says it too), not a problem: INFO, so --quiet hides it
+    logger.info("Temperature not fitted, T=1 kept: %s", reason)
     if explain is not None:
         explain.append(f"temperature not fitted, T=1 kept: {reason}")
 
