@@ -9,7 +9,8 @@
   name (from summary.json): snapshots of one run are often more than 99% correlated, and 1 - correlation
   shows how much they differ;
 - ``price.png``: test error against the measured inference cost (milliseconds per test image on the device
-  that evaluated it, log scale), one point per method, labelled with its forward passes per image (from
+  that evaluated it, log scale), one numbered point per method, a legend naming each number's method and its
+  forward passes per image, errors far above the rest marked on the top edge with their value (from
   summary.json; summaries written before the price columns have no such plot).
 """
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -238,18 +237,15 @@ def distill(
     dcfg: Any = None,
     *,
     resume: bool = False,
-    device: str | None = None,
-    precision: str | None = None,
-    threads: int | None = None,
-    given: dict[str, Any] | None = None,
-    progress: bool = False,
-    announce: Callable[[str], None] | None = None,
     allow_unfinished: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """:func:`distill_run` into ``out_dir`` (default ``run_dir/distill-<model>``), holding its lock; a folder
     that already holds a distillation is refused unless ``resume`` (and a finished one always). ``dcfg``: a
     :class:`~snapens.config.DistillConfig` (its defaults when None). A teacher run that has not finished
-    training is refused unless ``allow_unfinished`` (:func:`snapens.runs.require_finished`).
+    training is refused unless ``allow_unfinished`` (:func:`snapens.runs.require_finished`). ``options``:
+    :func:`distill_run`'s other keyword arguments (``device``, ``precision``, ``threads``, ``given``, ``progress``,
+    ``announce``).
 
     Raises:
         ValueError / FileNotFoundError: see :func:`distill_run`; an unfinished teacher; nothing is written then.
@@ -267,5 +263,4 @@ def distill(
         if not resume and (out / "config.json").exists():
             raise ValueError(f"{out} already holds a distillation; pass --resume to continue it or choose another "
                              "--run-dir")
-        return distill_run(Path(run_dir), out, dcfg, resume=resume, device=device, precision=precision,
-                           threads=threads, given=given, progress=progress, announce=announce)
+        return distill_run(Path(run_dir), out, dcfg, resume=resume, **options)

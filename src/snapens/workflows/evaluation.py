@@ -306,19 +306,15 @@ def evaluate_run(
 def evaluate(
     run_dir: str | os.PathLike[str],
     *,
-    last: int | None = None,
-    include_best: bool = False,
-    optimize: int = 1,
     device: str | torch.device = "auto",
-    data_dir: str | os.PathLike[str] | None = None,
-    progress: bool = False,
-    precision: str = "auto",
     allow_unfinished: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Evaluate a finished run folder and write its summary, holding the folder's lock meanwhile
     (an unfinished run is refused unless ``allow_unfinished``: :func:`snapens.runs.require_finished`).
 
-    The same as :func:`evaluate_run` (see there for the arguments and the summary), on ``device`` ``"auto"``
+    The same as :func:`evaluate_run` (``options`` are its keyword arguments: ``last``, ``include_best``,
+    ``optimize``, ``data_dir``, ``progress``, ``precision``; see there for the summary), on ``device`` ``"auto"``
     (CUDA when available) by default, as ``snapens evaluate RUN_DIR`` does.
 
     Example:
@@ -335,9 +331,8 @@ def evaluate(
     # it writes summary.json (and weights) into the folder: one owner at a time; a read-only folder is only read
     with run_lock(run_dir, read_only=True) as lock:
         runs.require_finished(run_dir, allow_unfinished=allow_unfinished)
-        return evaluate_run(Path(run_dir), last=last, include_best=include_best, optimize=optimize, device=device,
-                            data_dir=data_dir, progress=progress, precision=precision,
-                            write=lock is not None or not Path(run_dir).is_dir())
+        return evaluate_run(Path(run_dir), device=device, write=lock is not None or not Path(run_dir).is_dir(),
+                            **options)
 
 
 def evaluate_pretrained(

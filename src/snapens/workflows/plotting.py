@@ -1,17 +1,7 @@
 """PNG figures of a run into ``RUN_DIR/plots/`` (:func:`plot_run`, what ``snapens plot`` draws).
 
-- ``lr_schedule.png``: the learning rate at every optimizer step (recomputed from config.json), snapshots marked;
-- ``training_curves.png``: train / validation loss and accuracy per epoch (from metrics.csv), the snapshots
-  (the cycle ends) marked;
-- ``ensemble_size.png``: test error of the ensemble of the last m snapshots, m = 1..M (from summary.json; the
-  run is evaluated first when it has none);
-- ``snapshot_correlation.png``: 1 - correlation of the ensemble members' test predictions, labelled by member
-  name (from summary.json): snapshots of one run are often more than 99% correlated, and 1 - correlation
-  shows how much they differ;
-- ``price.png``: test error against the measured inference cost (milliseconds per test image on the device
-  that evaluated it, log scale), one numbered point per method, a legend naming each number's method and its
-  forward passes per image, errors far above the rest marked on the top edge with their value (from
-  summary.json; summaries written before the price columns have no such plot).
+The figures (schedule, training curves, ensemble size, snapshot correlation, price) are described once, in
+``snapens plot --help`` (:mod:`snapens.cli.plot`).
 """
 
 from __future__ import annotations

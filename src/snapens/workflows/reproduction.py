@@ -1,26 +1,8 @@
 """The paper's Table 1 comparison and the cheap ensembles at one budget of your choice: :func:`reproduce`.
 
-Trains, with the same budget (epochs, M, lr0) and seed, one run per method of ``--methods`` (default
-``single,snapshot``):
-
-- ``single`` (schedule ``step``): the single-model baseline (lr0, x0.1 at 50 % and 75 % of the budget). Its final
-  model is the "single model" row; its snapshots, taken where the cyclic run takes them, give the "NoCycle"
-  ensemble;
-- ``snapshot`` (``cosine-cycles``): the snapshot ensemble (equal weights, the paper; and weights fitted on
-  validation);
-- ``fge`` and ``swa``: Fast Geometric Ensembling (Garipov et al. 2018) and the SWA recipe (Izmailov et al. 2018);
-- ``single-cycle``: M independently initialised models trained one cycle each (also ``--with-single-cycle``).
-
-For every method: its final model, its ensemble (equal and fitted weights), the weight average of its snapshots
-(``snapens average``, BatchNorm recomputed) and, with ``--distill MODEL``, a MODEL student distilled from its
-calibrated ensemble for the same number of epochs (``snapens distill``). Each row gives the test error, NLL, ECE
-and its price: forward passes per image and images/s measured on this device (a weight average costs what a
-single model of its architecture costs). Test errors stand next to the paper's Table 1 numbers when the paper
-reports that model and dataset. With ``--seeds N`` the numbers are mean +- std over N seeds (the other columns
-means). Writes OUT/reproduce.json and OUT/price.png; the runs are kept under OUT/<schedule>-seed<k>/.
-
-The default (no arguments) is cnn-small on the bundled 8x8 digits at the TrainConfig defaults: minutes on a
-laptop CPU. A paper setting is e.g. ``--preset paper-wrn-32-4-cifar10`` (days on a CPU).
+One run per method (``single``, ``snapshot``, ``fge``, ``swa``, ``single-cycle``) with the same budget and seed,
+each method's final model, ensembles, weight average and optional distilled student, with their price; the rows
+and files are described once, in ``snapens reproduce --help`` (:mod:`snapens.cli.reproduce`).
 """
 
 
