@@ -591,13 +591,19 @@ def stage_export(check: Check) -> dict[str, Any]:
     res = _run(cmd, deadline - time.perf_counter(), check.work / "logs" / "export-eval.log")
     summary = _summary(copy)
     if res["rc"] == 0 and summary:
+        if (copy / "recommended.json").is_file():  # the choice made on the float16 members, as the card's rows
+            import shutil
+
+            shutil.copyfile(copy / "recommended.json", bundle / "recommended.json")
         entry = pretrained.write_card(bundle, summary, measured_on="this bundle (float16 members)")
     else:
         entry = {"files": pretrained.bundle_files(bundle)}
-    ens = pretrained.load(bundle)
+    ens = pretrained.load(bundle)  # the recommended combination: the members a user's predictions run
+    bundled = pretrained.load(bundle, weights="equal").n_members
     (check.out / "pretrained" / "registry-entry.json").write_text(json.dumps({name: entry}, indent=2) + "\n")
     return {"status": "ok" if res["rc"] == 0 else ("cut" if res["cut"] else "failed"), "name": name,
-            "source_run": Path(best["run_dir"]).name, "members": ens.n_members, "bundle": str(bundle),
+            "source_run": Path(best["run_dir"]).name, "members": bundled, "members_run": ens.n_members,
+            "bundle": str(bundle),
             "snapshot_bytes": json.loads((bundle / "card.json").read_text())["snapshot_bytes"],
             "evaluated_from_bundle": res["rc"] == 0, "registry_entry": entry,
             "test_equal_fp16": summary and {"error": summary["ensemble_equal"]["error"],

@@ -63,6 +63,7 @@ def test_dry_run_goes_through_every_stage(tmp_path: Path) -> None:
     assert set(runs["step-seed0"]["rows"]) == {"last"}
     export = st["export"]
     assert export["status"] == "ok" and export["source_run"] == "cosine-M2-seed0" and export["members"] == 2
+    assert 1 <= export["members_run"] <= 2  # the recommended combination may run fewer members
     bundle = tmp_path / "out" / "pretrained" / "dry-run-digits"
     entry = json.loads((tmp_path / "out" / "pretrained" / "registry-entry.json").read_text())["dry-run-digits"]
     assert entry["files"] == pretrained.bundle_files(bundle)
