@@ -189,6 +189,8 @@ def test_plots_label_members_by_name_and_count_snapshots_only(unevaluated: Path,
     curve = size.get_lines()[0]
     assert list(curve.get_xdata()) == [1, 2]  # the two snapshots, not three members
     assert list(curve.get_ydata()) == pytest.approx(summary["ensemble_size_curve"]["error"])
+    # issue 20.18: the single best model was chosen on validation, and the legend says so
+    assert "single best (chosen on validation)" in [t.get_text() for t in size.get_legend().get_texts()]
 
 
 def _reference(run_dir: Path, weights="recommended") -> tuple[torch.Tensor, torch.Tensor]:

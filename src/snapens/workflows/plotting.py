@@ -151,7 +151,8 @@ def _plot_size(plt: Any, summary: dict[str, Any], out: Path) -> None:
     curve = summary["ensemble_size_curve"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(curve["m"], [_nan(e) for e in curve["error"]], marker="o", label="ensemble of the last m snapshots")
-    ax.axhline(_nan(summary["single_best"]["error"]), color="C3", ls="--", label="single best")
+    ax.axhline(_nan(summary["single_best"]["error"]), color="C3", ls="--",
+               label="single best (chosen on validation)")
     ax.set(xlabel="ensemble size m", ylabel="test error (%)", xticks=curve["m"], title="error vs ensemble size")
     ax.legend()
     _save(fig, out)
