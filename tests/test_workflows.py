@@ -38,7 +38,8 @@ def test_the_readme_example_runs_as_it_stands(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "runs" / "py" / "summary.json").read_text())
     lines = done.stdout.splitlines()
     assert lines == [f"last snapshot: {summary['last_snapshot']['error']:.2f} % test error",
-                     f"ensemble of 2: {summary['ensemble_equal']['error']:.2f} % test error"]
+                     f"recommended ({summary['ensemble_recommended']['members_run']} of 2): "
+                     f"{summary['ensemble_recommended']['error']:.2f} % test error"]
     assert summary["member_names"] == ["snapshot-01", "snapshot-02"]
     assert not done.stdout.count("snapens train")  # the library announces through logging, it never prints
 
