@@ -507,13 +507,17 @@ def _digits_test_images(run_dir: Path) -> torch.Tensor:
     return load_dataset(cfg["dataset"], val_size=cfg["val_size"], seed=cfg["seed"]).test.images[:13]
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load is deprecated, still supported
-def test_exported_torchscript_keeps_the_ensembles_input_contract(run_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "ens.pt"
+def _exported_with_reference(run_dir: Path, out: Path) -> tuple:
+    """``snapens export RUN OUT`` in fp32, the loaded module and its description, 13 uint8 digits test images and
+    the ensemble's probabilities on them (what the module must give)."""
     assert main(["export", str(run_dir), str(out), "--quiet", "--precision", "fp32"]) == 0
     module, meta = load_exported(out)
     u8 = _digits_test_images(run_dir)
-    expected = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32").predict_proba(u8)
+    return module, meta, u8, SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32").predict_proba(u8)
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load is deprecated, still supported
+def test_exported_torchscript_keeps_the_ensembles_input_contract(run_dir: Path, tmp_path: Path) -> None:
+    module, meta, u8, expected = _exported_with_reference(run_dir, tmp_path / "ens.pt")
     assert meta["input_dtypes"] == ["uint8", "float32"] and meta["input_shape"] == ["N", 1, 8, 8]
     with torch.no_grad():  # uint8 pixels give the ensemble's probabilities (before: 0..255 fed as floats)
         torch.testing.assert_close(module(u8), expected, atol=1e-5, rtol=0)
@@ -529,11 +533,7 @@ def test_exported_torchscript_keeps_the_ensembles_input_contract(run_dir: Path, 
 
 
 def test_exported_program_refuses_what_it_can_and_says_what_it_cannot(run_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "ens.pt2"
-    assert main(["export", str(run_dir), str(out), "--quiet", "--precision", "fp32"]) == 0
-    module, meta = load_exported(out)
-    u8 = _digits_test_images(run_dir)
-    expected = SnapshotEnsemble.from_run(run_dir, build_model, precision="fp32").predict_proba(u8)
+    module, meta, u8, expected = _exported_with_reference(run_dir, tmp_path / "ens.pt2")
     with torch.no_grad():
         torch.testing.assert_close(module(u8.float() / 255), expected, atol=1e-5, rtol=0)
     # 0..255 floats, uint8 and int64 pixels are refused by the in-graph range check with the conversion to do

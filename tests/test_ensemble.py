@@ -284,6 +284,17 @@ def fake_run(tmp_path, n_snapshots: int = 5, width: int = 4) -> tuple[list[TinyN
     return snaps, best
 
 
+def write_toy_config(run_dir, *, val_size: int, snapshots: int) -> dict:
+    """A fake_run's config.json as ``snapens train`` writes it (toy data, the tiny model); returns the dict."""
+    config = {"config": {"dataset": "toy", "seed": 0, "val_size": val_size, "batch_size": 4, "epochs": 2,
+                         "snapshots": snapshots, "lr": 0.1, "schedule": "cosine-cycles"},
+              "model": {"name": "tiny", "kwargs": {}},
+              "dataset": {"classes": [0, 1, 2], "num_train": 8, "num_val": val_size, "num_test": 4, "mean": list(MEAN),
+                          "std": list(STD)}}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    return config
+
+
 def test_from_run_picks_last_m_and_best(tmp_path, x):
     snaps, best = fake_run(tmp_path)
     ens = from_run(tmp_path, builder, last=3)
@@ -359,12 +370,7 @@ def test_from_run_keeps_every_member_when_equal_weights_are_recommended(tmp_path
 def test_from_run_recommended_errors(tmp_path):
     fake_run(tmp_path, n_snapshots=2)
     assert len(from_run(tmp_path, builder)) == 2  # no config.json: nothing chose, equal weights
-    config = {"config": {"dataset": "toy", "seed": 0, "val_size": 2, "batch_size": 4, "epochs": 2, "snapshots": 2,
-                         "lr": 0.1, "schedule": "cosine-cycles"},
-              "model": {"name": "tiny", "kwargs": {}},
-              "dataset": {"classes": [0, 1, 2], "num_train": 8, "num_val": 2, "num_test": 4, "mean": list(MEAN),
-                          "std": list(STD)}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    config = write_toy_config(tmp_path, val_size=2, snapshots=2)
     with pytest.raises(FileNotFoundError, match=r"recommended\.json is missing.*snapens evaluate .*weights='equal'"):
         from_run(tmp_path, builder)
     with pytest.raises(FileNotFoundError, match=r"recommended-last1\.json is missing.*--last 1"):
@@ -529,12 +535,7 @@ def test_from_run_takes_raw_images_by_default_and_normalized_on_request(tmp_path
     snaps, _ = fake_run(tmp_path, n_snapshots=2)
     with pytest.raises(SnapshotError, match=r"config\.json is missing.*inputs='normalized'"):
         SnapshotEnsemble.from_run(tmp_path, builder)
-    config = {"config": {"dataset": "toy", "seed": 0, "val_size": 0, "batch_size": 4, "epochs": 2, "snapshots": 2,
-                         "lr": 0.1, "schedule": "cosine-cycles"},
-              "model": {"name": "tiny", "kwargs": {}},
-              "dataset": {"classes": [0, 1, 2], "num_train": 8, "num_val": 0, "num_test": 4, "mean": list(MEAN),
-                          "std": list(STD)}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    config = write_toy_config(tmp_path, val_size=0, snapshots=2)
     raw = SnapshotEnsemble.from_run(tmp_path, builder, precision="fp32")
     x = images.float() / 255
     normalized = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
@@ -682,12 +683,7 @@ def test_forward_and_member_probs_batch_refuse_other_dtypes_and_shapes_too(tiny_
 
 def test_from_run_of_an_old_run_checks_the_channels_and_a_bad_shape_entry_is_refused(tmp_path, images):
     fake_run(tmp_path, n_snapshots=1)
-    config = {"config": {"dataset": "toy", "seed": 0, "val_size": 0, "batch_size": 4, "epochs": 2, "snapshots": 1,
-                         "lr": 0.1, "schedule": "cosine-cycles"},
-              "model": {"name": "tiny", "kwargs": {}},
-              "dataset": {"classes": [0, 1, 2], "num_train": 8, "num_val": 0, "num_test": 4, "mean": list(MEAN),
-                          "std": list(STD)}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    config = write_toy_config(tmp_path, val_size=0, snapshots=1)
     old = SnapshotEnsemble.from_run(tmp_path, builder, precision="fp32")  # no dataset.image_shape
     assert old.input_shape == (3, None, None)
     config["dataset"]["image_shape"] = [1, 6, 6]
